@@ -1,0 +1,319 @@
+"""The HTTP gateway: REST under /api/v1, Server-Sent Events for progress and chat, an
+OpenAI-compatible /v1/chat/completions, and the web UI. It holds no business logic: every route maps
+to one gRPC call."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, Field
+
+from doclora.v1 import (
+    inference_pb2,
+    ingest_pb2,
+    qagen_pb2,
+    session_pb2,
+    session_service_pb2,
+    trainer_pb2,
+)
+from gateway.clients import Clients, http_status
+from services.common.config import Settings
+
+STATIC = Path(__file__).parent / "static"
+# Pasted text travels as JSON; refuse bodies far over the text limit before reading them.
+BODY_SLACK = 64 * 1024
+
+
+def to_json(msg) -> dict:
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+class SessionCreate(BaseModel):
+    text: str = Field(description="The text to learn from.")
+    name: str = Field("", description="Name of the bot; defaults to the source name.")
+    system_prompt: str = Field("", description="System prompt used in training and chat.")
+    max_steps: int | None = Field(None, ge=1, le=100_000, description="Training steps; default from data size.")
+
+
+class ChatMessage(BaseModel):
+    role: str = "user"
+    content: str
+
+
+class ChatBody(BaseModel):
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = True
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] | str | None = None
+    seed: int | None = None
+
+
+class OpenAIChatBody(ChatBody):
+    model: str = Field(description="The bot id, or 'base' for the base model alone.")
+    stream: bool = False
+
+
+def chat_request(bot_id: str, body: ChatBody) -> inference_pb2.ChatRequest:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    opts = inference_pb2.GenerationOptions(
+        max_new_tokens=body.max_tokens or 0, temperature=body.temperature, top_p=body.top_p, stop=stop
+    )
+    if body.seed is not None:
+        opts.seed = body.seed
+    return inference_pb2.ChatRequest(
+        bot_id=bot_id,
+        messages=[inference_pb2.ChatMessage(role=m.role, content=m.content) for m in body.messages],
+        options=opts,
+    )
+
+
+def sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.clients = Clients.connect(settings)
+        yield
+        await app.state.clients.close()
+
+    app = FastAPI(
+        title="doclora",
+        version="0.1.0",
+        description="Turn documents into a chat bot that knows them.",
+        lifespan=lifespan,
+    )
+
+    def clients(request: Request) -> Clients:
+        return request.app.state.clients
+
+    @app.exception_handler(grpc.aio.AioRpcError)
+    async def rpc_error(request: Request, exc: grpc.aio.AioRpcError):
+        return error(http_status(exc.code()), exc.code().name, exc.details() or exc.code().name)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', []))}: {e.get('msg')}" for e in exc.errors()]
+        return error(400, "INVALID_ARGUMENT", "; ".join(parts) or "malformed request")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_text_bytes * 2 + BODY_SLACK:
+            return error(413, "RESOURCE_EXHAUSTED", f"request body of {length} bytes is too large")
+        return await call_next(request)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.post("/api/v1/sessions", status_code=201, tags=["sessions"])
+    async def create_session(body: SessionCreate, request: Request):
+        """Create a session (a bot being learned) from pasted text."""
+        opts = session_pb2.SessionOptions(system_prompt=body.system_prompt)
+        if body.max_steps is not None:
+            opts.max_steps = body.max_steps
+        req = session_service_pb2.CreateSessionRequest(
+            name=body.name, sources=[session_pb2.Source(text=body.text)], options=opts
+        )
+        resp = await clients(request).sessions.CreateSession(req, timeout=clients(request).timeout)
+        return to_json(resp.session)
+
+    @app.get("/api/v1/sessions", tags=["sessions"])
+    async def list_sessions(request: Request, limit: int = 100):
+        c = clients(request)
+        resp = await c.sessions.ListSessions(session_service_pb2.ListSessionsRequest(limit=limit), timeout=c.timeout)
+        return {"sessions": [to_json(s) for s in resp.sessions]}
+
+    @app.get("/api/v1/sessions/{session_id}", tags=["sessions"])
+    async def get_session(session_id: str, request: Request):
+        c = clients(request)
+        resp = await c.sessions.GetSession(session_service_pb2.GetSessionRequest(session_id=session_id), timeout=c.timeout)
+        return to_json(resp.session)
+
+    @app.post("/api/v1/sessions/{session_id}/cancel", tags=["sessions"])
+    async def cancel_session(session_id: str, request: Request):
+        c = clients(request)
+        resp = await c.sessions.CancelSession(
+            session_service_pb2.CancelSessionRequest(session_id=session_id), timeout=c.timeout
+        )
+        return to_json(resp.session)
+
+    @app.get("/api/v1/sessions/{session_id}/events", tags=["sessions"])
+    async def session_events(session_id: str, request: Request):
+        """Server-Sent Events: each event's kind (state, progress, finished, failed) with the session."""
+        c = clients(request)
+        call = c.sessions.WatchSession(session_service_pb2.WatchSessionRequest(session_id=session_id))
+        # Read the first message before answering, so an unknown session is a 404, not an empty stream.
+        first = await call.read()
+        if first is grpc.aio.EOF:
+            return error(404, "NOT_FOUND", f"session {session_id!r} has no events")
+
+        async def stream():
+            msg = first
+            try:
+                while msg is not grpc.aio.EOF:
+                    ev = to_json(msg.event)
+                    kind = msg.event.WhichOneof("kind") or "state"
+                    yield sse(kind, {"event": ev, "session": to_json(msg.session)})
+                    msg = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                yield sse("error", {"error": {"code": exc.code().name, "message": exc.details()}})
+            finally:
+                call.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/v1/sessions/{session_id}/documents", tags=["sessions"])
+    async def list_documents(session_id: str, request: Request):
+        c = clients(request)
+        resp = await c.ingest.ListDocuments(ingest_pb2.ListDocumentsRequest(session_id=session_id), timeout=c.timeout)
+        return {"documents": [to_json(d) for d in resp.documents]}
+
+    @app.get("/api/v1/sessions/{session_id}/qa", tags=["qa"])
+    async def list_pairs(session_id: str, request: Request, page_size: int = 100, page_token: str = ""):
+        c = clients(request)
+        resp = await c.qagen.ListPairs(
+            qagen_pb2.ListPairsRequest(session_id=session_id, page_size=page_size, page_token=page_token),
+            timeout=c.timeout,
+        )
+        return {
+            "pairs": [to_json(p) for p in resp.pairs],
+            "next_page_token": resp.next_page_token,
+            "total": resp.total,
+        }
+
+    @app.get("/api/v1/adapters/{adapter_id}", tags=["bots"])
+    async def get_adapter(adapter_id: str, request: Request):
+        c = clients(request)
+        resp = await c.trainer.GetAdapter(trainer_pb2.GetAdapterRequest(adapter_id=adapter_id), timeout=c.timeout)
+        out = to_json(resp.adapter)
+        out["metrics"] = json.loads(out.pop("metrics_json") or "{}")
+        return out
+
+    async def open_chat(c: Clients, req: inference_pb2.ChatRequest):
+        """Start a chat stream and read its first message, so errors become HTTP statuses."""
+        call = c.inference.Chat(req)
+        first = await call.read()
+        return call, first
+
+    @app.post("/api/v1/bots/{bot_id}/chat", tags=["bots"])
+    async def chat(bot_id: str, body: ChatBody, request: Request):
+        """Chat with a bot; `stream: true` (default) answers with Server-Sent Events `delta` and `done`."""
+        c = clients(request)
+        call, first = await open_chat(c, chat_request(bot_id, body))
+
+        async def pieces():
+            msg = first
+            try:
+                while msg is not grpc.aio.EOF:
+                    yield msg
+                    msg = await call.read()
+            finally:
+                call.cancel()
+
+        if not body.stream:
+            text, last = [], None
+            async for msg in pieces():
+                text.append(msg.delta)
+                last = msg
+            return {
+                "bot_id": bot_id,
+                "content": "".join(text),
+                "finish_reason": inference_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+                if last else "stop",
+            }
+
+        async def stream():
+            try:
+                async for msg in pieces():
+                    if msg.delta:
+                        yield sse("delta", {"delta": msg.delta})
+                    if msg.finish_reason:
+                        reason = inference_pb2.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_")
+                        yield sse("done", {"finish_reason": reason.lower(), "completion_tokens": msg.completion_tokens})
+            except grpc.aio.AioRpcError as exc:
+                yield sse("error", {"error": {"code": exc.code().name, "message": exc.details()}})
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models(request: Request):
+        c = clients(request)
+        resp = await c.inference.ListBots(inference_pb2.ListBotsRequest(), timeout=c.timeout)
+        data = [{"id": "base", "object": "model", "owned_by": "doclora", "created": 0}]
+        data += [{"id": b.bot_id, "object": "model", "owned_by": "doclora", "created": 0, "name": b.name} for b in resp.bots]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(body: OpenAIChatBody, request: Request):
+        """OpenAI-compatible chat; `model` is the bot id."""
+        c = clients(request)
+        call, first = await open_chat(c, chat_request(body.model, body))
+        cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+
+        def reason_of(msg) -> str:
+            return "length" if msg.finish_reason == inference_pb2.FINISH_REASON_LENGTH else "stop"
+
+        if not body.stream:
+            text, msg, tokens = [], first, 0
+            reason = "stop"
+            try:
+                while msg is not grpc.aio.EOF:
+                    text.append(msg.delta)
+                    if msg.finish_reason:
+                        reason, tokens = reason_of(msg), msg.completion_tokens
+                    msg = await call.read()
+            finally:
+                call.cancel()
+            return {
+                "id": cid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                             "finish_reason": reason}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens},
+            }
+
+        def chunk(delta: dict, reason: str | None) -> bytes:
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+        async def stream():
+            msg = first
+            try:
+                yield chunk({"role": "assistant", "content": ""}, None)
+                while msg is not grpc.aio.EOF:
+                    if msg.delta:
+                        yield chunk({"content": msg.delta}, None)
+                    if msg.finish_reason:
+                        yield chunk({}, reason_of(msg))
+                    msg = await call.read()
+                yield b"data: [DONE]\n\n"
+            finally:
+                call.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    return app

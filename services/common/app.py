@@ -1,0 +1,39 @@
+"""Process entry point shared by every service: settings, logging, runtime, then `server.serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+import grpc
+
+from services.common.config import Settings
+from services.common.logging import setup_logging
+
+log = logging.getLogger(__name__)
+
+# setup(runtime) -> (register(server) -> service names, background jobs)
+Setup = Callable[..., tuple[Callable[[grpc.aio.Server], Iterable[str]], list]]
+
+
+def run_service(name: str, addr_of: Callable[[Settings], str], setup: Setup) -> None:
+    settings = Settings.from_env()
+    setup_logging(name, level=settings.log_level, json_lines=settings.log_json)
+
+    async def main() -> None:
+        from services.common.runtime import Runtime  # after logging: it imports the heavy parts
+        from services.common.server import serve
+
+        rt = await Runtime.connect(settings, name)
+        register, background = await setup(rt)
+        await serve(
+            name=name,
+            addr=settings.listen_addr or addr_of(settings),
+            register=register,
+            background=background,
+            grace_s=settings.grpc_grace_s,
+            on_stop=rt.close,
+        )
+
+    asyncio.run(main())

@@ -1,0 +1,116 @@
+"""Typed settings for every doclora process, read from environment variables in one place.
+
+Every setting has a default that works on one machine (the embedded stack of `doclora up`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "doclora" / "models")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings; build with `Settings.from_env()`."""
+
+    # where the local stack keeps its data, logs and pid files
+    state_dir: str = ".doclora"
+    tenant: str = "default"
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    # `doclora up` starts its own nats-server / SeaweedFS unless these are turned off
+    embedded_nats: bool = True
+    embedded_s3: bool = True
+
+    # NATS JetStream
+    nats_url: str = "nats://127.0.0.1:4222"
+    work_ack_wait_s: float = 60.0
+    work_max_deliver: int = 4
+    events_max_age_s: float = 7 * 24 * 3600.0
+
+    # S3-compatible object store
+    s3_endpoint: str = "127.0.0.1:8333"
+    s3_access_key: str = "doclora"
+    s3_secret_key: str = "doclora-secret"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "doclora"
+
+    # gRPC addresses: where each service listens, and where clients find it
+    ingest_addr: str = "127.0.0.1:50051"
+    qagen_addr: str = "127.0.0.1:50052"
+    trainer_addr: str = "127.0.0.1:50053"
+    inference_addr: str = "127.0.0.1:50054"
+    # when set, the service listens here (e.g. 0.0.0.0:50051 in a container) instead of its *_addr
+    listen_addr: str = ""
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    grpc_grace_s: float = 5.0
+    rpc_timeout_s: float = 30.0
+
+    # models
+    base_model: str = "smollm2"  # "smollm2" = the bundled SmolLM2-135M-Instruct GGUF; else HF id or path
+    model_cache: str = field(default_factory=_default_cache)
+    device: str = "auto"  # auto | cpu | cuda
+
+    # limits
+    max_text_bytes: int = 2 * 1024 * 1024
+    min_text_chars: int = 40
+    min_pairs: int = 3
+
+    # training
+    train_max_steps: int = 0  # 0 = derived from epochs and data size
+    train_epochs: float = 3.0
+    train_lr: float = 2e-4
+    train_lora_rank: int = 8
+    train_seed: int = 1234
+
+    # inference
+    inference_max_new_tokens: int = 128
+    adapter_cache_size: int = 8
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Read every field from `DOCLORA_<FIELD>` (upper case), falling back to the default."""
+        values = {}
+        defaults = cls()
+        for f in fields(cls):
+            name = "DOCLORA_" + f.name.upper()
+            current = getattr(defaults, f.name)
+            if isinstance(current, bool):
+                values[f.name] = _env_bool(name, current)
+            elif isinstance(current, int):
+                values[f.name] = _env_int(name, current)
+            elif isinstance(current, float):
+                values[f.name] = _env_float(name, current)
+            else:
+                values[f.name] = _env(name, current)
+        return cls(**values)

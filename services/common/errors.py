@@ -1,0 +1,52 @@
+"""Domain errors. Domain code raises these; one gRPC interceptor maps them to status codes and the
+gateway maps those to HTTP statuses. They know nothing of gRPC themselves."""
+
+from __future__ import annotations
+
+
+class DocloraError(Exception):
+    """Base of every domain error; `code` names the gRPC status it maps to."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(DocloraError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(DocloraError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(DocloraError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(DocloraError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(DocloraError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(DocloraError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DocloraError):
+    code = "PERMISSION_DENIED"
+
+
+class Unavailable(DocloraError):
+    code = "UNAVAILABLE"
+
+
+class Conflict(DocloraError):
+    """A compare-and-swap lost the race; the caller re-reads and retries."""
+
+    code = "ABORTED"

@@ -1,0 +1,30 @@
+"""Session events on NATS: `events.{session}.{kind}`, protobuf `Event`, kind = the oneof set."""
+
+from __future__ import annotations
+
+from doclora.v1 import events_pb2
+
+
+async def publish(bus, sid: str, event: events_pb2.Event) -> None:
+    event.session_id = sid
+    if not event.HasField("time"):
+        event.time.GetCurrentTime()
+    await bus.publish_event(sid, event.WhichOneof("kind"), event.SerializeToString())
+
+
+def parse(data: bytes) -> events_pb2.Event:
+    out = events_pb2.Event()
+    out.ParseFromString(data)
+    return out
+
+
+async def progress(bus, sid: str, stage: int, done: int, total: int, message: str = "", **extra) -> None:
+    """Publish a Progress event; `extra` sets optional fields (loss, eta_s, learning_rate, ...)."""
+    fields = {k: v for k, v in extra.items() if v is not None}
+    await publish(
+        bus,
+        sid,
+        events_pb2.Event(
+            progress=events_pb2.Progress(stage=stage, done=done, total=total, message=message, **fields)
+        ),
+    )

@@ -1,0 +1,101 @@
+"""The work loop shared by the ingest, qagen and trainer workers.
+
+A stage's handler gets the work item and the current session record. Domain errors (bad input) fail
+the session at once with the error's message; other exceptions are retried by redelivery and, after
+`max_deliver` attempts, the message goes to `work.dead` and the session to FAILED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from doclora.v1 import events_pb2, session_pb2
+from services.common.errors import DocloraError, Unavailable
+from services.common.logging import session_context
+from services.common.runtime import Runtime
+from services.common.sessions import FINAL_STATES, STAGE_STATE, mark_stage, stage_name, state_name
+
+log = logging.getLogger(__name__)
+S = session_pb2.SessionState
+
+STATE_ORDER = {
+    S.SESSION_STATE_QUEUED: 0,
+    S.SESSION_STATE_INGESTING: 1,
+    S.SESSION_STATE_GENERATING: 2,
+    S.SESSION_STATE_AWAITING_REVIEW: 3,
+    S.SESSION_STATE_TRAINING: 4,
+}
+NEXT_STAGE = {session_pb2.STAGE_INGEST: session_pb2.STAGE_QAGEN, session_pb2.STAGE_QAGEN: session_pb2.STAGE_TRAIN}
+
+Handler = Callable[[events_pb2.WorkItem, session_pb2.Session], Awaitable[None]]
+
+
+def parse_item(data: bytes) -> events_pb2.WorkItem:
+    item = events_pb2.WorkItem()
+    item.ParseFromString(data)
+    return item
+
+
+class StageWorker:
+    """Pulls `work.{stage}` and runs `handler` for each item, one at a time per replica."""
+
+    def __init__(self, rt: Runtime, stage: int, handler: Handler):
+        self.rt = rt
+        self.stage = stage
+        self.handler = handler
+        self.name = stage_name(stage)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.rt.bus.run_worker(
+            self.name,
+            self._handle,
+            ack_wait_s=self.rt.settings.work_ack_wait_s,
+            max_deliver=self.rt.settings.work_max_deliver,
+            on_dead=self._dead,
+            stop_event=stop,
+        )
+
+    async def _handle(self, data: bytes) -> None:
+        item = parse_item(data)
+        with session_context(item.session_id):
+            try:
+                rec = await self.rt.sessions.get(item.session_id)
+            except DocloraError as exc:
+                log.warning("dropping %s work for unknown session: %s", self.name, exc)
+                return
+            if rec.state in FINAL_STATES:
+                log.info("skipping %s: session is %s", self.name, state_name(rec.state))
+                return
+            if STATE_ORDER.get(rec.state, 0) > STATE_ORDER[STAGE_STATE[self.stage]]:
+                # Done before a crash that came between the state change and the ack: make sure
+                # the next stage is queued (a duplicate publish is dropped) and move on.
+                nxt = NEXT_STAGE.get(self.stage)
+                if nxt is not None and rec.state == STAGE_STATE[nxt]:
+                    await self.rt.enqueue(item.session_id, item.tenant, nxt)
+                return
+            log.info("%s started", self.name)
+            await self.rt.sessions.update(
+                item.session_id, lambda r: mark_stage(r, self.stage, started=True)
+            )
+            await self.rt.sessions.transition(
+                item.session_id,
+                STAGE_STATE[self.stage],
+                allowed_from=set(S.values()) - FINAL_STATES,
+            )
+            try:
+                await self.handler(item, rec)
+            except Unavailable:
+                raise  # transient: let redelivery retry it
+            except DocloraError as exc:
+                log.warning("%s failed: %s", self.name, exc.message)
+                await self.rt.sessions.fail(item.session_id, self.stage, exc.code, exc.message)
+
+    async def _dead(self, data: bytes, error: str) -> None:
+        item = parse_item(data)
+        with session_context(item.session_id):
+            log.error("%s gave up after repeated failures: %s", self.name, error)
+            await self.rt.sessions.fail(
+                item.session_id, self.stage, "INTERNAL", f"{self.name} failed after several attempts: {error}"
+            )

@@ -1,0 +1,30 @@
+"""`python -m services.inference`: InferenceService over one base model per process."""
+
+from services.common.app import run_service
+
+
+async def setup(rt):
+    import asyncio
+    from pathlib import Path
+
+    from doclora.v1 import inference_pb2, inference_pb2_grpc
+    from services.common.model import load_base_model, pick_device
+    from services.inference.engine import AdapterCache, ChatEngine
+    from services.inference.service import InferenceServicer, adapter_fetcher
+
+    model, tokenizer = await asyncio.to_thread(load_base_model, rt.settings)
+    device, _ = pick_device(rt.settings)
+    cache_dir = Path(rt.settings.state_dir).resolve() / "adapter-cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    adapters = AdapterCache(adapter_fetcher(rt, cache_dir), capacity=rt.settings.adapter_cache_size)
+    engine = ChatEngine(model, tokenizer, adapters, device)
+
+    def register(server):
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(rt, engine), server)
+        return [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
+
+    return register, []
+
+
+if __name__ == "__main__":
+    run_service("inference", lambda s: s.inference_addr, setup)

@@ -1,0 +1,85 @@
+"""InferenceService: streaming chat with a bot (base model + that bot's LoRA adapter), or with the
+base model alone. The base model loads once per process; adapters come from the store on demand."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from doclora.v1 import inference_pb2, inference_pb2_grpc, session_pb2
+from services.common import keys
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.runtime import Runtime
+from services.common.sessions import state_name
+
+log = logging.getLogger(__name__)
+S = session_pb2.SessionState
+BASE_BOT = "base"
+ROLES = {"system", "user", "assistant"}
+
+
+def adapter_fetcher(rt: Runtime, cache_dir: Path):
+    """A `fetch(adapter_id) -> folder` for the adapter cache: download the PEFT folder once."""
+
+    def fetch(adapter_id: str) -> Path:
+        if not keys.is_valid_id(adapter_id):
+            raise NotFound(f"adapter {adapter_id!r} not found")
+        folder = cache_dir / adapter_id
+        if not (folder / "adapter_config.json").exists():
+            tmp = cache_dir / f".{adapter_id}.partial"
+            rt.store.download_dir(keys.adapter_prefix(rt.settings.tenant, adapter_id), tmp)
+            if not (tmp / "adapter_config.json").exists():
+                raise NotFound(f"adapter {adapter_id!r} not found")
+            tmp.replace(folder)
+        return folder
+
+    return fetch
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, rt: Runtime, engine):
+        self.rt = rt
+        self.engine = engine
+
+    async def _adapter_for(self, bot_id: str) -> str | None:
+        if bot_id in ("", BASE_BOT):
+            return None
+        rec = await self.rt.sessions.get(bot_id)
+        if rec.state != S.SESSION_STATE_READY:
+            raise FailedPrecondition(f"bot {bot_id} is not ready to chat yet; it is {state_name(rec.state)}")
+        return rec.adapter_id
+
+    async def Chat(self, request, context):
+        from services.inference.engine import GenerationParams
+
+        if not request.messages:
+            raise InvalidArgument("messages must not be empty")
+        for m in request.messages:
+            if m.role not in ROLES:
+                raise InvalidArgument(f"unknown role {m.role!r}; use system, user or assistant")
+        if request.messages[-1].role != "user":
+            raise InvalidArgument("the last message must be the user's")
+        adapter_id = await self._adapter_for(request.bot_id)
+        opts = request.options
+        params = GenerationParams(
+            max_new_tokens=opts.max_new_tokens or self.rt.settings.inference_max_new_tokens,
+            temperature=opts.temperature,
+            top_p=opts.top_p or 1.0,
+            stop=list(opts.stop),
+            seed=opts.seed if opts.HasField("seed") else None,
+        )
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        n = 0
+        async for piece in self.engine.astream_chat(messages, adapter_id, params):
+            n += 1
+            yield inference_pb2.ChatResponse(delta=piece)
+        reason = inference_pb2.FINISH_REASON_LENGTH if n >= params.max_new_tokens else inference_pb2.FINISH_REASON_STOP
+        yield inference_pb2.ChatResponse(finish_reason=reason, completion_tokens=n)
+
+    async def ListBots(self, request, context):
+        bots = [
+            inference_pb2.Bot(bot_id=s.session_id, name=s.name, adapter_id=s.adapter_id)
+            for s in await self.rt.sessions.list()
+            if s.state == S.SESSION_STATE_READY
+        ]
+        return inference_pb2.ListBotsResponse(bots=bots)

@@ -1,0 +1,25 @@
+"""`python -m services.ingest`: SessionService + IngestService, and the ingest worker."""
+
+from services.common.app import run_service
+
+
+async def setup(rt):
+    from doclora.v1 import ingest_pb2, ingest_pb2_grpc, session_pb2, session_service_pb2, session_service_pb2_grpc
+    from services.common.stage import StageWorker
+    from services.ingest.sessions_api import SessionServicer
+    from services.ingest.worker import IngestServicer, ingest_session
+
+    def register(server):
+        session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(rt), server)
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(rt), server)
+        return [
+            session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+            ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+        ]
+
+    worker = StageWorker(rt, session_pb2.STAGE_INGEST, lambda item, rec: ingest_session(rt, item, rec))
+    return register, [worker.run]
+
+
+if __name__ == "__main__":
+    run_service("ingest", lambda s: s.ingest_addr, setup)

@@ -1,0 +1,121 @@
+"""SessionService: the front door. Creating a session stores each source's original bytes first, so
+nothing a person handed over is lost, then writes the record and queues ingest."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from doclora.v1 import events_pb2, session_pb2, session_service_pb2, session_service_pb2_grpc
+from services.common import events, keys
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.runtime import Runtime
+from services.common.sessions import FINAL_STATES
+
+log = logging.getLogger(__name__)
+S = session_pb2.SessionState
+
+
+def check_text(text: str, *, max_bytes: int, min_chars: int) -> bytes:
+    """Validate pasted text and return its UTF-8 bytes."""
+    data = text.encode("utf-8")
+    if len(data) > max_bytes:
+        raise ResourceExhausted(f"text is {len(data)} bytes; the limit is {max_bytes} bytes")
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidArgument("text is empty")
+    if len(stripped) < min_chars:
+        raise InvalidArgument(
+            f"text is too short to learn from: {len(stripped)} characters, at least {min_chars} needed"
+        )
+    return data
+
+
+async def store_text_document(rt: Runtime, tenant: str, sid: str, text: str, name: str) -> session_pb2.DocumentInfo:
+    """Validate pasted text and store it as a new document's original; returns its record entry."""
+    data = check_text(text, max_bytes=rt.settings.max_text_bytes, min_chars=rt.settings.min_text_chars)
+    digest = hashlib.sha256(data).hexdigest()
+    doc = session_pb2.DocumentInfo(
+        doc_id=keys.new_id("d"),
+        name=name or "pasted text",
+        kind="text",
+        sha256=digest,
+        size_bytes=len(data),
+        status=session_pb2.DOCUMENT_STATUS_PENDING,
+    )
+    await rt.io(
+        rt.store.put_bytes,
+        keys.doc_original(tenant, sid, doc.doc_id),
+        data,
+        content_type="text/plain; charset=utf-8",
+        metadata={"sha256": digest},
+    )
+    return doc
+
+
+class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    async def CreateSession(self, request, context):
+        if not request.sources:
+            raise InvalidArgument("a session needs at least one source")
+        tenant = self.rt.settings.tenant
+        sid = keys.new_id()
+        docs = []
+        seen = set()
+        for i, src in enumerate(request.sources):
+            if src.WhichOneof("kind") != "text":
+                raise InvalidArgument(f"source {i}: no text given")
+            doc = await store_text_document(self.rt, tenant, sid, src.text, src.name)
+            if doc.sha256 in seen:  # the same content twice is stored once
+                continue
+            seen.add(doc.sha256)
+            docs.append(doc)
+        session = session_pb2.Session(
+            session_id=sid,
+            tenant=tenant,
+            name=request.name.strip() or docs[0].name,
+            state=S.SESSION_STATE_QUEUED,
+            documents=docs,
+            options=request.options,
+        )
+        session = await self.rt.sessions.create(session)
+        await events.publish(
+            self.rt.bus,
+            sid,
+            events_pb2.Event(state=events_pb2.StateChanged(state=S.SESSION_STATE_QUEUED)),
+        )
+        await self.rt.enqueue(sid, tenant, session_pb2.STAGE_INGEST)
+        log.info("session %s created with %d document(s)", sid, len(docs))
+        return session_service_pb2.CreateSessionResponse(session=session)
+
+    async def GetSession(self, request, context):
+        return session_service_pb2.GetSessionResponse(session=await self.rt.sessions.get(request.session_id))
+
+    async def ListSessions(self, request, context):
+        limit = request.limit or 100
+        sessions = await self.rt.sessions.list()
+        return session_service_pb2.ListSessionsResponse(sessions=sessions[:limit])
+
+    async def WatchSession(self, request, context):
+        rec = await self.rt.sessions.get(request.session_id)
+        if rec.state in FINAL_STATES:
+            ev = events_pb2.Event(session_id=rec.session_id, state=events_pb2.StateChanged(state=rec.state))
+            ev.time.CopyFrom(rec.updated_at)
+            yield session_service_pb2.WatchSessionResponse(event=ev, session=rec)
+            return
+        async for _kind, data in self.rt.bus.watch_events(request.session_id):
+            ev = events.parse(data)
+            rec = await self.rt.sessions.get(request.session_id)
+            yield session_service_pb2.WatchSessionResponse(event=ev, session=rec)
+            if ev.WhichOneof("kind") == "state" and ev.state.state in FINAL_STATES:
+                return
+
+    async def CancelSession(self, request, context):
+        rec = await self.rt.sessions.transition(
+            request.session_id,
+            S.SESSION_STATE_CANCELLED,
+            allowed_from=set(S.values()) - FINAL_STATES,
+        )
+        return session_service_pb2.CancelSessionResponse(session=rec)

@@ -1,0 +1,26 @@
+"""`python -m services.trainer`: TrainerService and the train worker."""
+
+from services.common.app import run_service
+
+
+async def setup(rt):
+    import asyncio
+
+    from doclora.v1 import session_pb2, trainer_pb2, trainer_pb2_grpc
+    from services.common.model import resolve_base_model
+    from services.common.stage import StageWorker
+    from services.trainer.worker import TrainerServicer, train_session
+
+    # Convert/locate the base model before taking work, so the first job does not pay for it.
+    await asyncio.to_thread(resolve_base_model, rt.settings)
+
+    def register(server):
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(rt), server)
+        return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
+
+    worker = StageWorker(rt, session_pb2.STAGE_TRAIN, lambda item, rec: train_session(rt, item, rec))
+    return register, [worker.run]
+
+
+if __name__ == "__main__":
+    run_service("trainer", lambda s: s.trainer_addr, setup)
