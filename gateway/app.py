@@ -5,6 +5,7 @@ to one gRPC call."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from doclora.v1 import (
     inference_pb2,
@@ -28,6 +30,7 @@ from doclora.v1 import (
 from gateway.clients import Clients, http_status
 from services.common.config import Settings
 
+log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 # Pasted text travels as JSON; refuse bodies far over the text limit before reading them.
 BODY_SLACK = 64 * 1024
@@ -114,6 +117,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         parts = [f"{'.'.join(str(x) for x in e.get('loc', []))}: {e.get('msg')}" for e in exc.errors()]
         return error(400, "INVALID_ARGUMENT", "; ".join(parts) or "malformed request")
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error(500, "INTERNAL", "internal error; see the gateway log")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        codes = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 413: "RESOURCE_EXHAUSTED"}
+        return error(exc.status_code, codes.get(exc.status_code, "INVALID_ARGUMENT"), str(exc.detail))
+
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
@@ -132,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if body.max_steps is not None:
             opts.max_steps = body.max_steps
         req = session_service_pb2.CreateSessionRequest(
-            name=body.name, sources=[session_pb2.Source(text=body.text)], options=opts
+            name=body.name, sources=[session_service_pb2.Source(text=body.text)], options=opts
         )
         resp = await clients(request).sessions.CreateSession(req, timeout=clients(request).timeout)
         return to_json(resp.session)

@@ -8,7 +8,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from doclora.v1 import events_pb2, session_pb2
+from doclora.v1 import events_pb2
 from services.common import events
 from services.common.bus import Bus
 from services.common.config import Settings
@@ -43,7 +43,9 @@ class Runtime:
     async def enqueue(self, sid: str, tenant: str, stage: int) -> None:
         """Queue `stage` for a session; a retried publish for the same stage is dropped by NATS."""
         item = events_pb2.WorkItem(session_id=sid, tenant=tenant, stage=stage)
-        await self.bus.publish_work(stage_name(stage), item.SerializeToString(), msg_id=f"{sid}:{stage_name(stage)}")
+        await self.bus.publish_work(
+            stage_name(stage), item.SerializeToString(), msg_id=f"{sid}:{stage_name(stage)}", session_id=sid
+        )
 
     async def handoff(self, sid: str, tenant: str, from_stage: int, to_stage: int, seconds: float) -> None:
         """Finish `from_stage` and queue `to_stage`: event, state change, then the work message."""

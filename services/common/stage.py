@@ -57,8 +57,8 @@ class StageWorker:
             stop_event=stop,
         )
 
-    async def _handle(self, data: bytes) -> None:
-        item = parse_item(data)
+    async def _handle(self, work) -> None:
+        item = parse_item(work.data)
         with session_context(item.session_id):
             try:
                 rec = await self.rt.sessions.get(item.session_id)
@@ -92,7 +92,7 @@ class StageWorker:
                 log.warning("%s failed: %s", self.name, exc.message)
                 await self.rt.sessions.fail(item.session_id, self.stage, exc.code, exc.message)
 
-    async def _dead(self, data: bytes, error: str) -> None:
+    async def _dead(self, data: bytes, error: BaseException) -> None:
         item = parse_item(data)
         with session_context(item.session_id):
             log.error("%s gave up after repeated failures: %s", self.name, error)

@@ -3,6 +3,7 @@ base model alone. The base model loads once per process; adapters come from the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -15,7 +16,11 @@ from services.common.sessions import state_name
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
 BASE_BOT = "base"
-ROLES = {"system", "user", "assistant"}
+FINISH = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "cancelled": inference_pb2.FINISH_REASON_CANCELLED,
+}
 
 
 def adapter_fetcher(rt: Runtime, cache_dir: Path):
@@ -50,31 +55,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return rec.adapter_id
 
     async def Chat(self, request, context):
-        from services.inference.engine import GenerationParams
+        from services.inference.engine import ChatStats, GenerationParams, check_messages
 
-        if not request.messages:
-            raise InvalidArgument("messages must not be empty")
-        for m in request.messages:
-            if m.role not in ROLES:
-                raise InvalidArgument(f"unknown role {m.role!r}; use system, user or assistant")
-        if request.messages[-1].role != "user":
+        messages = check_messages([{"role": m.role, "content": m.content} for m in request.messages])
+        if messages[-1]["role"] != "user":
             raise InvalidArgument("the last message must be the user's")
-        adapter_id = await self._adapter_for(request.bot_id)
         opts = request.options
         params = GenerationParams(
             max_new_tokens=opts.max_new_tokens or self.rt.settings.inference_max_new_tokens,
             temperature=opts.temperature,
             top_p=opts.top_p or 1.0,
-            stop=list(opts.stop),
+            stop=tuple(opts.stop),
             seed=opts.seed if opts.HasField("seed") else None,
         )
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        n = 0
-        async for piece in self.engine.astream_chat(messages, adapter_id, params):
-            n += 1
-            yield inference_pb2.ChatResponse(delta=piece)
-        reason = inference_pb2.FINISH_REASON_LENGTH if n >= params.max_new_tokens else inference_pb2.FINISH_REASON_STOP
-        yield inference_pb2.ChatResponse(finish_reason=reason, completion_tokens=n)
+        adapter_id = await self._adapter_for(request.bot_id)
+        stats = ChatStats()
+        async with contextlib.aclosing(self.engine.astream_chat(messages, adapter_id, params, stats=stats)) as pieces:
+            async for piece in pieces:
+                yield inference_pb2.ChatResponse(delta=piece)
+        yield inference_pb2.ChatResponse(
+            finish_reason=FINISH.get(stats.finish_reason or "stop", inference_pb2.FINISH_REASON_STOP),
+            completion_tokens=stats.completion_tokens,
+            prompt_tokens=stats.prompt_tokens,
+        )
 
     async def ListBots(self, request, context):
         bots = [

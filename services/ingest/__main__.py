@@ -4,7 +4,13 @@ from services.common.app import run_service
 
 
 async def setup(rt):
-    from doclora.v1 import ingest_pb2, ingest_pb2_grpc, session_pb2, session_service_pb2, session_service_pb2_grpc
+    from doclora.v1 import (
+        ingest_pb2,
+        ingest_pb2_grpc,
+        session_pb2,
+        session_service_pb2,
+        session_service_pb2_grpc,
+    )
     from services.common.stage import StageWorker
     from services.ingest.sessions_api import SessionServicer
     from services.ingest.worker import IngestServicer, ingest_session

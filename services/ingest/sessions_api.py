@@ -3,6 +3,7 @@ nothing a person handed over is lost, then writes the record and queues ingest."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 
@@ -105,12 +106,13 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             ev.time.CopyFrom(rec.updated_at)
             yield session_service_pb2.WatchSessionResponse(event=ev, session=rec)
             return
-        async for _kind, data in self.rt.bus.watch_events(request.session_id):
-            ev = events.parse(data)
-            rec = await self.rt.sessions.get(request.session_id)
-            yield session_service_pb2.WatchSessionResponse(event=ev, session=rec)
-            if ev.WhichOneof("kind") == "state" and ev.state.state in FINAL_STATES:
-                return
+        async with contextlib.aclosing(self.rt.bus.watch_events(request.session_id)) as stream:
+            async for _kind, data in stream:
+                ev = events.parse(data)
+                rec = await self.rt.sessions.get(request.session_id)
+                yield session_service_pb2.WatchSessionResponse(event=ev, session=rec)
+                if ev.WhichOneof("kind") == "state" and ev.state.state in FINAL_STATES:
+                    return
 
     async def CancelSession(self, request, context):
         rec = await self.rt.sessions.transition(

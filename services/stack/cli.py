@@ -343,7 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     chat.set_defaults(fn=cmd_chat)
     sub.add_parser("sessions", help="list sessions").set_defaults(fn=cmd_sessions)
     args = p.parse_args(argv)
-    return args.fn(args)
+    import httpx
+
+    try:
+        return args.fn(args)
+    except httpx.ConnectError:
+        settings = Settings.from_env()
+        print(f"cannot reach the doclora gateway at {_gateway(settings)}; start it with `doclora up`",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return 200 <= resp.status < 500
+    except urllib.error.HTTPError as err:  # it answered: a 403 from an S3 root is healthy
+        return err.code < 500
     except OSError:
         return False
 

@@ -1,0 +1,629 @@
+"""The `extractive` QA backend: deterministic, grounded question-answer pairs without a language model.
+
+Each rule reads a chunk's sentences and writes questions from templates; every answer is quoted from
+the chunk (`answer in chunk.text`), so a pair never says more than the document does. The rules:
+definitions ("X is a Y"), dates and numbers, named entities, section headings, and a fallback so
+that every chunk with real content yields at least one pair. `filter_pairs` then drops empty, too
+short, too long and near-duplicate pairs, and `make_pairs` ties chunking, rules and filtering
+together for one document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
+
+from services.qagen.chunk import Chunk, LengthFn, chunk_text, split_sentences
+
+# Answers outside these bounds make poor training targets (fragments, or whole pages).
+MIN_ANSWER_CHARS = 20
+MAX_ANSWER_CHARS = 800
+# Questions whose normalised token sets overlap this much are the same question.
+DUPLICATE_JACCARD = 0.9
+# A chunk with fewer words than this has no real content and yields no pairs.
+MIN_CONTENT_WORDS = 8
+HEADING_ANSWER_CHARS = 400
+MAX_PER_RULE = 3
+
+REASONS = ("empty", "too_short", "too_long", "duplicate_question")
+
+
+@dataclass(frozen=True, slots=True)
+class QAPair:
+    """One grounded question-answer pair; `start`/`end` is the source chunk's span in the document."""
+
+    pair_id: str
+    question: str
+    answer: str
+    doc_id: str
+    chunk_id: str
+    start: int
+    end: int
+    strategy: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QAPair:
+        values = {f.name: data[f.name] for f in fields(cls)}
+        values["start"], values["end"] = int(values["start"]), int(values["end"])
+        return cls(**values)
+
+
+def pair_id_for(chunk_id: str, question: str, answer: str) -> str:
+    """A stable id from where the pair comes from and what it says."""
+    return hashlib.sha1(f"{chunk_id}\x1f{question}\x1f{answer}".encode()).hexdigest()[:16]
+
+
+# --- sentences of a chunk ----------------------------------------------------------------------
+
+_WORD = re.compile(r"[^\W_][\w'’-]*")
+_NOT_LETTER = re.compile(r"[\W\d_]+")
+# a code block closed within the chunk (an unclosed fence's lines are left to `_is_prose`)
+_FENCED = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", re.M | re.S)
+_STOPWORDS = frozenset(
+    """a about above after again against all also am an and any are as at be because been before
+    being below between both but by can could did do does doing down during each few for from further
+    had has have having he her here hers him his how i if in into is it its itself just may me might
+    more most much must my no nor not now of off on once only or other our ours out over own same she
+    should so some such than that the their theirs them then there these they this those through to
+    too under until up very was we were what when where which while who whom why will with would you
+    your yours one two many several every each its new""".split()
+)
+_PRONOUNS = frozenset("it this that these those there he she they we i you here which who what".split())
+
+
+@dataclass(frozen=True, slots=True)
+class _Sentence:
+    start: int  # offsets into chunk.text
+    end: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    question: str
+    start: int  # the answer's span in chunk.text
+    end: int
+    strategy: str
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def _is_prose(text: str) -> bool:
+    """A sentence worth asking about: enough words, mostly letters, not a fragment or a table row."""
+    if len(_words(text)) < 4 or text[0].islower() or text.startswith(("```", "~~~", "|")):
+        return False
+    return len(_NOT_LETTER.sub("", text)) >= 0.5 * len(text)
+
+
+def _sentences(chunk: Chunk) -> list[_Sentence]:
+    """The chunk's prose sentences; code blocks and the overlap with the previous chunk (asked about
+    there, and perhaps cut mid-sentence) left out."""
+    fenced = [(m.start(), m.end()) for m in _FENCED.finditer(chunk.text)]
+    out = []
+    for s, e in split_sentences(chunk.text):
+        if s < chunk.overlap or any(fs <= s < fe for fs, fe in fenced):
+            continue
+        sentence = chunk.text[s:e]
+        if _is_prose(sentence):
+            out.append(_Sentence(s, e, sentence))
+    return out
+
+
+def _fits(sentence: _Sentence) -> bool:
+    return MIN_ANSWER_CHARS <= len(sentence.text) <= MAX_ANSWER_CHARS
+
+
+def _lower_first(phrase: str) -> str:
+    """Lower a leading article or determiner ("The tower" -> "the tower"); names keep their case."""
+    first, _, rest = phrase.partition(" ")
+    if first in ("The", "A", "An", "This", "These", "That", "Those", "Its", "Their", "Our"):
+        return first.lower() + (" " + rest if rest else "")
+    return phrase
+
+
+def _clean_topic(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().rstrip(".:;,!?").strip()
+
+
+# --- rules -------------------------------------------------------------------------------------
+
+_SUBJECT = r"(?P<subj>(?:(?:The|An?)\s+)?[A-Z][\w'’-]*(?:\s+[\w'’-]+){0,5}?)"
+_DEFINITION = re.compile(_SUBJECT + r"\s+(?P<verb>is|are|was|were|refers\s+to|means)\s+(?P<rest>\S.*)$", re.S)
+_PARTICIPLE = re.compile(
+    r"(?:\w+(?:ed|en|ly)|sold|built|made|held|kept|found|run|shown|done|set|put|cut|led|paid|laid|sent|spent"
+    r"|told|brought|bought|caught|taught|thought|won|lost|left|met|born|worn|drawn|grown|thrown|known|not"
+    r"|also|still|now|often|always|never|usually|generally)\b"
+)
+_DEFINITION_OBJECT = re.compile(r"(?:an?|the|one|any|also\s+an?|also\s+the)\s", re.I)
+_TITLE_WORDS = frozenset(
+    "Mr Mrs Ms Dr Prof Professor Sir Dame Lady Lord King Queen Captain Saint Pope President".split()
+)
+_THING_WORDS = frozenset(
+    """Lighthouse Tower Island Islands Isle Harbour Harbor Port Bay River Lake Sea Ocean Mountain
+    Mount Street Road Bridge Castle Church Cathedral Hall House Museum Library Park Station Company
+    Corporation Council Board Society Association Institute University College School Hospital
+    Agency Office Ministry Department Project Programme Program Act Treaty Festival Prize Award
+    Service Trust Foundation Group Club Union League Party Centre Center Market Square Valley
+    Canal Coast Cape Point Reef Forest Province County State Kingdom Republic Empire City Town
+    Village Fleet Line Railway Airport""".split()
+)
+
+
+def _wh_for(subject: str) -> str:
+    """The question word: "Who" for what looks like a person's name ("Anna Roth"), else "What"."""
+    words = subject.split()
+    if words[0] in _TITLE_WORDS:
+        return "Who"
+    if words[0] in ("The", "A", "An", "the", "a", "an") or len(words) < 2 or len(words) > 3:
+        return "What"
+    if all(w[:1].isupper() for w in words) and not any(w in _THING_WORDS for w in words):
+        return "Who"
+    return "What"
+
+
+def definitions(sentences: list[_Sentence]) -> Iterator[_Candidate]:
+    """Definitions: "X is a Y." -> "What is X?", answered with the sentence."""
+    for s in sentences:
+        m = _DEFINITION.match(s.text)
+        if not m or not _fits(s):
+            continue
+        subj, verb, rest = m.group("subj"), re.sub(r"\s+", " ", m.group("verb")), m.group("rest")
+        if "," in subj or subj.split()[0].lower() in _PRONOUNS:
+            continue
+        if verb in ("is", "was") and not _DEFINITION_OBJECT.match(rest):
+            continue  # "The lamp is bright" describes, it does not define
+        if verb in ("are", "were") and not _DEFINITION_OBJECT.match(rest):
+            if not rest[:1].islower() or _PARTICIPLE.match(rest):
+                continue  # "Tickets are sold on board" is not a definition of tickets
+            if " " not in subj:
+                subj = subj[:1].lower() + subj[1:]  # "Keepers are ..." -> "What are keepers?"
+        topic = _lower_first(subj)
+        if verb == "refers to":
+            question = f"What does {topic} refer to?"
+        elif verb == "means":
+            question = f"What does {topic} mean?"
+        else:
+            question = f"{_wh_for(subj)} {verb} {topic}?"
+        yield _Candidate(question, s.start, s.end, "definition")
+
+
+_MONTHS = (
+    "January|February|March|April|May|June|July|August|September|October|November|December|"
+    "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec"
+)
+_YEAR = r"(?:1[0-9]{3}|20[0-9]{2})"
+_DATE_RE = (
+    rf"(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:{_MONTHS})\.?,?\s+{_YEAR}"
+    rf"|(?:{_MONTHS})\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+{_YEAR}"
+    rf"|(?:{_MONTHS})\s+{_YEAR}"
+    rf"|{_YEAR}-\d{{2}}-\d{{2}}"
+    rf"|(?:the\s+)?{_YEAR}s"
+    rf"|{_YEAR})"
+)
+_DATE = re.compile(rf"(?<![\w.,-]){_DATE_RE}(?![\w-])")
+_DATE_LEAD = re.compile(rf"(?P<prep>In|On|During|By|Since|Around|From|Until)\s+(?P<date>{_DATE_RE}),?\s+\S")
+_DATE_PASSIVE = re.compile(
+    r"(?P<subj>(?:(?:The|An?)\s+)?[A-Z][\w'’-]*(?:\s+[\w'’-]+){0,5}?)\s+(?P<aux>was|were)\s+"
+    rf"(?P<mid>[a-z][^,;]*?)\s+(?:in|on|during|around|by)\s+(?P<date>{_DATE_RE})(?![\w-])"
+)
+_DATE_PREP = re.compile(
+    rf"\b(?P<prep>in|on|during|since|by|until|from|around)\s+(?P<date>{_DATE_RE})(?![\w-])"
+)
+
+
+def dates(sentences: list[_Sentence]) -> Iterator[_Candidate]:
+    """Sentences with a date: "When was X built?" or "What happened in 1902?"."""
+    n = 0
+    for s in sentences:
+        if n >= MAX_PER_RULE or not _fits(s) or not _DATE.search(s.text):
+            continue
+        question = None
+        if m := _DATE_PASSIVE.match(s.text):
+            subj = m.group("subj")
+            if "," not in subj and subj.split()[0].lower() not in _PRONOUNS:
+                question = f"When {m.group('aux')} {_lower_first(subj)} {m.group('mid')}?"
+        if question is None and (m := _DATE_LEAD.match(s.text)):
+            question = f"What happened {m.group('prep').lower()} {m.group('date')}?"
+        if question is None and (m := _DATE_PREP.search(s.text)):
+            question = f"What happened {m.group('prep')} {m.group('date')}?"
+        if question is None:
+            question = f"What does the text say about {_DATE.search(s.text).group(0)}?"
+        n += 1
+        yield _Candidate(question, s.start, s.end, "date")
+
+
+_AUX = r"is|are|was|were|has|have|had|can|could|will|would|may|might|must|should|does|do|did"
+_VERB_SUBJECT = re.compile(
+    rf"(?P<subj>(?:(?:The|An?)\s+)?[A-Z][\w'’-]*(?:\s+[\w'’-]+){{0,6}}?)\s+(?P<aux>{_AUX})\b"
+)
+_NUMBER = re.compile(r"(?<![\w.,-])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w-])")
+_APPROX = r"(?:(?:about|around|over|nearly|almost|approximately|roughly|some|exactly|only|just)\s+)?"
+_MEASURE = re.compile(
+    rf"(?P<subj>(?:(?:The|An?)\s+)?[A-Z][\w'’-]*(?:\s+[\w'’-]+){{0,5}}?)\s+(?P<aux>is|are|was|were)\s+"
+    rf"{_APPROX}\d[\d,.]*\s+[a-z]+\s+(?P<adj>tall|high|long|wide|deep|old|heavy|thick|across|away)\b"
+)
+_HAVE = re.compile(
+    rf"(?P<subj>(?:(?:The|An?)\s+)?[A-Z][\w'’-]*(?:\s+[\w'’-]+){{0,5}}?)\s+(?P<verb>has|have|had)\s+"
+    rf"{_APPROX}\d[\d,.]*\s+(?P<noun>[a-z][\w-]*(?:\s+[a-z][\w-]*){{0,2}})"
+)
+_DO = {"has": "does", "have": "do", "had": "did"}
+
+
+def _noun_after(text: str, pos: int) -> str:
+    """Up to three lower-case words after a number, stopping at a function word."""
+    if re.match(r"\s*(?:%|per\s?cent\b)", text[pos:]):
+        return "percent"
+    out = []
+    for w in text[pos:].split()[:3]:
+        w = w.strip(".,;:!?()\"'")
+        if not w or not w[0].islower() or w in _STOPWORDS or not w.replace("-", "").isalpha():
+            break
+        out.append(w)
+    return " ".join(out)
+
+
+def _trim_noun(noun: str) -> str:
+    words = []
+    for w in noun.split():
+        if w in _STOPWORDS:
+            break
+        words.append(w)
+    return " ".join(words)
+
+
+def _subject(text: str) -> str | None:
+    m = _VERB_SUBJECT.match(text)
+    if not m or "," in m.group("subj") or m.group("subj").split()[0].lower() in _PRONOUNS:
+        return None
+    return _lower_first(m.group("subj"))
+
+
+def numbers(sentences: list[_Sentence], heading: str | None = None) -> Iterator[_Candidate]:
+    """Sentences with a quantity: "How tall is X?", "How many Y does X have?", "How many Y ...?"."""
+    n = 0
+    for s in sentences:
+        if n >= MAX_PER_RULE or not _fits(s):
+            continue
+        date_spans = [(m.start(), m.end()) for m in _DATE.finditer(s.text)]
+        num = next(
+            (m for m in _NUMBER.finditer(s.text) if not any(a <= m.start() < b for a, b in date_spans)), None
+        )
+        if num is None:
+            continue
+        question = None
+        if (m := _MEASURE.match(s.text)) and "," not in m.group("subj"):
+            if m.group("subj").split()[0].lower() not in _PRONOUNS:
+                question = f"How {m.group('adj')} {m.group('aux')} {_lower_first(m.group('subj'))}?"
+        if question is None and (m := _HAVE.match(s.text)) and "," not in m.group("subj"):
+            noun = _trim_noun(m.group("noun"))
+            if noun and m.group("subj").split()[0].lower() not in _PRONOUNS:
+                question = f"How many {noun} {_DO[m.group('verb')]} {_lower_first(m.group('subj'))} have?"
+        if question is None:
+            noun = _noun_after(s.text, num.end())
+            if not noun:
+                continue
+            subj = _subject(s.text)
+            what = "What percentage" if noun == "percent" else f"How many {noun}"
+            if subj:
+                question = f"{what} does the text give for {subj}?"
+            elif heading:
+                question = f"{what} does the section on {_lower_first(_clean_topic(heading))} mention?"
+            else:
+                question = f"{what} does the text mention?"
+        n += 1
+        yield _Candidate(question, s.start, s.end, "number")
+
+
+_NAME = re.compile(
+    r"(?<![\w'’-])[A-Z][\w'’-]*[a-z][\w'’-]*"
+    r"(?:\s+(?:(?:of|the|de|van|von|da|del|la|le|du|and)\s+)*[A-Z][\w'’-]*[a-z][\w'’-]*)+"
+)
+_NOT_NAME_START = frozenset(
+    """The A An In On At By For From To With During After Before Since Until When While This That
+    These Those Its It Their His Her Our Each Every Some Many Most All Both If Although But And Or So
+    As Of Today Later Then Now There Here What Who Where Why How Visitors Monday Tuesday Wednesday
+    Thursday Friday Saturday Sunday""".split()
+    + _MONTHS.split("|")
+)
+_CONNECTORS = frozenset("of the de van von da del la le du and".split())
+
+
+def _names_in(text: str) -> Iterator[tuple[str, int]]:
+    """Capitalised multi-word names in a sentence, leading function words ("In", "The") removed."""
+    for m in _NAME.finditer(text):
+        words = m.group(0).split()
+        skip = 0
+        while skip < len(words) and (words[skip] in _NOT_NAME_START or words[skip] in _CONNECTORS):
+            skip += 1
+        words = words[skip:]
+        while words and words[-1] in _CONNECTORS:
+            words.pop()
+        capitalised = [w for w in words if w not in _CONNECTORS]
+        if len(capitalised) >= 2:
+            name = " ".join(words)
+            yield name, m.start() + m.group(0).index(words[0])
+
+
+def entities(sentences: list[_Sentence], skip: Iterable[str] = ()) -> Iterator[_Candidate]:
+    """Named entities: "Who is Anna Roth?" / "What is the Velmora Lighthouse?", first mention answers."""
+    seen = {t.lower() for t in skip if t}
+    n = 0
+    for s in sentences:
+        if not _fits(s):
+            continue
+        for name, at in _names_in(s.text):
+            if n >= MAX_PER_RULE:
+                return
+            if name.lower() in seen:
+                continue
+            seen.add(name.lower())
+            wh = _wh_for(name)
+            if wh == "Who":
+                question = f"Who is {name}?"
+            elif any(w in _THING_WORDS for w in name.split()):
+                the = "the " if s.text[:at].rstrip().lower().endswith("the") else ""
+                question = f"What is {the}{name}?"
+            else:
+                question = f"What is known about {name}?"
+            n += 1
+            yield _Candidate(question, s.start, s.end, "entity")
+
+
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def headings(chunk: Chunk, sentences: list[_Sentence], doc_title: str | None = None) -> Iterator[_Candidate]:
+    """A section's first chunk: "What does the document say about <heading>?" -> its first sentences."""
+    topic = _clean_topic(chunk.heading or (doc_title or ""))
+    if chunk.part != 0 or not topic or not sentences:
+        return
+    first = next((s for s in sentences if _fits(s)), None)
+    if first is None:
+        return
+    end = first.end
+    for s in sentences:
+        if s.start <= first.start:
+            continue
+        # the answer stays within the section's first paragraph
+        if s.end - first.start > HEADING_ANSWER_CHARS or _BLANK_LINE.search(chunk.text, end, s.start):
+            break
+        end = s.end
+    yield _Candidate(f"What does the document say about {_lower_first(topic)}?", first.start, end, "heading")
+
+
+def _clip(text: str, start: int, end: int, limit: int) -> int:
+    """An end for `text[start:end]` at most `limit` long, at a clause or word boundary."""
+    if end - start <= limit:
+        return end
+    window = text[start : start + limit]
+    for sep in (";", ",", ":"):
+        cut = window.rfind(sep)
+        if cut > limit // 2:
+            return start + cut
+    cut = window.rstrip().rfind(" ")
+    return start + (cut if cut > 0 else limit)
+
+
+_VERBISH = re.compile(r"\w+(?:ly|ed)$")
+
+
+def _key_phrases(sentence: _Sentence) -> Iterator[tuple[str, list[str], int]]:
+    """Candidate topics of a sentence: its subject (words before the first auxiliary verb), then runs
+    of up to two content words (a cheap stand-in for noun phrases). The last item is a score bonus."""
+    if (m := _VERB_SUBJECT.match(sentence.text)) and "," not in m.group("subj"):
+        subj = m.group("subj")
+        words = [w.lower() for w in _words(subj) if w.lower() not in _STOPWORDS]
+        if words and subj.split()[0].lower() not in _PRONOUNS and len(words) <= 3:
+            yield subj, words, 2
+    run: list[str] = []
+    for w in [*_words(sentence.text), ""]:
+        if w and w.lower() not in _STOPWORDS and len(w) >= 3 and w.isalpha() and not _VERBISH.match(w):
+            run.append(w)
+            continue
+        while run:
+            yield " ".join(run[:2]), [x.lower() for x in run[:2]], 0
+            run = run[2:]
+
+
+def fallback(chunk: Chunk, sentences: list[_Sentence]) -> Iterator[_Candidate]:
+    """The fallback: "What does the text say about <key phrase>?" for the chunk's most central phrase."""
+    freq = Counter(w.lower() for s in sentences for w in _words(s.text) if w.lower() not in _STOPWORDS)
+    best: tuple[int, int, str, _Sentence] | None = None
+    for order, s in enumerate(sentences):
+        if len(s.text) < MIN_ANSWER_CHARS:
+            continue
+        for phrase, words, bonus in _key_phrases(s):
+            key = (-(sum(freq[w] for w in words) + bonus), order)
+            if best is None or key < best[:2]:
+                best = (*key, phrase, s)
+    if best is None:
+        return
+    _, _, phrase, s = best
+    first, _, rest = phrase.partition(" ")
+    # a capital only because the phrase opens the sentence: lower it if the chunk uses the word so
+    if s.text.startswith(phrase) and (
+        first in _NOT_NAME_START or re.search(rf"\b{first.lower()}\b", chunk.text)
+    ):
+        phrase = (
+            _lower_first(phrase)
+            if first in ("The", "A", "An")
+            else first.lower() + (" " + rest if rest else "")
+        )
+    end = _clip(chunk.text, s.start, s.end, MAX_ANSWER_CHARS)
+    yield _Candidate(f"What does the text say about {phrase}?", s.start, end, "fallback")
+
+
+# --- generation and filtering ------------------------------------------------------------------
+
+
+def has_content(chunk: Chunk) -> bool:
+    return len(_words(chunk.text)) >= MIN_CONTENT_WORDS
+
+
+def generate_pairs(chunk: Chunk, *, doc_title: str | None = None) -> list[QAPair]:
+    """Every rule's pairs for one chunk, in a fixed order; unfiltered (see `filter_pairs`)."""
+    if not has_content(chunk):
+        return []
+    sentences = _sentences(chunk)
+    if not sentences:
+        return []
+    found: list[_Candidate] = [
+        *headings(chunk, sentences, doc_title),
+        *definitions(sentences),
+        *dates(sentences),
+        *numbers(sentences, chunk.heading),
+    ]
+    # names already asked about (as a heading, title or definition) get no entity question of their own
+    asked = [chunk.heading or "", doc_title or ""]
+    asked += [
+        re.sub(r"^(?:What|Who) (?:is|are|was|were) |\?$", "", c.question)
+        for c in found
+        if c.strategy == "definition"
+    ]
+    found.extend(entities(sentences, skip=[re.sub(r"^(?:the|an?) ", "", t, flags=re.I) for t in asked]))
+    if not found:
+        found.extend(fallback(chunk, sentences))
+    pairs = []
+    for c in found:
+        answer = chunk.text[c.start : c.end]
+        pairs.append(
+            QAPair(
+                pair_id=pair_id_for(chunk.chunk_id, c.question, answer),
+                question=c.question,
+                answer=answer,
+                doc_id=chunk.doc_id,
+                chunk_id=chunk.chunk_id,
+                start=chunk.start,
+                end=chunk.end,
+                strategy=c.strategy,
+            )
+        )
+    return pairs
+
+
+def _tokens(question: str) -> frozenset[str]:
+    return frozenset(w.lower() for w in _WORD.findall(question))
+
+
+def filter_pairs(
+    pairs: Iterable[QAPair],
+    *,
+    min_answer_chars: int = MIN_ANSWER_CHARS,
+    max_answer_chars: int = MAX_ANSWER_CHARS,
+    duplicate_jaccard: float = DUPLICATE_JACCARD,
+) -> tuple[list[QAPair], dict[str, int]]:
+    """Drop empty, too short and too long pairs, and questions too close to an earlier kept one.
+
+    Returns the kept pairs in their order and the number dropped for each reason in `REASONS`.
+    Near-duplicates are found by token-set Jaccard similarity, with prefix filtering so the cost
+    stays near linear: two sets this similar must share a token among their rarest few.
+    """
+    counts = dict.fromkeys(REASONS, 0)
+    candidates: list[tuple[QAPair, frozenset[str]]] = []
+    for p in pairs:
+        answer = p.answer.strip()
+        tokens = _tokens(p.question)
+        if not answer or not tokens:
+            counts["empty"] += 1
+        elif len(answer) < min_answer_chars:
+            counts["too_short"] += 1
+        elif len(answer) > max_answer_chars:
+            counts["too_long"] += 1
+        else:
+            candidates.append((p, tokens))
+
+    df = Counter(t for _, tokens in candidates for t in tokens)
+    index: dict[str, list[int]] = {}
+    kept_tokens: list[frozenset[str]] = []
+    kept: list[QAPair] = []
+    for p, tokens in candidates:
+        ordered = sorted(tokens, key=lambda t: (df[t], t))
+        # a set within Jaccard >= t of this one shares a token among its first |s| - ceil(t*|s|) + 1
+        prefix = ordered[: len(ordered) - _ceil(duplicate_jaccard * len(ordered)) + 1]
+        seen: set[int] = set()
+        duplicate = False
+        for t in prefix:
+            for k in index.get(t, ()):
+                if k in seen:
+                    continue
+                seen.add(k)
+                other = kept_tokens[k]
+                if not duplicate_jaccard * len(other) <= len(tokens) <= len(other) / duplicate_jaccard:
+                    continue
+                if len(tokens & other) >= duplicate_jaccard * len(tokens | other):
+                    duplicate = True
+                    break
+            if duplicate:
+                break
+        if duplicate:
+            counts["duplicate_question"] += 1
+            continue
+        for t in prefix:
+            index.setdefault(t, []).append(len(kept))
+        kept_tokens.append(tokens)
+        kept.append(p)
+    return kept, counts
+
+
+def _ceil(x: float) -> int:
+    # tolerate float noise so that 0.9 * 10 counts as 9, not 10
+    return int(-(-round(x, 9) // 1))
+
+
+def _nonspace(text: str, start: int, end: int) -> int:
+    return end - start - sum(text.count(ws, start, end) for ws in (" ", "\n", "\t", "\r", "\f", "\v"))
+
+
+def _union(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for s, e in sorted(spans):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def make_pairs(
+    text: str,
+    doc_id: str,
+    title: str | None = None,
+    *,
+    max_chars: int = 1200,
+    overlap_chars: int = 150,
+    length_fn: LengthFn = len,
+) -> tuple[list[QAPair], list[Chunk], dict]:
+    """Chunk one document, generate pairs for every chunk and filter them.
+
+    `stats`: chunks, chunks_with_pairs, generated, pairs (kept), coverage (the share of the chunked
+    text's non-space characters that lie in a chunk with a kept pair), dropped (by reason) and
+    by_strategy. No pairs means the text had too little content; the caller reports that.
+    """
+    chunks = chunk_text(
+        text, doc_id=doc_id, max_chars=max_chars, overlap_chars=overlap_chars, length_fn=length_fn
+    )
+    generated = [p for c in chunks for p in generate_pairs(c, doc_title=title)]
+    kept, dropped = filter_pairs(generated)
+    with_pairs = {p.chunk_id for p in kept}
+    total = sum(_nonspace(text, s, e) for s, e in _union((c.start, c.end) for c in chunks))
+    covered = sum(
+        _nonspace(text, s, e) for s, e in _union((c.start, c.end) for c in chunks if c.chunk_id in with_pairs)
+    )
+    stats = {
+        "chunks": len(chunks),
+        "chunks_with_pairs": sum(1 for c in chunks if c.chunk_id in with_pairs),
+        "generated": len(generated),
+        "pairs": len(kept),
+        "coverage": covered / total if total else 0.0,
+        "dropped": dropped,
+        "by_strategy": dict(sorted(Counter(p.strategy for p in kept).items())),
+    }
+    return kept, chunks, stats

