@@ -287,21 +287,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return "length" if msg.finish_reason == inference_pb2.FINISH_REASON_LENGTH else "stop"
 
         if not body.stream:
-            text, msg, tokens = [], first, 0
-            reason = "stop"
+            text, msg, last = [], first, None
             try:
                 while msg is not grpc.aio.EOF:
                     text.append(msg.delta)
                     if msg.finish_reason:
-                        reason, tokens = reason_of(msg), msg.completion_tokens
+                        last = msg
                     msg = await call.read()
             finally:
                 call.cancel()
+            prompt, completion = (last.prompt_tokens, last.completion_tokens) if last else (0, 0)
             return {
                 "id": cid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                             "finish_reason": reason}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens},
+                             "finish_reason": reason_of(last) if last else "stop"}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion},
             }
 
         def chunk(delta: dict, reason: str | None) -> bytes:

@@ -234,3 +234,24 @@ def test_chat_before_ready_is_refused_and_cancel_stops_the_session(stack):
                 break
             time.sleep(0.5)
         assert c.get(f"/api/v1/sessions/{sid}").json()["state"] == "SESSION_STATE_CANCELLED"
+
+
+def test_the_official_openai_client_lists_bots_and_chats(stack):
+    """The `openai` SDK sees the base model and READY bots at /v1/models and gets answers, streamed
+    and not, from /v1/chat/completions; an unknown bot is its NotFoundError."""
+    import openai
+
+    _, base = stack
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    ids = [m.id for m in client.models.list().data]
+    assert "base" in ids
+    ask = [{"role": "user", "content": "Name one fruit."}]
+    done = client.chat.completions.create(model="base", messages=ask, max_tokens=8)
+    assert done.choices[0].message.content.strip()
+    assert done.usage.prompt_tokens > 0 and 0 < done.usage.completion_tokens <= 8
+    assert done.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(model="base", messages=ask, max_tokens=8, stream=True)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert streamed == done.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="0123456789abcdef", messages=ask)

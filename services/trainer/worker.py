@@ -89,7 +89,7 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
             adapter_id = sid  # one adapter per session: a redelivered job rewrites the same keys
             meta = {"adapter_id": adapter_id, "session_id": sid, "base_model": rt.settings.base_model}
             (out_dir / "doclora.json").write_text(json.dumps(meta))
-            await rt.io(rt.store.upload_dir, keys.adapter_prefix(tenant, adapter_id), out_dir)
+            await rt.io(rt.store.upload_dir, keys.adapter_prefix(tenant, adapter_id), out_dir, last=["adapter_config.json"])
     finally:
         cancelled.set()
         watcher.cancel()
