@@ -4,6 +4,7 @@ on SIGTERM. Logs go to `<state>/logs/<part>.log`; `<state>/stack.json` says what
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -226,12 +227,13 @@ class Stack:
         for child in reversed(self.children):
             if child.alive():
                 child.proc.send_signal(signal.SIGTERM)
-        for child in reversed(self.children):
-            child.stop(grace)
-        if self.s3:
-            self.s3.stop()
-        if self.nats:
-            self.nats.stop()
+        parts = [functools.partial(child.stop, grace) for child in reversed(self.children)]
+        parts += [p.stop for p in (self.s3, self.nats) if p is not None]
+        for stop in parts:  # one part failing to stop must not leave the rest running
+            try:
+                stop()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping a part of the stack failed")
         try:
             stack_file(self.settings).unlink()
         except OSError:
