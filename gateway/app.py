@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from google.protobuf.json_format import MessageToDict
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 # Pasted text travels as JSON; refuse bodies far over the text limit before reading them.
 BODY_SLACK = 64 * 1024
+UPLOAD_CHUNK = 1024 * 1024
+UPLOAD_TIMEOUT_S = 3600.0
 
 
 def to_json(msg) -> dict:
@@ -45,10 +47,20 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 
 
 class SessionCreate(BaseModel):
-    text: str = Field(description="The text to learn from.")
+    text: str | None = Field(None, description="Pasted text to learn from.")
+    urls: list[str] = Field(default_factory=list, max_length=100, description="Links to PDF, DOCX, HTML or text.")
+    upload_ids: list[str] = Field(default_factory=list, max_length=100, description="Ids from POST /api/v1/uploads.")
     name: str = Field("", description="Name of the bot; defaults to the source name.")
     system_prompt: str = Field("", description="System prompt used in training and chat.")
     max_steps: int | None = Field(None, ge=1, le=100_000, description="Training steps; default from data size.")
+
+
+class SourceBody(BaseModel):
+    text: str | None = None
+    url: str | None = None
+    upload_id: str | None = None
+    name: str = ""
+    password: str = ""
 
 
 class ChatMessage(BaseModel):
@@ -130,7 +142,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_text_bytes * 2 + BODY_SLACK:
+        limit = settings.max_text_bytes * 2 + BODY_SLACK
+        if request.headers.get("content-type", "").startswith("multipart/"):
+            limit = settings.max_upload_bytes + BODY_SLACK  # files stream on; ingest checks each
+        if length and length.isdigit() and int(length) > limit:
             return error(413, "RESOURCE_EXHAUSTED", f"request body of {length} bytes is too large")
         return await call_next(request)
 
@@ -144,11 +159,62 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         opts = session_pb2.SessionOptions(system_prompt=body.system_prompt)
         if body.max_steps is not None:
             opts.max_steps = body.max_steps
-        req = session_service_pb2.CreateSessionRequest(
-            name=body.name, sources=[session_service_pb2.Source(text=body.text)], options=opts
-        )
+        sources = [session_service_pb2.Source(text=body.text)] if body.text is not None else []
+        sources += [session_service_pb2.Source(url=u) for u in body.urls]
+        sources += [session_service_pb2.Source(upload_id=u) for u in body.upload_ids]
+        req = session_service_pb2.CreateSessionRequest(name=body.name, sources=sources, options=opts)
         resp = await clients(request).sessions.CreateSession(req, timeout=clients(request).timeout)
         return to_json(resp.session)
+
+    async def upload(c: Clients, f: UploadFile) -> ingest_pb2.UploadResponse:
+        """Stream one multipart file to IngestService.Upload in 1 MiB chunks."""
+
+        async def parts():
+            yield ingest_pb2.UploadRequest(
+                header=ingest_pb2.UploadHeader(filename=f.filename or "upload", content_type=f.content_type or "")
+            )
+            while chunk := await f.read(UPLOAD_CHUNK):
+                yield ingest_pb2.UploadRequest(chunk=chunk)
+
+        return await c.ingest.Upload(parts(), timeout=UPLOAD_TIMEOUT_S)
+
+    @app.post("/api/v1/uploads", status_code=201, tags=["sessions"])
+    async def upload_file(request: Request, file: UploadFile = File(...)):
+        """Upload one file (PDF, DOCX, HTML, TXT, MD, or QA pairs as JSONL/CSV); name its
+        `upload_id` in `upload_ids` when creating a session."""
+        return to_json(await upload(clients(request), file))
+
+    @app.post("/api/v1/sessions/upload", status_code=201, tags=["sessions"])
+    async def create_session_from_files(
+        request: Request,
+        files: list[UploadFile] = File(default_factory=list),
+        text: str | None = Form(None),
+        urls: list[str] = Form(default_factory=list),
+        name: str = Form(""),
+        password: str = Form("", description="Password of encrypted PDFs among the files."),
+    ):
+        """Create a session from uploaded files, text and links in one multipart form."""
+        c = clients(request)
+        sources = [session_service_pb2.Source(text=text)] if text else []
+        sources += [session_service_pb2.Source(url=u) for u in urls if u.strip()]
+        for f in files:
+            up = await upload(c, f)
+            sources.append(session_service_pb2.Source(upload_id=up.upload_id, password=password))
+        req = session_service_pb2.CreateSessionRequest(name=name, sources=sources)
+        resp = await c.sessions.CreateSession(req, timeout=c.timeout)
+        return to_json(resp.session)
+
+    @app.post("/api/v1/sessions/{session_id}/sources", status_code=201, tags=["sessions"])
+    async def add_source(session_id: str, body: SourceBody, request: Request):
+        """Add a source to a session that is still queued."""
+        c = clients(request)
+        src = session_service_pb2.Source(name=body.name, password=body.password)
+        given = [k for k in ("text", "url", "upload_id") if getattr(body, k) is not None]
+        if len(given) != 1:
+            return error(400, "INVALID_ARGUMENT", "give exactly one of text, url, upload_id")
+        setattr(src, given[0], getattr(body, given[0]))
+        resp = await c.ingest.AddSource(ingest_pb2.AddSourceRequest(session_id=session_id, source=src), timeout=c.timeout)
+        return to_json(resp.document)
 
     @app.get("/api/v1/sessions", tags=["sessions"])
     async def list_sessions(request: Request, limit: int = 100):

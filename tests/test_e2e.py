@@ -34,7 +34,40 @@ Each tree yields about 300 pears in a good year.
 """
 
 
-def _env(state: Path) -> dict:
+class DocsServer:
+    """A web server with documents to fetch: it stands for a remote site, over a real socket."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.pages: dict[str, tuple[str, bytes]] = {}
+        pages = self.pages
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path not in pages:
+                    self.send_error(404)
+                    return
+                ctype, body = pages[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def _env(state: Path, docs: DocsServer) -> dict:
     env = dict(os.environ)
     ports = {k: free_port() for k in ("nats", "s3", "ingest", "qagen", "trainer", "inference", "gateway")}
     env.update(
@@ -48,6 +81,8 @@ def _env(state: Path) -> dict:
         DOCLORA_GATEWAY_PORT=str(ports["gateway"]),
         DOCLORA_INFERENCE_MAX_NEW_TOKENS="24",
         DOCLORA_WORK_ACK_WAIT_S="30",
+        DOCLORA_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024),
+        DOCLORA_FETCH_ALLOW=f"127.0.0.1:{docs.port}",
         HF_HUB_OFFLINE="1",
     )
     return env
@@ -61,9 +96,16 @@ def _cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedPro
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def docs_server():
+    server = DocsServer()
+    yield server
+    server.httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, docs_server):
     state = tmp_path_factory.mktemp("stack")
-    env = _env(state)
+    env = _env(state, docs_server)
     up = _cli(env, "up", "--detach", "--timeout", "420")
     if up.returncode != 0:
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((state / "logs").glob("*.log")))
@@ -255,3 +297,98 @@ def test_the_official_openai_client_lists_bots_and_chats(stack):
     assert streamed == done.choices[0].message.content
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="0123456789abcdef", messages=ask)
+
+
+def wait_state(c: httpx.Client, sid: str, states: set[str], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        sess = c.get(f"/api/v1/sessions/{sid}").json()
+        if sess["state"].removeprefix("SESSION_STATE_") in states or time.monotonic() > deadline:
+            return sess
+        time.sleep(0.3)
+
+
+def test_uploads_links_and_text_are_ingested_together_and_a_bad_link_fails_alone(stack, docs_server):
+    """A session from an uploaded Markdown file, pasted text, a link to an HTML page on a web server
+    and a link to a private address: the first three become documents, the private link fails with
+    its reason, and the session goes on to generation."""
+    _, base = stack
+    docs_server.pages["/guide.html"] = (
+        "text/html; charset=utf-8",
+        b"<html><head><title>Brightmoss guide</title><script>var x = 'tracking';</script></head>"
+        b"<body><nav>Home | About</nav><main><h1>Brightmoss</h1><p>Brightmoss is a luminous fungus "
+        b"that grows on the skin of glowing pears in the Lumen Orchard.</p></main></body></html>",
+    )
+    md = TEXT.replace("Lumen Orchard", "Umbra Grove").encode()
+    with httpx.Client(base_url=base, timeout=60) as c:
+        up = c.post("/api/v1/uploads", files={"file": ("grove.md", md, "text/markdown")})
+        assert up.status_code == 201, up.text
+        upload = up.json()
+        assert int(upload["size_bytes"]) == len(md)
+        body = {
+            "text": TEXT,
+            "upload_ids": [upload["upload_id"]],
+            "urls": [docs_server.url("/guide.html"), "http://10.255.255.1/secret.pdf"],
+            "max_steps": 500,
+        }
+        resp = c.post("/api/v1/sessions", json=body)
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["session_id"]
+        sess = wait_state(c, sid, {"GENERATING", "TRAINING", "READY", "FAILED"})
+        c.post(f"/api/v1/sessions/{sid}/cancel")
+    assert sess["state"] != "SESSION_STATE_FAILED", sess.get("error")
+    docs = {d["kind"] + ":" + d["name"]: d for d in sess["documents"]}
+    by_kind = {}
+    for d in sess["documents"]:
+        by_kind.setdefault(d["kind"], []).append(d)
+    assert by_kind["upload"][0]["status"] == "DOCUMENT_STATUS_READY"
+    assert by_kind["upload"][0]["format"] == "markdown"
+    assert by_kind["text"][0]["status"] == "DOCUMENT_STATUS_READY"
+    urls = {d["final_url"]: d for d in by_kind["url"]}
+    good = urls[docs_server.url("/guide.html")]
+    assert good["status"] == "DOCUMENT_STATUS_READY" and good["format"] == "html", docs
+    bad = urls["http://10.255.255.1/secret.pdf"]
+    assert bad["status"] == "DOCUMENT_STATUS_FAILED"
+    assert "private" in bad["error"].lower() or "not allowed" in bad["error"].lower()
+    with httpx.Client(base_url=base, timeout=60) as c:
+        text = c.get(f"/api/v1/sessions/{sid}/documents").json()
+        assert len(text["documents"]) == 4
+
+
+def test_a_qa_file_skips_generation_and_its_pairs_are_the_training_set(stack):
+    """Uploaded question-answer pairs (JSONL) go to training as they are."""
+    _, base = stack
+    rows = [{"question": f"What is code {i}?", "answer": f"Code {i} opens the east gate of the orchard."}
+            for i in range(5)]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    with httpx.Client(base_url=base, timeout=60) as c:
+        resp = c.post("/api/v1/sessions/upload", files=[("files", ("codes.jsonl", data, "application/jsonl"))],
+                      data={"name": "codes"})
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["session_id"]
+        sess = wait_state(c, sid, {"TRAINING", "READY", "FAILED"})
+        assert sess["state"] in ("SESSION_STATE_TRAINING", "SESSION_STATE_READY"), sess.get("error")
+        pairs = c.get(f"/api/v1/sessions/{sid}/qa").json()["pairs"]
+        c.post(f"/api/v1/sessions/{sid}/cancel")
+    assert sorted((p["question"], p["answer"]) for p in pairs) == sorted((r["question"], r["answer"]) for r in rows)
+    assert {p["strategy"] for p in pairs} == {"provided"}
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "code"),
+    [(b"", 400, "INVALID_ARGUMENT"), (b"x" * (8 * 1024 * 1024 + 1), 413, "RESOURCE_EXHAUSTED")],
+    ids=["empty-upload", "upload-over-size-limit"],
+)
+def test_bad_uploads_are_refused(stack, content, status, code):
+    """An empty file and one over the upload limit are refused with their status codes."""
+    _, base = stack
+    resp = httpx.post(f"{base}/api/v1/uploads", files={"file": ("a.txt", content, "text/plain")}, timeout=60)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["code"] == code
+
+
+def test_an_unknown_upload_id_is_not_found(stack):
+    """Naming an upload that does not exist is NOT_FOUND and makes no session."""
+    _, base = stack
+    resp = httpx.post(f"{base}/api/v1/sessions", json={"upload_ids": ["u0123456789abcdef"]}, timeout=30)
+    assert resp.status_code == 404, resp.text

@@ -83,13 +83,20 @@ class Settings:
 
     # limits
     max_text_bytes: int = 2 * 1024 * 1024
+    max_upload_bytes: int = 256 * 1024 * 1024
+    max_fetch_bytes: int = 64 * 1024 * 1024
+    fetch_timeout_s: float = 30.0
+    # host:port pairs that may be fetched although they are private (a test server, an intranet wiki)
+    fetch_allow: str = ""
+    parse_timeout_s: float = 120.0
+    parse_memory_mb: int = 2048
     min_text_chars: int = 40
     min_pairs: int = 3
 
     # training
     train_max_steps: int = 0  # 0 = derived from epochs and data size
     train_epochs: float = 3.0
-    train_lr: float = 2e-4
+    train_lr: float = 1e-3
     train_lora_rank: int = 8
     train_seed: int = 1234
 

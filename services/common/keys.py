@@ -41,6 +41,16 @@ def qa_pairs(tenant: str, sid: str) -> str:
     return f"{session_prefix(tenant, sid)}qa/pairs.jsonl"
 
 
+def upload(tenant: str, upload_id: str) -> str:
+    """Where an upload waits until a session takes it."""
+    return f"{tenant}/uploads/{upload_id}/original"
+
+
+def doc_qa(tenant: str, sid: str, doc_id: str) -> str:
+    """QA pairs a person handed over as a file: they skip generation."""
+    return f"{session_prefix(tenant, sid)}docs/{doc_id}/qa.jsonl"
+
+
 def checkpoints(tenant: str, sid: str) -> str:
     return f"{session_prefix(tenant, sid)}train/checkpoints/"
 

@@ -613,6 +613,13 @@ class ArtifactStore:
                 f"object {key!r} in bucket {self.bucket!r} read as sha256 {digest}, but {recorded} was recorded"
             )
 
+    def copy(self, src: str, dst: str) -> None:
+        """Server-side copy within the bucket (metadata, sha256 included, goes along)."""
+        validate_key(src)
+        validate_key(dst)
+        with self._errors(src):
+            self._client.copy_object(self.bucket, dst, CopySource(self.bucket, src))
+
     def stat(self, key: str) -> ObjectInfo:
         validate_key(key)
         with self._errors(key):

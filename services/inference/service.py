@@ -46,13 +46,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.rt = rt
         self.engine = engine
 
-    async def _adapter_for(self, bot_id: str) -> str | None:
+    async def _bot(self, bot_id: str) -> tuple[str | None, str]:
+        """The bot's adapter id (None for the base model) and the system prompt it was trained with."""
         if bot_id in ("", BASE_BOT):
-            return None
+            return None, ""
         rec = await self.rt.sessions.get(bot_id)
         if rec.state != S.SESSION_STATE_READY:
             raise FailedPrecondition(f"bot {bot_id} is not ready to chat yet; it is {state_name(rec.state)}")
-        return rec.adapter_id
+        return rec.adapter_id, rec.options.system_prompt
 
     async def Chat(self, request, context):
         from services.inference.engine import ChatStats, GenerationParams, check_messages
@@ -68,7 +69,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             stop=tuple(opts.stop),
             seed=opts.seed if opts.HasField("seed") else None,
         )
-        adapter_id = await self._adapter_for(request.bot_id)
+        adapter_id, system_prompt = await self._bot(request.bot_id)
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
         stats = ChatStats()
         async with contextlib.aclosing(self.engine.astream_chat(messages, adapter_id, params, stats=stats)) as pieces:
             async for piece in pieces:

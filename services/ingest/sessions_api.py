@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from urllib.parse import urlsplit
 
 from doclora.v1 import events_pb2, session_pb2, session_service_pb2, session_service_pb2_grpc
 from services.common import events, keys
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.common.runtime import Runtime
 from services.common.sessions import FINAL_STATES
 
@@ -54,6 +55,60 @@ async def store_text_document(rt: Runtime, tenant: str, sid: str, text: str, nam
     return doc
 
 
+def check_url(url: str) -> str:
+    """Refuse what can never be fetched before a session is made; the worker checks the rest."""
+    url = url.strip()
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise InvalidArgument(f"only http and https links can be learned from, got {url[:200]!r}")
+    if len(url) > 4096:
+        raise InvalidArgument("the link is longer than 4096 characters")
+    return url
+
+
+async def take_upload(rt: Runtime, tenant: str, sid: str, upload_id: str, name: str) -> session_pb2.DocumentInfo:
+    """Move an upload into the session as a document (a server-side copy, then the upload goes)."""
+    if not keys.is_valid_id(upload_id):
+        raise NotFound(f"upload {upload_id!r} not found")
+    src = keys.upload(tenant, upload_id)
+    info = await rt.io(rt.store.stat, src)  # NotFound for an unknown or already used upload
+    doc = session_pb2.DocumentInfo(
+        doc_id=keys.new_id("d"),
+        name=name or info.metadata.get("filename", "upload"),
+        kind="upload",
+        sha256=info.sha256 or "",
+        size_bytes=info.size,
+        status=session_pb2.DOCUMENT_STATUS_PENDING,
+    )
+    await rt.io(rt.store.copy, src, keys.doc_original(tenant, sid, doc.doc_id))
+    await rt.io(rt.store.delete, src)
+    return doc
+
+
+async def add_source(rt: Runtime, tenant: str, sid: str, src: session_service_pb2.Source) -> session_pb2.DocumentInfo:
+    """Turn one source into a pending document of session `sid`; its bytes are stored first."""
+    kind = src.WhichOneof("kind")
+    if kind == "text":
+        return await store_text_document(rt, tenant, sid, src.text, src.name)
+    if kind == "url":
+        url = check_url(src.url)
+        return session_pb2.DocumentInfo(
+            doc_id=keys.new_id("d"), name=src.name or url, kind="url", status=session_pb2.DOCUMENT_STATUS_PENDING,
+            final_url=url,
+        )
+    if kind == "upload_id":
+        return await take_upload(rt, tenant, sid, src.upload_id, src.name)
+    raise InvalidArgument("a source needs text, a url or an upload_id")
+
+
+def redact(rec: session_pb2.Session) -> session_pb2.Session:
+    """The record as clients see it: document passwords never leave the service."""
+    if rec.options.passwords:
+        rec = session_pb2.Session.FromString(rec.SerializeToString())
+        rec.options.ClearField("passwords")
+    return rec
+
+
 class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -65,14 +120,16 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         sid = keys.new_id()
         docs = []
         seen = set()
-        for i, src in enumerate(request.sources):
-            if src.WhichOneof("kind") != "text":
-                raise InvalidArgument(f"source {i}: no text given")
-            doc = await store_text_document(self.rt, tenant, sid, src.text, src.name)
-            if doc.sha256 in seen:  # the same content twice is stored once
+        passwords = {}
+        for src in request.sources:
+            doc = await add_source(self.rt, tenant, sid, src)
+            if doc.sha256 and doc.sha256 in seen:  # the same content twice is stored once
+                await self.rt.io(self.rt.store.delete, keys.doc_original(tenant, sid, doc.doc_id))
                 continue
             seen.add(doc.sha256)
             docs.append(doc)
+            if src.password:
+                passwords[doc.doc_id] = src.password
         session = session_pb2.Session(
             session_id=sid,
             tenant=tenant,
@@ -81,6 +138,8 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             documents=docs,
             options=request.options,
         )
+        for doc_id, password in passwords.items():
+            session.options.passwords[doc_id] = password
         session = await self.rt.sessions.create(session)
         await events.publish(
             self.rt.bus,
@@ -89,28 +148,28 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         )
         await self.rt.enqueue(sid, tenant, session_pb2.STAGE_INGEST)
         log.info("session %s created with %d document(s)", sid, len(docs))
-        return session_service_pb2.CreateSessionResponse(session=session)
+        return session_service_pb2.CreateSessionResponse(session=redact(session))
 
     async def GetSession(self, request, context):
-        return session_service_pb2.GetSessionResponse(session=await self.rt.sessions.get(request.session_id))
+        return session_service_pb2.GetSessionResponse(session=redact(await self.rt.sessions.get(request.session_id)))
 
     async def ListSessions(self, request, context):
         limit = request.limit or 100
         sessions = await self.rt.sessions.list()
-        return session_service_pb2.ListSessionsResponse(sessions=sessions[:limit])
+        return session_service_pb2.ListSessionsResponse(sessions=[redact(s) for s in sessions[:limit]])
 
     async def WatchSession(self, request, context):
         rec = await self.rt.sessions.get(request.session_id)
         if rec.state in FINAL_STATES:
             ev = events_pb2.Event(session_id=rec.session_id, state=events_pb2.StateChanged(state=rec.state))
             ev.time.CopyFrom(rec.updated_at)
-            yield session_service_pb2.WatchSessionResponse(event=ev, session=rec)
+            yield session_service_pb2.WatchSessionResponse(event=ev, session=redact(rec))
             return
         async with contextlib.aclosing(self.rt.bus.watch_events(request.session_id)) as stream:
             async for _kind, data in stream:
                 ev = events.parse(data)
                 rec = await self.rt.sessions.get(request.session_id)
-                yield session_service_pb2.WatchSessionResponse(event=ev, session=rec)
+                yield session_service_pb2.WatchSessionResponse(event=ev, session=redact(rec))
                 if ev.WhichOneof("kind") == "state" and ev.state.state in FINAL_STATES:
                     return
 
@@ -120,4 +179,4 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             S.SESSION_STATE_CANCELLED,
             allowed_from=set(S.values()) - FINAL_STATES,
         )
-        return session_service_pb2.CancelSessionResponse(session=rec)
+        return session_service_pb2.CancelSessionResponse(session=redact(rec))

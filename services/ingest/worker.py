@@ -8,15 +8,83 @@ import time
 
 from doclora.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc, session_pb2
 from services.common import events, keys
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from services.common.jsonl import to_jsonl
 from services.common.runtime import Runtime
 from services.common.sessions import mark_stage, state_name
-from services.ingest.extract import extract
-from services.ingest.sessions_api import store_text_document
+from services.ingest.sessions_api import add_source
+from services.ingest.uploads import receive_upload
 
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
 D = session_pb2.DocumentStatus
+
+
+def _fetch_allowed(settings) -> frozenset[str]:
+    return frozenset(h.strip() for h in settings.fetch_allow.split(",") if h.strip())
+
+
+def _extract_blocking(settings, data: bytes, doc: session_pb2.DocumentInfo, password: str | None,
+                      content_type: str | None):
+    """Detect the format and extract in a sandboxed process (timeout and memory cap)."""
+    from services.ingest.extract import detect_type, extract_document
+    from services.ingest.sandbox import run_sandboxed
+
+    if doc.kind == "text":
+        fmt = "text"
+    else:
+        fmt = detect_type(data, filename=doc.name, content_type=content_type)
+    out = run_sandboxed(
+        extract_document, data, fmt, password=password,
+        timeout_s=settings.parse_timeout_s, memory_mb=settings.parse_memory_mb,
+    )
+    return fmt, out
+
+
+async def _ingest_document(rt: Runtime, tenant: str, sid: str, doc: session_pb2.DocumentInfo,
+                           password: str | None) -> session_pb2.DocumentInfo:
+    """Extract one document; returns its updated record entry (READY, or FAILED with a reason)."""
+    out_doc = session_pb2.DocumentInfo()
+    out_doc.CopyFrom(doc)
+    key = keys.doc_original(tenant, sid, doc.doc_id)
+    content_type = None
+    try:
+        if doc.kind == "url":
+            from services.ingest.fetch import fetch_url
+
+            fetched = await rt.io(
+                fetch_url, doc.final_url or doc.name, max_bytes=rt.settings.max_fetch_bytes,
+                timeout_s=rt.settings.fetch_timeout_s, allow=_fetch_allowed(rt.settings),
+            )
+            put = await rt.io(rt.store.put_bytes, key, fetched.data, content_type=fetched.content_type or
+                              "application/octet-stream", metadata={"source": fetched.final_url[:1000]})
+            out_doc.sha256, out_doc.size_bytes, out_doc.final_url = put.sha256, put.size, fetched.final_url
+            if out_doc.name == doc.final_url and fetched.filename:
+                out_doc.name = fetched.filename
+            data, content_type = fetched.data, fetched.content_type
+        else:
+            data = await rt.io(rt.store.get_bytes, key)
+        fmt, extracted = await rt.io(_extract_blocking, rt.settings, data, out_doc, password, content_type)
+        del data
+        if extracted.qa_pairs:
+            rows = [{"question": q, "answer": a} for q, a in extracted.qa_pairs]
+            await rt.io(rt.store.put_bytes, keys.doc_qa(tenant, sid, doc.doc_id), to_jsonl(rows),
+                        content_type="application/x-ndjson")
+        await rt.io(rt.store.put_bytes, keys.doc_text(tenant, sid, doc.doc_id), extracted.text.encode(),
+                    content_type="text/markdown; charset=utf-8")
+        await rt.io(rt.store.put_json, keys.doc_pages(tenant, sid, doc.doc_id), extracted.pages)
+        out_doc.format, out_doc.chars, out_doc.pages = fmt, len(extracted.text), len(extracted.pages)
+        out_doc.status, out_doc.error = D.DOCUMENT_STATUS_READY, ""
+    except (InvalidArgument, ResourceExhausted, FailedPrecondition, NotFound, PermissionDenied) as exc:
+        out_doc.status, out_doc.error = D.DOCUMENT_STATUS_FAILED, exc.message
+        log.warning("document %s (%s) failed: %s", doc.doc_id, doc.name, exc.message)
+    return out_doc
 
 
 async def ingest_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
@@ -27,22 +95,15 @@ async def ingest_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb
         await events.progress(rt.bus, sid, session_pb2.STAGE_INGEST, i, len(docs), f"extracting {doc.name}")
         if doc.status != D.DOCUMENT_STATUS_PENDING:
             continue  # done in an earlier delivery
-        status, error, chars = D.DOCUMENT_STATUS_READY, "", 0
-        try:
-            data = await rt.io(rt.store.get_bytes, keys.doc_original(tenant, sid, doc.doc_id))
-            out = await rt.io(extract, data, doc.kind)
-            await rt.io(rt.store.put_bytes, keys.doc_text(tenant, sid, doc.doc_id), out.text.encode(),
-                        content_type="text/markdown; charset=utf-8")
-            await rt.io(rt.store.put_json, keys.doc_pages(tenant, sid, doc.doc_id), out.pages)
-            chars = len(out.text)
-        except (InvalidArgument, NotFound) as exc:
-            status, error = D.DOCUMENT_STATUS_FAILED, exc.message
-            log.warning("document %s failed: %s", doc.doc_id, exc.message)
+        done = await _ingest_document(rt, tenant, sid, doc, rec.options.passwords.get(doc.doc_id))
 
-        def set_doc(r, doc_id=doc.doc_id, status=status, error=error, chars=chars):
+        def set_doc(r, done=done):
+            ready = {d.sha256 for d in r.documents if d.status == D.DOCUMENT_STATUS_READY and d.sha256}
+            if done.status == D.DOCUMENT_STATUS_READY and done.kind == "url" and done.sha256 in ready:
+                done.status, done.error = D.DOCUMENT_STATUS_FAILED, "the same content as another document"
             for d in r.documents:
-                if d.doc_id == doc_id:
-                    d.status, d.error, d.chars = status, error, chars
+                if d.doc_id == done.doc_id:
+                    d.CopyFrom(done)
 
         rec = await rt.sessions.update(sid, set_doc)
     await events.progress(rt.bus, sid, session_pb2.STAGE_INGEST, len(docs), len(docs), "extracted")
@@ -57,21 +118,26 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    async def AddText(self, request, context):
+    async def Upload(self, request_iterator, context):
+        return await receive_upload(self.rt, request_iterator)
+
+    async def AddSource(self, request, context):
         rec = await self.rt.sessions.get(request.session_id)
         if rec.state != S.SESSION_STATE_QUEUED:
             raise FailedPrecondition(
                 f"documents can be added only while the session is queued; it is {state_name(rec.state)}"
             )
-        doc = await store_text_document(self.rt, rec.tenant, rec.session_id, request.text, request.name)
+        doc = await add_source(self.rt, rec.tenant, rec.session_id, request.source)
 
         def add(r):
             if r.state != S.SESSION_STATE_QUEUED:
                 raise FailedPrecondition("the session moved on while the document was added")
             r.documents.append(doc)
+            if request.source.password:
+                r.options.passwords[doc.doc_id] = request.source.password
 
         await self.rt.sessions.update(rec.session_id, add)
-        return ingest_pb2.AddTextResponse(document=doc)
+        return ingest_pb2.AddSourceResponse(document=doc)
 
     async def ListDocuments(self, request, context):
         rec = await self.rt.sessions.get(request.session_id)

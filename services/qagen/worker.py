@@ -4,13 +4,14 @@ as `chunks.jsonl` and `qa/pairs.jsonl`; too few pairs fails the session with a c
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import logging
 import time
 
 from doclora.v1 import events_pb2, qagen_pb2, qagen_pb2_grpc, session_pb2
 from services.common import events, keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.jsonl import from_jsonl, to_jsonl
 from services.common.runtime import Runtime
 from services.common.sessions import mark_stage
 from services.qagen.extractive import make_pairs
@@ -19,12 +20,15 @@ log = logging.getLogger(__name__)
 D = session_pb2.DocumentStatus
 
 
-def to_jsonl(rows) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-
-
-def from_jsonl(data: bytes) -> list[dict]:
-    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+def provided_pairs(rows: list[dict], doc_id: str) -> list[dict]:
+    """QA pairs a person handed over as a file, in the shape of generated ones."""
+    out = []
+    for row in rows:
+        q, a = row["question"].strip(), row["answer"].strip()
+        pid = hashlib.sha1(f"{doc_id}\0{q}\0{a}".encode()).hexdigest()[:16]
+        out.append({"pair_id": pid, "question": q, "answer": a, "doc_id": doc_id, "chunk_id": "",
+                    "start": 0, "end": 0, "strategy": "provided"})
+    return out
 
 
 async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
@@ -35,6 +39,10 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
     stats = session_pb2.QAStats()
     for i, doc in enumerate(docs):
         await events.progress(rt.bus, sid, session_pb2.STAGE_QAGEN, i, len(docs), f"generating from {doc.name}")
+        if doc.format.startswith("qa_"):  # the person's own pairs skip generation
+            rows = from_jsonl(await rt.io(rt.store.get_bytes, keys.doc_qa(tenant, sid, doc.doc_id)))
+            all_pairs += provided_pairs(rows, doc.doc_id)
+            continue
         text = (await rt.io(rt.store.get_bytes, keys.doc_text(tenant, sid, doc.doc_id))).decode("utf-8")
         pairs, chunks, doc_stats = await rt.io(make_pairs, text, doc.doc_id, doc.name)
         all_pairs += [p.to_dict() for p in pairs]

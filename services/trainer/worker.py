@@ -28,14 +28,9 @@ def _train_blocking(settings, pairs, out_dir: Path, max_steps: int, system_promp
     from services.trainer.lora import LoraTrainConfig, train_lora
 
     model, tokenizer = load_base_model(settings, for_training=True)
-    cfg = LoraTrainConfig(
-        rank=settings.train_lora_rank,
-        epochs=settings.train_epochs,
-        max_steps=max_steps,
-        lr=settings.train_lr,
-        seed=settings.train_seed,
-        system_prompt=system_prompt or None,
-    )
+    cfg = LoraTrainConfig.from_settings(settings, system_prompt=system_prompt or None)
+    if max_steps:
+        cfg.max_steps = max_steps
     return train_lora(model, tokenizer, pairs, out_dir, cfg, progress=progress, should_stop=should_stop)
 
 

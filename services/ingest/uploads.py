@@ -1,0 +1,108 @@
+"""Uploads arrive as a gRPC client stream and go straight into the store in parts: an async stream on
+one side, the store's blocking multipart writer on a thread on the other, joined by a small bounded
+queue, so memory stays flat however large the file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import re
+
+from doclora.v1 import ingest_pb2
+from services.common import keys
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.runtime import Runtime
+
+log = logging.getLogger(__name__)
+MAX_CHUNK = 1024 * 1024 + 1024  # a chunk of 1 MiB plus slack for framing choices of clients
+_EOF = object()
+_SAFE_NAME = re.compile(r"[^\w.\- ()\[\]]+")
+
+
+def clean_filename(name: str) -> str:
+    """A display name: last path part, no control or odd characters, at most 200 chars."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = _SAFE_NAME.sub("_", name).strip(" .")
+    return name[:200] or "upload"
+
+
+class QueueReader:
+    """A file-like `read(n)` over chunks put on a bounded queue by another thread (or the loop)."""
+
+    def __init__(self, maxsize: int = 4):
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.buf = bytearray()
+        self.done = False
+        self.error: BaseException | None = None
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.done and (n < 0 or len(self.buf) < n):
+            item = self.q.get()
+            if item is _EOF:
+                self.done = True
+            elif isinstance(item, BaseException):
+                self.error = item
+                raise item
+            else:
+                self.buf += item
+        if n < 0:
+            n = len(self.buf)
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+async def receive_upload(rt: Runtime, requests) -> ingest_pb2.UploadResponse:
+    """Store an upload stream under a new upload id; refuse it past `max_upload_bytes`."""
+    it = requests.__aiter__()
+    try:
+        first = await it.__anext__()
+    except StopAsyncIteration:
+        raise InvalidArgument("an upload must start with its header") from None
+    if first.WhichOneof("part") != "header":
+        raise InvalidArgument("an upload must start with its header")
+    filename = clean_filename(first.header.filename)
+    upload_id = keys.new_id("u")
+    key = keys.upload(rt.settings.tenant, upload_id)
+    limit = rt.settings.max_upload_bytes
+    reader = QueueReader()
+    put = asyncio.create_task(
+        rt.io(rt.store.put_stream, key, reader, -1, content_type="application/octet-stream",
+              metadata={"filename": filename})
+    )
+    size = 0
+
+    async def offer(item) -> None:
+        # The queue is bounded (back-pressure); never wait on it once the writer has stopped.
+        while not put.done():
+            try:
+                await asyncio.to_thread(reader.q.put, item, True, 0.5)
+                return
+            except queue.Full:
+                continue
+
+    try:
+        async for req in it:
+            if req.WhichOneof("part") != "chunk":
+                raise InvalidArgument("an upload has one header, then only chunks")
+            if len(req.chunk) > MAX_CHUNK:
+                raise InvalidArgument(f"upload chunks must be at most 1 MiB, got {len(req.chunk)} bytes")
+            size += len(req.chunk)
+            if size > limit:
+                raise ResourceExhausted(f"the upload is larger than the limit of {limit // (1024 * 1024)} MiB")
+            await offer(req.chunk)
+        if size == 0:
+            raise InvalidArgument(f"{filename} is empty")
+        await offer(_EOF)
+        result = await put  # raises the writer's error, if it failed
+    except BaseException:
+        await offer(InvalidArgument("upload aborted"))
+        await asyncio.gather(put, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await rt.io(rt.store.delete, key)
+        raise
+    log.info("upload %s: %s, %d bytes", upload_id, filename, result.size)
+    return ingest_pb2.UploadResponse(upload_id=upload_id, filename=filename, size_bytes=result.size,
+                                     sha256=result.sha256)
