@@ -83,6 +83,13 @@ class OpenAIChatBody(ChatBody):
     stream: bool = False
 
 
+def session_options(system_prompt: str, max_steps: int | None) -> session_pb2.SessionOptions:
+    opts = session_pb2.SessionOptions(system_prompt=system_prompt)
+    if max_steps is not None:
+        opts.max_steps = max_steps
+    return opts
+
+
 def chat_request(bot_id: str, body: ChatBody) -> inference_pb2.ChatRequest:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     opts = inference_pb2.GenerationOptions(
@@ -156,9 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/api/v1/sessions", status_code=201, tags=["sessions"])
     async def create_session(body: SessionCreate, request: Request):
         """Create a session (a bot being learned) from pasted text."""
-        opts = session_pb2.SessionOptions(system_prompt=body.system_prompt)
-        if body.max_steps is not None:
-            opts.max_steps = body.max_steps
+        opts = session_options(body.system_prompt, body.max_steps)
         sources = [session_service_pb2.Source(text=body.text)] if body.text is not None else []
         sources += [session_service_pb2.Source(url=u) for u in body.urls]
         sources += [session_service_pb2.Source(upload_id=u) for u in body.upload_ids]
@@ -192,6 +197,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         urls: list[str] = Form(default_factory=list),
         name: str = Form(""),
         password: str = Form("", description="Password of encrypted PDFs among the files."),
+        max_steps: int | None = Form(None, ge=1, le=100_000),
+        system_prompt: str = Form(""),
     ):
         """Create a session from uploaded files, text and links in one multipart form."""
         c = clients(request)
@@ -200,7 +207,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for f in files:
             up = await upload(c, f)
             sources.append(session_service_pb2.Source(upload_id=up.upload_id, password=password))
-        req = session_service_pb2.CreateSessionRequest(name=name, sources=sources)
+        opts = session_options(system_prompt, max_steps)
+        req = session_service_pb2.CreateSessionRequest(name=name, sources=sources, options=opts)
         resp = await c.sessions.CreateSession(req, timeout=c.timeout)
         return to_json(resp.session)
 

@@ -226,23 +226,38 @@ def follow(settings: Settings, sid: str, out=sys.stdout) -> str:
 
 
 def cmd_learn(args) -> int:
+    """Sources may be files (uploaded), http(s) links, or text; all go into one session."""
     settings = Settings.from_env()
-    source = args.source
-    path = Path(source)
-    if len(source) < 4096 and path.is_file():
-        text, name = path.read_text(encoding="utf-8"), args.name or path.name
-    else:
-        text, name = source, args.name
-    body = {"text": text, "name": name}
+    files, urls, texts = [], [], []
+    for source in args.sources:
+        if source.startswith(("http://", "https://")):
+            urls.append(source)
+        elif len(source) < 4096 and Path(source).is_file():
+            files.append(Path(source))
+        else:
+            texts.append(source)
+    form = {"name": args.name, "urls": urls, "password": args.password}
+    if texts:
+        form["text"] = "\n\n".join(texts)
     if args.max_steps:
-        body["max_steps"] = args.max_steps
+        form["max_steps"] = str(args.max_steps)
     with _client(settings) as c:
-        sess = _check(c.post("/api/v1/sessions", json=body))
+        handles = [open(p, "rb") for p in files]  # streamed by httpx, never read whole here
+        try:
+            sess = _check(c.post("/api/v1/sessions/upload", data=form,
+                                 files=[("files", (p.name, h)) for p, h in zip(files, handles, strict=True)]))
+        finally:
+            for h in handles:
+                h.close()
     sid = sess["session_id"]
     print(f"session {sid}")
     if args.no_wait:
         return 0
     state = follow(settings, sid)
+    with _client(settings) as c:
+        for d in _check(c.get(f"/api/v1/sessions/{sid}"))["documents"]:
+            if d["status"] == "DOCUMENT_STATUS_FAILED":
+                print(f"  skipped {d['name']}: {d['error']}")
     if state == "READY":
         print(f"ready: doclora chat {sid}")
         return 0
@@ -324,10 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--timeout", type=float, default=60.0)
     down.set_defaults(fn=cmd_down)
     sub.add_parser("status", help="health of each part").set_defaults(fn=cmd_status)
-    learn = sub.add_parser("learn", help="learn a bot from text or a text file")
-    learn.add_argument("source", help="a text file's path, or the text itself")
+    learn = sub.add_parser("learn", help="learn a bot from files, links or text")
+    learn.add_argument("sources", nargs="+", help="file paths (PDF, DOCX, HTML, TXT, MD, QA JSONL/CSV), links, or text")
     learn.add_argument("--name", default="")
-    learn.add_argument("--max-steps", type=int, default=0)
+    learn.add_argument("--password", default="", help="password of encrypted PDFs")
+    learn.add_argument("--max-steps", type=int, default=0, help="training steps (default: from the data)")
     learn.add_argument("--no-wait", action="store_true")
     learn.set_defaults(fn=cmd_learn)
     qa = sub.add_parser("qa", help="show a session's question-answer pairs")
