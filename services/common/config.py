@@ -86,7 +86,7 @@ class Settings:
     max_upload_bytes: int = 256 * 1024 * 1024
     max_fetch_bytes: int = 64 * 1024 * 1024
     fetch_timeout_s: float = 30.0
-    # host:port pairs that may be fetched although they are private (a test server, an intranet wiki)
+    # host names that may be fetched although they are private (a test server, an intranet wiki)
     fetch_allow: str = ""
     parse_timeout_s: float = 120.0
     parse_memory_mb: int = 2048

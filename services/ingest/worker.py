@@ -14,6 +14,7 @@ from services.common.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from services.common.jsonl import to_jsonl
 from services.common.runtime import Runtime
@@ -27,7 +28,9 @@ D = session_pb2.DocumentStatus
 
 
 def _fetch_allowed(settings) -> frozenset[str]:
-    return frozenset(h.strip() for h in settings.fetch_allow.split(",") if h.strip())
+    """Host names that may be fetched although private (`DOCLORA_FETCH_ALLOW`, comma-separated)."""
+    hosts = (h.strip() for h in settings.fetch_allow.split(","))
+    return frozenset(h.rsplit(":", 1)[0] if h.count(":") == 1 else h for h in hosts if h)
 
 
 def _extract_blocking(settings, data: bytes, doc: session_pb2.DocumentInfo, password: str | None,
@@ -60,7 +63,7 @@ async def _ingest_document(rt: Runtime, tenant: str, sid: str, doc: session_pb2.
 
             fetched = await rt.io(
                 fetch_url, doc.final_url or doc.name, max_bytes=rt.settings.max_fetch_bytes,
-                timeout_s=rt.settings.fetch_timeout_s, allow=_fetch_allowed(rt.settings),
+                timeout_s=rt.settings.fetch_timeout_s, allow_hosts=_fetch_allowed(rt.settings),
             )
             put = await rt.io(rt.store.put_bytes, key, fetched.data, content_type=fetched.content_type or
                               "application/octet-stream", metadata={"source": fetched.final_url[:1000]})
@@ -73,15 +76,15 @@ async def _ingest_document(rt: Runtime, tenant: str, sid: str, doc: session_pb2.
         fmt, extracted = await rt.io(_extract_blocking, rt.settings, data, out_doc, password, content_type)
         del data
         if extracted.qa_pairs:
-            rows = [{"question": q, "answer": a} for q, a in extracted.qa_pairs]
-            await rt.io(rt.store.put_bytes, keys.doc_qa(tenant, sid, doc.doc_id), to_jsonl(rows),
+            await rt.io(rt.store.put_bytes, keys.doc_qa(tenant, sid, doc.doc_id), to_jsonl(extracted.qa_pairs),
                         content_type="application/x-ndjson")
         await rt.io(rt.store.put_bytes, keys.doc_text(tenant, sid, doc.doc_id), extracted.text.encode(),
                     content_type="text/markdown; charset=utf-8")
         await rt.io(rt.store.put_json, keys.doc_pages(tenant, sid, doc.doc_id), extracted.pages)
         out_doc.format, out_doc.chars, out_doc.pages = fmt, len(extracted.text), len(extracted.pages)
         out_doc.status, out_doc.error = D.DOCUMENT_STATUS_READY, ""
-    except (InvalidArgument, ResourceExhausted, FailedPrecondition, NotFound, PermissionDenied) as exc:
+    except (InvalidArgument, ResourceExhausted, FailedPrecondition, NotFound, PermissionDenied, Unavailable) as exc:
+        # A bad or unreachable document fails alone; the session goes on with the others.
         out_doc.status, out_doc.error = D.DOCUMENT_STATUS_FAILED, exc.message
         log.warning("document %s (%s) failed: %s", doc.doc_id, doc.name, exc.message)
     return out_doc
