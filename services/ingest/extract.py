@@ -39,7 +39,9 @@ _MANY_BLANKS = re.compile(r"\n{3,}")
 
 def normalise_text(text: str) -> str:
     """NFC, one newline style, no trailing spaces, at most one blank line in a row."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    if not unicodedata.is_normalized("NFC", text):  # the quick check is much cheaper than normalising
+        text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = text.replace("\x00", "")
     text = _TRAILING_WS.sub("\n", text)
     text = _MANY_BLANKS.sub("\n\n", text)

@@ -30,7 +30,7 @@ DAMAGED = "the PDF is damaged or truncated and cannot be read"
 
 _LIGATURES = re.compile("[\ufb00-\ufb06\ufb13-\ufb17]")
 # a word broken at a line end: "adip-\niscing"; a soft hyphen (U+00AD) always marks such a break
-_HYPHEN_BREAK = re.compile(r"([^\W\d_])([-\u2010\u00ad])[ \t]*\n[ \t]*([^\W\d_])")
+_HYPHEN_BREAK = re.compile(r"([-\u2010\u00ad])[ \t]*\n[ \t]*(?=([^\W\d_]))")
 _PAGE_LABEL = re.compile(
     r"^(?:(?:page|seite|pag\.?|p\.|página|pagina)\s*\d{1,5}(?:\s*(?:of|/|von|de|sur)\s*\d{1,5})?"
     r"|\d{1,5}\s*(?:of|/|von|sur)\s*\d{1,5}"
@@ -46,6 +46,7 @@ _LETTER = re.compile(r"[^\W\d_]")
 _BAD = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd\ue000-\uf8ff]")
 # C0 controls other than tab and newline: what pypdf gives for glyphs it cannot map (math signs)
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_SAMPLE = 50_000
 _ZONE = 3  # lines at the top and at the bottom of a page that may be running headers/footers
 
 
@@ -69,9 +70,10 @@ def _spell_ligatures(text: str) -> str:
 
 def _join_hyphenation(text: str) -> str:
     def join(m: re.Match) -> str:
-        before, hyphen, after = m.groups()
-        if hyphen == "\u00ad" or after.islower():
-            return before + after
+        hyphen, after = m.groups()
+        start = m.start()
+        if hyphen == "\u00ad" or (start and m.string[start - 1].isalpha() and after.islower()):
+            return ""
         return m.group()  # "Anglo-\nSaxon": a real hyphen before a capital
 
     return _HYPHEN_BREAK.sub(join, text).replace("\u00ad", "")
@@ -183,6 +185,8 @@ def _join_across_pages(texts: list[str]) -> list[str]:
 
 def _undecodable(text: str) -> bool:
     """Fonts without a Unicode map come out as punctuation soup or private-use code points."""
+    if len(text) > _SAMPLE:
+        text = text[:: len(text) // _SAMPLE]  # an even sample of characters: ratios are all we need
     visible = len(text) - len(_SPACE.findall(text))
     if not visible:
         return False

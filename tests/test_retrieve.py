@@ -1,0 +1,61 @@
+"""Grounding's BM25 index: the passage holding the answer ranks first, pages are found from the
+page map, and passages are numbered into the user turn."""
+
+from services.inference.retrieve import BM25, Passage, build_passages, page_of, with_passages
+
+CHUNKS = [
+    {"chunk_id": "c1", "doc_id": "d1", "start": 0, "end": 90,
+     "text": "The Lumen Orchard was founded in 1987 by the botanist Ilse Marrow on Varrow."},
+    {"chunk_id": "c2", "doc_id": "d1", "start": 90, "end": 200,
+     "text": "Glowing pears are harvested every October by hand; each tree yields 300 pears."},
+    {"chunk_id": "c3", "doc_id": "d2", "start": 0, "end": 80,
+     "text": "Brightmoss is a luminous fungus living on pear skin."},
+    {"chunk_id": "c4", "doc_id": "d2", "start": 80, "end": 90, "text": "   "},
+]
+PAGES = {"d1": [{"page": 1, "start": 0, "end": 100}, {"page": 2, "start": 100, "end": 200}]}
+
+
+def index() -> BM25:
+    return BM25(build_passages(CHUNKS, PAGES, {"d1": "orchard.pdf", "d2": "moss.md"}))
+
+
+def test_the_passage_holding_the_answer_ranks_first():
+    """Each question's own passage is the top hit."""
+    idx = index()
+    assert idx.search("Who founded the Lumen Orchard?")[0].passage.chunk_id == "c1"
+    assert idx.search("When are the glowing pears harvested?")[0].passage.chunk_id == "c2"
+    assert idx.search("what is brightmoss")[0].passage.chunk_id == "c3"
+
+
+def test_unrelated_questions_retrieve_nothing():
+    """No shared words, no passages: nothing is forced into the prompt."""
+    assert index().search("quantum chromodynamics lattice") == []
+
+
+def test_blank_chunks_are_not_indexed_and_pages_come_from_the_page_map():
+    """A blank chunk is skipped; a chunk starting on page 1 cites page 1, and offsets past a page
+    boundary cite the next page."""
+    idx = index()
+    assert len(idx.passages) == 3
+    by_id = {p.chunk_id: p for p in idx.passages}
+    assert by_id["c1"].page == 1 and by_id["c1"].doc_name == "orchard.pdf"
+    assert page_of(PAGES["d1"], 150) == 2
+    assert page_of([], 5) == 1
+
+
+def test_passages_are_numbered_before_the_question():
+    """The user turn lists passages as [1], [2] with their document and page, then the question."""
+    idx = index()
+    hits = idx.search("glowing pears harvested October", k=2)
+    text = with_passages("When?", hits)
+    assert text.splitlines()[1].startswith("[1] (orchard.pdf, p. 1)")
+    assert text.endswith("Question: When?")
+    assert with_passages("When?", []) == "When?"
+
+
+def test_long_passages_are_shortened_at_a_word():
+    """A passage longer than the limit is cut at a word boundary and marked."""
+    p = Passage("c", "d", "doc", 1, 0, 10, "word " * 400)
+    idx = BM25([p])
+    text = with_passages("word?", idx.search("word"), max_chars=50)
+    assert text.splitlines()[1].endswith("…") and len(text.splitlines()[1]) < 80
