@@ -10,6 +10,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Literal
 
 import grpc
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -53,6 +54,9 @@ class SessionCreate(BaseModel):
     name: str = Field("", description="Name of the bot; defaults to the source name.")
     system_prompt: str = Field("", description="System prompt used in training and chat.")
     max_steps: int | None = Field(None, ge=1, le=100_000, description="Training steps; default from data size.")
+    answer_mode: Literal["both", "adapter", "retrieval"] = Field(
+        "both", description="Where chat answers come from by default (see the chat `mode`)."
+    )
 
 
 class SourceBody(BaseModel):
@@ -76,6 +80,10 @@ class ChatBody(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] | str | None = None
     seed: int | None = None
+    mode: Literal["both", "adapter", "retrieval"] | None = Field(
+        None, description="Answer from the adapter reading retrieved passages (both), the adapter alone, "
+        "or the base model reading passages (retrieval); default: the bot's setting."
+    )
 
 
 class OpenAIChatBody(ChatBody):
@@ -83,8 +91,16 @@ class OpenAIChatBody(ChatBody):
     stream: bool = False
 
 
-def session_options(system_prompt: str, max_steps: int | None) -> session_pb2.SessionOptions:
-    opts = session_pb2.SessionOptions(system_prompt=system_prompt)
+ANSWER_MODES = {
+    None: inference_pb2.ANSWER_MODE_UNSPECIFIED,
+    "both": inference_pb2.ANSWER_MODE_BOTH,
+    "adapter": inference_pb2.ANSWER_MODE_ADAPTER,
+    "retrieval": inference_pb2.ANSWER_MODE_RETRIEVAL,
+}
+
+
+def session_options(system_prompt: str, max_steps: int | None, answer_mode: str = "both") -> session_pb2.SessionOptions:
+    opts = session_pb2.SessionOptions(system_prompt=system_prompt, answer_mode=answer_mode)
     if max_steps is not None:
         opts.max_steps = max_steps
     return opts
@@ -101,7 +117,36 @@ def chat_request(bot_id: str, body: ChatBody) -> inference_pb2.ChatRequest:
         bot_id=bot_id,
         messages=[inference_pb2.ChatMessage(role=m.role, content=m.content) for m in body.messages],
         options=opts,
+        mode=ANSWER_MODES[body.mode],
     )
+
+
+async def responses(call, first):
+    """The messages of a chat stream whose first message was already read; cancels it when left."""
+    msg = first
+    try:
+        while msg is not grpc.aio.EOF:
+            yield msg
+            msg = await call.read()
+    finally:
+        call.cancel()
+
+
+async def collect(call, first) -> tuple[str, inference_pb2.ChatResponse | None, list[dict]]:
+    """A whole answer: its text, the closing message (finish reason, usage) and the citations."""
+    text, last, cites = [], None, []
+    async for msg in responses(call, first):
+        text.append(msg.delta)
+        cites += [to_json(ci) for ci in msg.citations]
+        if msg.finish_reason:
+            last = msg
+    return "".join(text), last, cites
+
+
+def finish_name(msg: inference_pb2.ChatResponse | None) -> str:
+    if msg is None:
+        return "stop"
+    return inference_pb2.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_").lower()
 
 
 def sse(event: str, data: dict) -> bytes:
@@ -163,7 +208,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/api/v1/sessions", status_code=201, tags=["sessions"])
     async def create_session(body: SessionCreate, request: Request):
         """Create a session (a bot being learned) from pasted text."""
-        opts = session_options(body.system_prompt, body.max_steps)
+        opts = session_options(body.system_prompt, body.max_steps, body.answer_mode)
         sources = [session_service_pb2.Source(text=body.text)] if body.text is not None else []
         sources += [session_service_pb2.Source(url=u) for u in body.urls]
         sources += [session_service_pb2.Source(upload_id=u) for u in body.upload_ids]
@@ -307,36 +352,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Chat with a bot; `stream: true` (default) answers with Server-Sent Events `delta` and `done`."""
         c = clients(request)
         call, first = await open_chat(c, chat_request(bot_id, body))
-
-        async def pieces():
-            msg = first
-            try:
-                while msg is not grpc.aio.EOF:
-                    yield msg
-                    msg = await call.read()
-            finally:
-                call.cancel()
-
         if not body.stream:
-            text, last = [], None
-            async for msg in pieces():
-                text.append(msg.delta)
-                last = msg
-            return {
-                "bot_id": bot_id,
-                "content": "".join(text),
-                "finish_reason": inference_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
-                if last else "stop",
-            }
+            text, last, cites = await collect(call, first)
+            return {"bot_id": bot_id, "content": text, "finish_reason": finish_name(last), "citations": cites}
 
         async def stream():
             try:
-                async for msg in pieces():
+                async for msg in responses(call, first):
+                    if msg.citations:
+                        yield sse("citations", {"citations": [to_json(ci) for ci in msg.citations]})
                     if msg.delta:
                         yield sse("delta", {"delta": msg.delta})
                     if msg.finish_reason:
-                        reason = inference_pb2.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_")
-                        yield sse("done", {"finish_reason": reason.lower(), "completion_tokens": msg.completion_tokens})
+                        yield sse("done", {"finish_reason": finish_name(msg), "completion_tokens": msg.completion_tokens})
             except grpc.aio.AioRpcError as exc:
                 yield sse("error", {"error": {"code": exc.code().name, "message": exc.details()}})
 
@@ -361,22 +389,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return "length" if msg.finish_reason == inference_pb2.FINISH_REASON_LENGTH else "stop"
 
         if not body.stream:
-            text, msg, last = [], first, None
-            try:
-                while msg is not grpc.aio.EOF:
-                    text.append(msg.delta)
-                    if msg.finish_reason:
-                        last = msg
-                    msg = await call.read()
-            finally:
-                call.cancel()
+            text, last, cites = await collect(call, first)
             prompt, completion = (last.prompt_tokens, last.completion_tokens) if last else (0, 0)
             return {
                 "id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": reason_of(last) if last else "stop"}],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                           "total_tokens": prompt + completion},
+                "citations": cites,
             }
 
         def chunk(delta: dict, reason: str | None) -> bytes:
@@ -385,18 +406,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
         async def stream():
-            msg = first
-            try:
-                yield chunk({"role": "assistant", "content": ""}, None)
-                while msg is not grpc.aio.EOF:
-                    if msg.delta:
-                        yield chunk({"content": msg.delta}, None)
-                    if msg.finish_reason:
-                        yield chunk({}, reason_of(msg))
-                    msg = await call.read()
-                yield b"data: [DONE]\n\n"
-            finally:
-                call.cancel()
+            yield chunk({"role": "assistant", "content": ""}, None)
+            async for msg in responses(call, first):
+                if msg.delta:
+                    yield chunk({"content": msg.delta}, None)
+                if msg.finish_reason:
+                    yield chunk({}, reason_of(msg))
+            yield b"data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

@@ -20,6 +20,8 @@ from services.common.store import ArtifactStore
 from services.stack.ports import free_port
 
 pytestmark = pytest.mark.e2e
+# Requests that generate text wait on a 2-core CPU that may be training at the same time.
+TIMEOUT = httpx.Timeout(30.0, read=300.0)
 
 TEXT = """\
 # The Lumen Orchard
@@ -151,7 +153,7 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
     """A session made from a paragraph goes QUEUED -> INGESTING -> GENERATING -> TRAINING -> READY,
     leaves every artifact in the store, and its bot streams a chat answer."""
     env, base = stack
-    with httpx.Client(base_url=base, timeout=30) as c:
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
         resp = c.post("/api/v1/sessions", json={"text": TEXT, "name": "orchard", "max_steps": 12})
         assert resp.status_code == 201, resp.text
         sess = resp.json()
@@ -170,7 +172,7 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
     assert final["train"]["steps"] == 12
     assert final["qa"]["pairs"] >= 3
 
-    with httpx.Client(base_url=base, timeout=30) as c:
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
         qa = c.get(f"/api/v1/sessions/{sid}/qa").json()
         assert qa["total"] == final["qa"]["pairs"]
         # grounded: every sentence of every answer is quoted from the text (summaries join several)
@@ -193,8 +195,8 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
         for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json"):
             assert store.exists(adapter + name), name
 
-        question = qa["pairs"][0]["question"]
-        deltas, done = [], None
+        question = "When was the Lumen Orchard founded?"
+        deltas, done, cites = [], None, []
         with c.stream("POST", f"/api/v1/bots/{sid}/chat",
                       json={"messages": [{"role": "user", "content": question}]}) as resp:
             assert resp.status_code == 200
@@ -204,6 +206,8 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
                     kind = line[6:].strip()
                 elif line.startswith("data:"):
                     payload = json.loads(line[5:])
+                    if kind == "citations":
+                        cites += payload["citations"]
                     if kind == "delta":
                         deltas.append(payload["delta"])
                     elif kind == "done":
@@ -213,10 +217,20 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
 
         # The adapter changes what the model says: greedy answers of bot and base differ.
         body = {"messages": [{"role": "user", "content": question}], "stream": False}
-        bot = c.post(f"/api/v1/bots/{sid}/chat", json=body).json()["content"]
-        base_answer = c.post("/api/v1/bots/base/chat", json=body).json()["content"]
-        assert bot == "".join(deltas)
-        assert bot != base_answer
+        bot = c.post(f"/api/v1/bots/{sid}/chat", json=body).json()
+        base_answer = c.post("/api/v1/bots/base/chat", json=body).json()
+        assert bot["content"] == "".join(deltas)
+        assert bot["content"] != base_answer["content"]
+
+        # Grounded by default: the answer cites the passage it read, with its document and page.
+        assert cites and cites == bot["citations"]
+        assert cites[0]["doc_id"] == doc_id and cites[0]["page"] == 1
+        assert "founded in 1987" in " ".join(c["text"] for c in cites)
+        assert base_answer["citations"] == []
+        alone = c.post(f"/api/v1/bots/{sid}/chat", json={**body, "mode": "adapter"}).json()
+        assert alone["citations"] == []
+        bad_mode = c.post(f"/api/v1/bots/{sid}/chat", json={**body, "mode": "psychic"})
+        assert bad_mode.status_code == 400
 
 
 @pytest.mark.parametrize(
@@ -232,7 +246,7 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
 def test_bad_session_input_is_refused_with_a_clear_error(stack, body, status, code):
     """Empty, blank, oversized and missing text each get their status and a JSON error body."""
     _, base = stack
-    resp = httpx.post(f"{base}/api/v1/sessions", json=body, timeout=30)
+    resp = httpx.post(f"{base}/api/v1/sessions", json=body, timeout=TIMEOUT)
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
     assert err["code"] == code and err["message"]
@@ -241,7 +255,7 @@ def test_bad_session_input_is_refused_with_a_clear_error(stack, body, status, co
 def test_malformed_json_is_a_400(stack):
     """A body that is not JSON is INVALID_ARGUMENT, not a server error."""
     _, base = stack
-    resp = httpx.post(f"{base}/api/v1/sessions", content=b"{not json", timeout=30,
+    resp = httpx.post(f"{base}/api/v1/sessions", content=b"{not json", timeout=TIMEOUT,
                       headers={"Content-Type": "application/json"})
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "INVALID_ARGUMENT"
@@ -250,7 +264,7 @@ def test_malformed_json_is_a_400(stack):
 def test_unknown_session_is_a_404(stack):
     """Reading, watching, listing pairs of, or chatting with an unknown session is NOT_FOUND."""
     _, base = stack
-    with httpx.Client(base_url=base, timeout=30) as c:
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
         for resp in (
             c.get("/api/v1/sessions/0123456789abcdef"),
             c.get("/api/v1/sessions/0123456789abcdef/events"),
@@ -265,7 +279,7 @@ def test_unknown_session_is_a_404(stack):
 def test_chat_before_ready_is_refused_and_cancel_stops_the_session(stack):
     """Chatting with a bot that is still learning is FAILED_PRECONDITION (409); cancelling ends it."""
     _, base = stack
-    with httpx.Client(base_url=base, timeout=30) as c:
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
         sid = c.post("/api/v1/sessions", json={"text": TEXT, "max_steps": 500}).json()["session_id"]
         resp = c.post(f"/api/v1/bots/{sid}/chat", json={"messages": [{"content": "hi"}], "stream": False})
         assert resp.status_code == 409, resp.text
@@ -290,7 +304,7 @@ def test_the_official_openai_client_lists_bots_and_chats(stack):
     import openai
 
     _, base = stack
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
     ids = [m.id for m in client.models.list().data]
     assert "base" in ids
     ask = [{"role": "user", "content": "Name one fruit."}]
@@ -326,7 +340,7 @@ def test_uploads_links_and_text_are_ingested_together_and_a_bad_link_fails_alone
         b"that grows on the skin of glowing pears in the Lumen Orchard.</p></main></body></html>",
     )
     md = TEXT.replace("Lumen Orchard", "Umbra Grove").encode()
-    with httpx.Client(base_url=base, timeout=60) as c:
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
         up = c.post("/api/v1/uploads", files={"file": ("grove.md", md, "text/markdown")})
         assert up.status_code == 201, up.text
         upload = up.json()
@@ -356,7 +370,7 @@ def test_uploads_links_and_text_are_ingested_together_and_a_bad_link_fails_alone
     bad = urls["http://10.255.255.1/secret.pdf"]
     assert bad["status"] == "DOCUMENT_STATUS_FAILED"
     assert "private" in bad["error"].lower() or "not allowed" in bad["error"].lower()
-    with httpx.Client(base_url=base, timeout=60) as c:
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
         text = c.get(f"/api/v1/sessions/{sid}/documents").json()
         assert len(text["documents"]) == 4
 
@@ -367,7 +381,7 @@ def test_a_qa_file_skips_generation_and_its_pairs_are_the_training_set(stack):
     rows = [{"question": f"What is code {i}?", "answer": f"Code {i} opens the east gate of the orchard."}
             for i in range(5)]
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    with httpx.Client(base_url=base, timeout=60) as c:
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
         resp = c.post("/api/v1/sessions/upload", files=[("files", ("codes.jsonl", data, "application/jsonl"))],
                       data={"name": "codes"})
         assert resp.status_code == 201, resp.text
@@ -388,7 +402,7 @@ def test_a_qa_file_skips_generation_and_its_pairs_are_the_training_set(stack):
 def test_bad_uploads_are_refused(stack, content, status, code):
     """An empty file and one over the upload limit are refused with their status codes."""
     _, base = stack
-    resp = httpx.post(f"{base}/api/v1/uploads", files={"file": ("a.txt", content, "text/plain")}, timeout=60)
+    resp = httpx.post(f"{base}/api/v1/uploads", files={"file": ("a.txt", content, "text/plain")}, timeout=TIMEOUT)
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["code"] == code
 
@@ -396,7 +410,7 @@ def test_bad_uploads_are_refused(stack, content, status, code):
 def test_an_unknown_upload_id_is_not_found(stack):
     """Naming an upload that does not exist is NOT_FOUND and makes no session."""
     _, base = stack
-    resp = httpx.post(f"{base}/api/v1/sessions", json={"upload_ids": ["u0123456789abcdef"]}, timeout=30)
+    resp = httpx.post(f"{base}/api/v1/sessions", json={"upload_ids": ["u0123456789abcdef"]}, timeout=TIMEOUT)
     assert resp.status_code == 404, resp.text
 
 
@@ -433,7 +447,7 @@ def test_the_web_ui_learns_from_pasted_text_and_chats_in_a_real_browser(stack):
             page.wait_for_function(
                 "document.querySelectorAll('.msg.bot').length === 1 && "
                 "document.querySelector('.msg.bot').textContent.trim().length > 0",
-                timeout=120_000,
+                timeout=300_000,
             )
             assert page.text_content(".msg.user").startswith("You: When was")
         finally:

@@ -103,6 +103,7 @@ class Settings:
     # inference
     inference_max_new_tokens: int = 128
     adapter_cache_size: int = 8
+    retrieval_top_k: int = 3
 
     @classmethod
     def from_env(cls) -> Settings:

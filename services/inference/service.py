@@ -10,8 +10,10 @@ from pathlib import Path
 from doclora.v1 import inference_pb2, inference_pb2_grpc, session_pb2
 from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.jsonl import from_jsonl
 from services.common.runtime import Runtime
 from services.common.sessions import state_name
+from services.inference.retrieve import BM25, Hit, IndexCache, build_passages, with_passages
 
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
@@ -41,19 +43,58 @@ def adapter_fetcher(rt: Runtime, cache_dir: Path):
     return fetch
 
 
+MODES = {
+    inference_pb2.ANSWER_MODE_BOTH: "both",
+    inference_pb2.ANSWER_MODE_ADAPTER: "adapter",
+    inference_pb2.ANSWER_MODE_RETRIEVAL: "retrieval",
+}
+MODE_BY_NAME = {"": "both", "both": "both", "adapter": "adapter", "retrieval": "retrieval"}
+
+
+def citation(index: int, hit: Hit) -> inference_pb2.Citation:
+    p = hit.passage
+    text = p.text if len(p.text) <= 500 else p.text[:500].rsplit(" ", 1)[0] + " …"
+    return inference_pb2.Citation(index=index, doc_id=p.doc_id, doc_name=p.doc_name, page=p.page,
+                                  start=p.start, end=p.end, text=text, score=hit.score)
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, rt: Runtime, engine):
         self.rt = rt
         self.engine = engine
+        self.indexes = IndexCache()
 
-    async def _bot(self, bot_id: str) -> tuple[str | None, str]:
-        """The bot's adapter id (None for the base model) and the system prompt it was trained with."""
+    async def _bot(self, bot_id: str) -> session_pb2.Session | None:
+        """The bot's session record (None for the base model alone); it must be READY."""
         if bot_id in ("", BASE_BOT):
-            return None, ""
+            return None
         rec = await self.rt.sessions.get(bot_id)
         if rec.state != S.SESSION_STATE_READY:
             raise FailedPrecondition(f"bot {bot_id} is not ready to chat yet; it is {state_name(rec.state)}")
-        return rec.adapter_id, rec.options.system_prompt
+        return rec
+
+    def _load_index(self, rec: session_pb2.Session) -> BM25:
+        """Blocking: the bot's chunks and page maps from the store, indexed."""
+        try:
+            chunks = from_jsonl(self.rt.store.get_bytes(keys.chunks(rec.tenant, rec.session_id)))
+        except NotFound:
+            chunks = []  # a bot trained only on QA files has no passages
+        doc_ids = {c["doc_id"] for c in chunks}
+        pages = {}
+        for doc_id in doc_ids:
+            try:
+                pages[doc_id] = self.rt.store.get_json(keys.doc_pages(rec.tenant, rec.session_id, doc_id))
+            except NotFound:
+                pages[doc_id] = []
+        names = {d.doc_id: d.name for d in rec.documents}
+        return BM25(build_passages(chunks, pages, names))
+
+    async def _retrieve(self, rec: session_pb2.Session, question: str) -> list[Hit]:
+        index = self.indexes.get(rec.session_id)
+        if index is None:
+            index = await self.rt.io(self._load_index, rec)
+            self.indexes.put(rec.session_id, index)
+        return index.search(question, k=self.rt.settings.retrieval_top_k)
 
     async def Chat(self, request, context):
         from services.inference.engine import ChatStats, GenerationParams, check_messages
@@ -69,9 +110,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             stop=tuple(opts.stop),
             seed=opts.seed if opts.HasField("seed") else None,
         )
-        adapter_id, system_prompt = await self._bot(request.bot_id)
-        if system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": system_prompt})
+        rec = await self._bot(request.bot_id)
+        mode = MODES.get(request.mode) or (MODE_BY_NAME.get(rec.options.answer_mode, "both") if rec else "adapter")
+        adapter_id = rec.adapter_id if rec is not None and mode != "retrieval" else None
+        if rec is not None and rec.options.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": rec.options.system_prompt})
+        hits: list[Hit] = []
+        if rec is not None and mode in ("both", "retrieval"):
+            hits = await self._retrieve(rec, messages[-1]["content"])
+            messages[-1] = {"role": "user", "content": with_passages(messages[-1]["content"], hits)}
+            if hits:
+                yield inference_pb2.ChatResponse(citations=[citation(i, h) for i, h in enumerate(hits, 1)])
         stats = ChatStats()
         async with contextlib.aclosing(self.engine.astream_chat(messages, adapter_id, params, stats=stats)) as pieces:
             async for piece in pieces:

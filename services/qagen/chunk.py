@@ -6,18 +6,45 @@ paragraphs are packed into chunks, a paragraph that is too long is cut between s
 sentence that is too long between words. A word is cut only when one word alone is longer than a
 chunk. Consecutive chunks of one section share a little text (`overlap_chars`), starting at a
 sentence boundary when one is close enough to the end, else at a word boundary; chunks never
-overlap across sections. Lengths are measured with `length_fn` (characters by default), so a
-tokenizer's length can be passed in for token-aware chunking.
+overlap across sections. Lengths are measured with `length_fn` (characters by default): pass
+`token_length(tokenizer)` and every size (`max_chars`, `overlap_chars`) is counted in the base
+model's tokens instead. Given the document's page map (`pages.json`), each chunk names the pages it
+spans.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 LengthFn = Callable[[str], int]
+
+
+def token_length(tokenizer: Any) -> LengthFn:
+    """A `length_fn` counting `tokenizer`'s tokens (no special tokens): token-aware chunk sizes."""
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return n_tokens
+
+
+def _memo(length_fn: LengthFn) -> LengthFn:
+    """Packing measures the same slices more than once; a tokenizer is worth not asking twice."""
+    if length_fn is len:
+        return len
+    cache: dict[str, int] = {}
+
+    def measured(text: str) -> int:
+        n = cache.get(text)
+        if n is None:
+            n = cache[text] = length_fn(text)
+        return n
+
+    return measured
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +61,13 @@ class Chunk:
     part: int = 0
     # how many characters at the start repeat the end of the previous chunk
     overlap: int = 0
+    # 1-based page numbers the chunk spans, from the document's page map (empty when unknown)
+    pages: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["pages"] = list(self.pages)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Chunk:
@@ -49,6 +80,7 @@ class Chunk:
             heading=data.get("heading"),
             part=int(data.get("part", 0)),
             overlap=int(data.get("overlap", 0)),
+            pages=tuple(int(p) for p in data.get("pages") or ()),
         )
 
 
@@ -344,6 +376,11 @@ def _pack(
     return spans
 
 
+def pages_of(pages: Sequence[dict], start: int, end: int) -> tuple[int, ...]:
+    """The page numbers whose `{"page", "start", "end"}` span overlaps `[start, end)`."""
+    return tuple(sorted({int(p["page"]) for p in pages if int(p["start"]) < end and start < int(p["end"])}))
+
+
 def chunk_text(
     text: str,
     *,
@@ -351,17 +388,21 @@ def chunk_text(
     max_chars: int = 1200,
     overlap_chars: int = 150,
     length_fn: LengthFn = len,
+    pages: Sequence[dict] | None = None,
 ) -> list[Chunk]:
     """Split `text` into chunks of at most `max_chars` (as measured by `length_fn`), in text order.
 
+    Both sizes are in `length_fn`'s unit: characters by default, tokens with `token_length(tok)`.
     Each chunk's `text` is `text[start:end]`; its `heading` is the nearest Markdown heading above it
-    (heading lines themselves are not part of any chunk). Deterministic: the same input gives the
-    same chunks and ids.
+    (heading lines themselves are not part of any chunk); with `pages` (the document's page map:
+    `[{"page": 1, "start": 0, "end": 1234}, ...]`) it lists the pages it spans. Deterministic: the
+    same input gives the same chunks and ids.
     """
     if max_chars <= 0:
         raise ValueError("max_chars must be positive")
     if not 0 <= overlap_chars < max_chars:
         raise ValueError("overlap_chars must be at least 0 and less than max_chars")
+    length_fn = _memo(length_fn)
     chunks: list[Chunk] = []
     for sec in _sections(text):
         units = _units(text, sec, max_chars, length_fn)
@@ -377,6 +418,7 @@ def chunk_text(
                     heading=sec.heading,
                     part=part,
                     overlap=max(0, prev_end - start) if prev_end is not None else 0,
+                    pages=pages_of(pages, start, end) if pages else (),
                 )
             )
             prev_end = end

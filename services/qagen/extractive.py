@@ -6,6 +6,10 @@ definitions ("X is a Y"), dates and numbers, named entities, section headings, a
 that every chunk with real content yields at least one pair. `filter_pairs` then drops empty, too
 short, too long and near-duplicate pairs, and `make_pairs` ties chunking, rules and filtering
 together for one document.
+
+These rules are the `quiz` and `definition` strategies; `strategies.py` adds the others (who/what/
+when/where/why/how, summaries, metadata, title questions, paraphrases), `quality.py` holds the
+checks every pair passes, and `backends.py` the pipeline `make_pairs` runs.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from services.qagen.chunk import Chunk, LengthFn, chunk_text, split_sentences
 
@@ -25,8 +29,13 @@ MAX_ANSWER_CHARS = 800
 DUPLICATE_JACCARD = 0.9
 # A chunk with fewer words than this has no real content and yields no pairs.
 MIN_CONTENT_WORDS = 8
+# A document with fewer words of prose than this is "not enough text to learn from": no pairs at all.
+MIN_DOCUMENT_WORDS = 30
 HEADING_ANSWER_CHARS = 400
 MAX_PER_RULE = 3
+# Chunk sizes of `make_pairs` when a tokenizer's `length_fn` is given and no size is: in tokens.
+DEFAULT_MAX_TOKENS = 320
+DEFAULT_OVERLAP_TOKENS = 40
 
 REASONS = ("empty", "too_short", "too_long", "duplicate_question")
 
@@ -43,14 +52,26 @@ class QAPair:
     start: int
     end: int
     strategy: str
+    # the grounding check's support of the answer in its source chunks, 0..1 (0 = not checked)
+    score: float = 0.0
+    # further chunks the answer draws on (a summary of a section or of the whole document)
+    sources: tuple[str, ...] = ()
+    # for a paraphrase: the pair_id of the pair whose question it rewords
+    variant_of: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["sources"] = list(self.sources)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> QAPair:
-        values = {f.name: data[f.name] for f in fields(cls)}
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING}
         values["start"], values["end"] = int(values["start"]), int(values["end"])
+        if "score" in values:
+            values["score"] = float(values["score"])
+        if "sources" in values:
+            values["sources"] = tuple(str(c) for c in values["sources"] or ())
         return cls(**values)
 
 
@@ -96,9 +117,21 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text)
 
 
+# What a page says when its content did not load: true of the page, worthless to learn.
+_BOILERPLATE = re.compile(
+    r"\b(?:enable|turn\s+on|activate|allow)\s+javascript\b|\bjavascript\s+(?:is\s+)?(?:disabled|required|needed)"
+    r"|</?noscript|\byour\s+browser\s+(?:does\s+not|doesn't|is\s+not)\s+support"
+    r"|\b(?:we|this\s+site)\s+uses?\s+cookies\b|\baccept\s+(?:all\s+)?cookies\b",
+    re.I,
+)
+
+
 def _is_prose(text: str) -> bool:
-    """A sentence worth asking about: enough words, mostly letters, not a fragment or a table row."""
+    """A sentence worth asking about: enough words, mostly letters, not a fragment, a table row or
+    a page's "enable JavaScript" notice."""
     if len(_words(text)) < 4 or text[0].islower() or text.startswith(("```", "~~~", "|")):
+        return False
+    if _BOILERPLATE.search(text) or is_metadata_line(text):
         return False
     return len(_NOT_LETTER.sub("", text)) >= 0.5 * len(text)
 
@@ -200,13 +233,18 @@ _MONTHS = (
     "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec"
 )
 _YEAR = r"(?:1[0-9]{3}|20[0-9]{2})"
+# a bare year, unless a plural noun follows: "1798 workers" is a count, not a date
+_BARE_YEAR = (
+    rf"{_YEAR}(?!\s+(?!(?:was|has|is|as|its|this|thus|plus|across|always|perhaps|besides|towards)\b)"
+    r"[a-z]{2,}s\b)"
+)
 _DATE_RE = (
     rf"(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:{_MONTHS})\.?,?\s+{_YEAR}"
     rf"|(?:{_MONTHS})\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+{_YEAR}"
     rf"|(?:{_MONTHS})\s+{_YEAR}"
     rf"|{_YEAR}-\d{{2}}-\d{{2}}"
     rf"|(?:the\s+)?{_YEAR}s"
-    rf"|{_YEAR})"
+    rf"|{_BARE_YEAR})"
 )
 _DATE = re.compile(rf"(?<![\w.,-]){_DATE_RE}(?![\w-])")
 _DATE_LEAD = re.compile(rf"(?P<prep>In|On|During|By|Since|Around|From|Until)\s+(?P<date>{_DATE_RE}),?\s+\S")
@@ -215,8 +253,31 @@ _DATE_PASSIVE = re.compile(
     rf"(?P<mid>[a-z][^,;]*?)\s+(?:in|on|during|around|by)\s+(?P<date>{_DATE_RE})(?![\w-])"
 )
 _DATE_PREP = re.compile(
-    rf"\b(?P<prep>in|on|during|since|by|until|from|around)\s+(?P<date>{_DATE_RE})(?![\w-])"
+    rf"\b(?P<prep>in|on|during|since|by|until|from|around|between)\s+"
+    rf"(?P<date>{_DATE_RE}(?:\s+(?:to|and|until)\s+{_DATE_RE})?)(?![\w-])"
 )
+
+
+# a document's byline and date lines ("By Anna Roth", "Published: 12 March 2021"): metadata, not prose
+_NAME_LIST = re.compile(
+    r"[A-Z][\w'’.-]+(?:\s+[A-Z][\w'’.-]+)+(?:(?:,\s*|,?\s+and\s+)[A-Z][\w'’.-]+(?:\s+[A-Z][\w'’.-]+)+)*"
+)
+_AUTHOR_LINE = re.compile(
+    r"(?i:by|authors?|written\s+by|prepared\s+by|compiled\s+by)\s*[:\-–]?\s*(?P<names>[A-Z].{1,100}?)\s*\.?"
+)
+_DATE_LINE = re.compile(
+    rf"(?:(?P<kind>date|dated|published(?:\s+on)?|updated|last\s+updated|revised|issued)\s*[:\-–]?\s*)?"
+    rf"(?P<date>{_DATE_RE})\s*\.?\s*$",
+    re.I,
+)
+
+
+def is_metadata_line(text: str) -> bool:
+    """Whether a line is a byline or a date line, asked about by the `metadata` strategy only."""
+    text = text.strip().strip("*_").strip()
+    if m := _AUTHOR_LINE.fullmatch(text):
+        return bool(_NAME_LIST.fullmatch(m.group("names").strip()))
+    return bool(_DATE_LINE.fullmatch(text))
 
 
 def dates(sentences: list[_Sentence]) -> Iterator[_Candidate]:
@@ -468,6 +529,11 @@ def has_content(chunk: Chunk) -> bool:
     return len(_words(chunk.text)) >= MIN_CONTENT_WORDS
 
 
+def prose_words(chunks: Iterable[Chunk]) -> int:
+    """Words in the prose sentences of the chunks (code, tables, notices and overlaps left out)."""
+    return sum(len(_words(s.text)) for c in chunks for s in _sentences(c))
+
+
 def generate_pairs(chunk: Chunk, *, doc_title: str | None = None) -> list[QAPair]:
     """Every rule's pairs for one chunk, in a fixed order; unfiltered (see `filter_pairs`)."""
     if not has_content(chunk):
@@ -509,10 +575,6 @@ def generate_pairs(chunk: Chunk, *, doc_title: str | None = None) -> list[QAPair
     return pairs
 
 
-def _tokens(question: str) -> frozenset[str]:
-    return frozenset(w.lower() for w in _WORD.findall(question))
-
-
 def filter_pairs(
     pairs: Iterable[QAPair],
     *,
@@ -523,59 +585,20 @@ def filter_pairs(
     """Drop empty, too short and too long pairs, and questions too close to an earlier kept one.
 
     Returns the kept pairs in their order and the number dropped for each reason in `REASONS`.
-    Near-duplicates are found by token-set Jaccard similarity, with prefix filtering so the cost
-    stays near linear: two sets this similar must share a token among their rarest few.
+    Near-duplicates are found by token-set Jaccard similarity (see `quality.filter_pairs`, which
+    adds the malformed and grounding checks that `make_pairs` applies too).
     """
-    counts = dict.fromkeys(REASONS, 0)
-    candidates: list[tuple[QAPair, frozenset[str]]] = []
-    for p in pairs:
-        answer = p.answer.strip()
-        tokens = _tokens(p.question)
-        if not answer or not tokens:
-            counts["empty"] += 1
-        elif len(answer) < min_answer_chars:
-            counts["too_short"] += 1
-        elif len(answer) > max_answer_chars:
-            counts["too_long"] += 1
-        else:
-            candidates.append((p, tokens))
+    from services.qagen import quality
 
-    df = Counter(t for _, tokens in candidates for t in tokens)
-    index: dict[str, list[int]] = {}
-    kept_tokens: list[frozenset[str]] = []
-    kept: list[QAPair] = []
-    for p, tokens in candidates:
-        ordered = sorted(tokens, key=lambda t: (df[t], t))
-        # a set within Jaccard >= t of this one shares a token among its first |s| - ceil(t*|s|) + 1
-        prefix = ordered[: len(ordered) - _ceil(duplicate_jaccard * len(ordered)) + 1]
-        seen: set[int] = set()
-        duplicate = False
-        for t in prefix:
-            for k in index.get(t, ()):
-                if k in seen:
-                    continue
-                seen.add(k)
-                other = kept_tokens[k]
-                if not duplicate_jaccard * len(other) <= len(tokens) <= len(other) / duplicate_jaccard:
-                    continue
-                if len(tokens & other) >= duplicate_jaccard * len(tokens | other):
-                    duplicate = True
-                    break
-            if duplicate:
-                break
-        if duplicate:
-            counts["duplicate_question"] += 1
-            continue
-        for t in prefix:
-            index.setdefault(t, []).append(len(kept))
-        kept_tokens.append(tokens)
-        kept.append(p)
-    return kept, counts
-
-
-def _ceil(x: float) -> int:
-    # tolerate float noise so that 0.9 * 10 counts as 9, not 10
-    return int(-(-round(x, 9) // 1))
+    kept, counts = quality.filter_pairs(
+        pairs,
+        min_answer_chars=min_answer_chars,
+        max_answer_chars=max_answer_chars,
+        min_answer_chars_by_strategy={},
+        duplicate_jaccard=duplicate_jaccard,
+        check_malformed=False,
+    )
+    return kept, {r: counts[r] for r in REASONS}
 
 
 def _nonspace(text: str, start: int, end: int) -> int:
@@ -597,21 +620,55 @@ def make_pairs(
     doc_id: str,
     title: str | None = None,
     *,
-    max_chars: int = 1200,
-    overlap_chars: int = 150,
-    length_fn: LengthFn = len,
+    max_chars: int | None = None,
+    overlap_chars: int | None = None,
+    length_fn: LengthFn | None = None,
+    max_tokens: int | None = None,
+    overlap_tokens: int | None = None,
+    pages: Sequence[dict] | None = None,
+    strategies: Iterable[str] | None = None,
+    min_support: float | None = None,
+    max_answer_tokens: int | None = None,
+    min_words: int = MIN_DOCUMENT_WORDS,
 ) -> tuple[list[QAPair], list[Chunk], dict]:
-    """Chunk one document, generate pairs for every chunk and filter them.
+    """Chunk one document, generate pairs for every chunk with the extractive strategies and keep
+    the ones that pass the quality checks.
 
-    `stats`: chunks, chunks_with_pairs, generated, pairs (kept), coverage (the share of the chunked
-    text's non-space characters that lie in a chunk with a kept pair), dropped (by reason) and
-    by_strategy. No pairs means the text had too little content; the caller reports that.
+    Sizes: without `length_fn`, chunks hold at most `max_chars` characters (default 1200) and
+    overlap by `overlap_chars` (150). With `length_fn` (e.g. `chunk.token_length(tokenizer)`) every
+    size is in its unit, tokens: `max_tokens`/`overlap_tokens` (default 320/40; `max_chars`/
+    `overlap_chars` are read as tokens when given instead), and `max_answer_tokens` bounds answers.
+    `pages` is the document's page map, `strategies` a subset of `strategies.ALL_STRATEGIES`
+    (default: all of them), `min_support` the grounding threshold (default `quality.MIN_SUPPORT`).
+
+    `stats`: chunks, chunks_with_pairs, chunk_coverage (their share), generated, pairs (kept),
+    coverage (the share of the chunked text's non-space characters that lie in a chunk with a kept
+    pair), dropped (by reason, see `quality.REASONS`) and by_strategy. A text with fewer than
+    `min_words` words of prose gets no pairs and `stats["error"]` ("not enough text to learn
+    from: ..."); the caller reports that.
     """
+    from services.qagen import quality
+    from services.qagen.backends import ExtractiveGenerator, generate_document
+
+    if length_fn is None or length_fn is len:
+        length_fn, limit, overlap = len, max_chars or 1200, 150 if overlap_chars is None else overlap_chars
+    else:
+        limit = max_tokens or max_chars or DEFAULT_MAX_TOKENS
+        overlap = next((o for o in (overlap_tokens, overlap_chars) if o is not None), None)
+        overlap = min(DEFAULT_OVERLAP_TOKENS, limit // 4) if overlap is None else overlap
     chunks = chunk_text(
-        text, doc_id=doc_id, max_chars=max_chars, overlap_chars=overlap_chars, length_fn=length_fn
+        text, doc_id=doc_id, max_chars=limit, overlap_chars=overlap, length_fn=length_fn, pages=pages
     )
-    generated = [p for c in chunks for p in generate_pairs(c, doc_title=title)]
-    kept, dropped = filter_pairs(generated)
+    kept, gen_stats = generate_document(
+        ExtractiveGenerator(),
+        chunks,
+        doc_title=title,
+        strategies=strategies,
+        min_support=quality.MIN_SUPPORT if min_support is None else min_support,
+        length_fn=None if length_fn is len else length_fn,
+        max_answer_tokens=max_answer_tokens,
+        min_words=min_words,
+    )
     with_pairs = {p.chunk_id for p in kept}
     total = sum(_nonspace(text, s, e) for s, e in _union((c.start, c.end) for c in chunks))
     covered = sum(
@@ -619,11 +676,14 @@ def make_pairs(
     )
     stats = {
         "chunks": len(chunks),
-        "chunks_with_pairs": sum(1 for c in chunks if c.chunk_id in with_pairs),
-        "generated": len(generated),
+        "chunks_with_pairs": gen_stats["chunks_with_pairs"],
+        "chunk_coverage": gen_stats["chunk_coverage"],
+        "generated": gen_stats["generated"],
         "pairs": len(kept),
         "coverage": covered / total if total else 0.0,
-        "dropped": dropped,
-        "by_strategy": dict(sorted(Counter(p.strategy for p in kept).items())),
+        "dropped": gen_stats["dropped"],
+        "by_strategy": gen_stats["by_strategy"],
     }
+    if "error" in gen_stats:
+        stats["error"] = gen_stats["error"]
     return kept, chunks, stats

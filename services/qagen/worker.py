@@ -26,8 +26,18 @@ def provided_pairs(rows: list[dict], doc_id: str) -> list[dict]:
     for row in rows:
         q, a = row["question"].strip(), row["answer"].strip()
         pid = hashlib.sha1(f"{doc_id}\0{q}\0{a}".encode()).hexdigest()[:16]
-        out.append({"pair_id": pid, "question": q, "answer": a, "doc_id": doc_id, "chunk_id": "",
-                    "start": 0, "end": 0, "strategy": "provided"})
+        out.append(
+            {
+                "pair_id": pid,
+                "question": q,
+                "answer": a,
+                "doc_id": doc_id,
+                "chunk_id": "",
+                "start": 0,
+                "end": 0,
+                "strategy": "provided",
+            }
+        )
     return out
 
 
@@ -38,7 +48,9 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
     all_pairs, all_chunks = [], []
     stats = session_pb2.QAStats()
     for i, doc in enumerate(docs):
-        await events.progress(rt.bus, sid, session_pb2.STAGE_QAGEN, i, len(docs), f"generating from {doc.name}")
+        await events.progress(
+            rt.bus, sid, session_pb2.STAGE_QAGEN, i, len(docs), f"generating from {doc.name}"
+        )
         if doc.format.startswith("qa_"):  # the person's own pairs skip generation
             rows = from_jsonl(await rt.io(rt.store.get_bytes, keys.doc_qa(tenant, sid, doc.doc_id)))
             all_pairs += provided_pairs(rows, doc.doc_id)
@@ -53,22 +65,38 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
             stats.dropped[reason] += int(n)
     stats.pairs = len(all_pairs)
     stats.coverage = stats.chunks_with_pairs / stats.chunks if stats.chunks else 0.0
-    await events.progress(rt.bus, sid, session_pb2.STAGE_QAGEN, len(docs), len(docs), f"{len(all_pairs)} pairs")
+    await events.progress(
+        rt.bus, sid, session_pb2.STAGE_QAGEN, len(docs), len(docs), f"{len(all_pairs)} pairs"
+    )
     if len(all_pairs) < rt.settings.min_pairs:
         raise InvalidArgument(
             f"not enough text to learn from: {len(all_pairs)} question-answer pairs came out of the "
             f"documents, at least {rt.settings.min_pairs} are needed"
         )
-    await rt.io(rt.store.put_bytes, keys.chunks(tenant, sid), to_jsonl(all_chunks), content_type="application/x-ndjson")
-    await rt.io(rt.store.put_bytes, keys.qa_pairs(tenant, sid), to_jsonl(all_pairs), content_type="application/x-ndjson")
+    await rt.io(
+        rt.store.put_bytes,
+        keys.chunks(tenant, sid),
+        to_jsonl(all_chunks),
+        content_type="application/x-ndjson",
+    )
+    await rt.io(
+        rt.store.put_bytes,
+        keys.qa_pairs(tenant, sid),
+        to_jsonl(all_pairs),
+        content_type="application/x-ndjson",
+    )
 
     def done(r):
         r.qa.CopyFrom(stats)
         mark_stage(r, session_pb2.STAGE_QAGEN, finished=True)
 
     await rt.sessions.update(sid, done)
-    log.info("generated %d pairs from %d chunks (coverage %.0f%%)", stats.pairs, stats.chunks, 100 * stats.coverage)
-    await rt.handoff(sid, tenant, session_pb2.STAGE_QAGEN, session_pb2.STAGE_TRAIN, time.monotonic() - started)
+    log.info(
+        "generated %d pairs from %d chunks (coverage %.0f%%)", stats.pairs, stats.chunks, 100 * stats.coverage
+    )
+    await rt.handoff(
+        sid, tenant, session_pb2.STAGE_QAGEN, session_pb2.STAGE_TRAIN, time.monotonic() - started
+    )
 
 
 async def load_pairs(rt: Runtime, tenant: str, sid: str) -> list[dict]:
@@ -98,4 +126,6 @@ class QAGenServicer(qagen_pb2_grpc.QAGenServiceServicer):
         pairs = await load_pairs(self.rt, rec.tenant, rec.session_id)
         page = pairs[offset : offset + size]
         nxt = str(offset + size) if offset + size < len(pairs) else ""
-        return qagen_pb2.ListPairsResponse(pairs=[pair_to_pb(p) for p in page], next_page_token=nxt, total=len(pairs))
+        return qagen_pb2.ListPairsResponse(
+            pairs=[pair_to_pb(p) for p in page], next_page_token=nxt, total=len(pairs)
+        )

@@ -282,19 +282,23 @@ def _chat_once(c, bot: str, history: list[dict], args) -> str:
     body = {"messages": history, "stream": True, "temperature": args.temperature}
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
-    answer = []
+    answer, cites = [], []
     with c.stream("POST", f"/api/v1/bots/{bot}/chat", json=body) as resp:
         if resp.status_code >= 400:
             resp.read()
             _check(resp)
         for kind, payload in _sse(resp):
-            if kind == "delta":
+            if kind == "citations":
+                cites = payload["citations"]
+            elif kind == "delta":
                 answer.append(payload["delta"])
                 sys.stdout.write(payload["delta"])
                 sys.stdout.flush()
             elif kind == "error":
                 raise SystemExit(f"\nerror: {payload['error']['message']}")
     sys.stdout.write("\n")
+    for ci in cites:
+        print(f"  [{ci['index']}] {ci['doc_name']}, p. {ci['page']}")
     return "".join(answer)
 
 

@@ -2,19 +2,23 @@
 
 No gRPC, NATS or object-store knowledge: the trainer worker loads the base model, calls
 `train_lora`, and uploads `out_dir`. The loop is a plain torch loop (AdamW, linear warmup then
-cosine decay, batches padded to their longest example) rather than `transformers.Trainer`: it is
-small, deterministic for a seed, cancellable between steps, and reports progress on our terms.
+cosine decay) rather than `transformers.Trainer`: it is small, deterministic for a seed,
+cancellable between steps, resumable from a checkpoint, and reports progress on our terms. Each
+step's examples are packed into one row without padding (see packing.py), and the loss is taken on
+the answer tokens only. After training, held-out pairs are answered by the base model and by the
+adapter, and both are scored (see evaluate.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +26,14 @@ import torch
 
 from services.common.config import Settings
 from services.common.errors import InvalidArgument
+from services.trainer import checkpoint as ckpt
+from services.trainer.packing import IGNORE_INDEX, attention_kind, pack, packed_loss
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value the loss skips
-
 Progress = Callable[[dict[str, Any]], None]
+OnCheckpoint = Callable[[dict[str, Any]], None]
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class TrainingCancelled(Exception):
@@ -41,17 +47,17 @@ class TrainingCancelled(Exception):
 
 @dataclass
 class LoraTrainConfig:
-    """Hyperparameters; the defaults suit a few dozen to a few thousand short QA pairs."""
+    """Hyperparameters. Fields left None are chosen from the number of examples by `auto_config`."""
 
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0  # tiny data sets are meant to be memorised; dropout also costs ~10% of a CPU step
+    rank: int | None = None
+    alpha: int | None = None  # None = 2 * rank
+    dropout: float | None = None
     # "all-linear" = every nn.Linear but the output head (for Llama: q,k,v,o,gate,up,down)
     target_modules: str | list[str] = "all-linear"
-    epochs: float = 3.0
+    epochs: float | None = None
     # a few dozen pairs give ~5 batches an epoch: too few steps to learn their facts, so runs
     # derived from epochs take at least min_steps (measured: 20 pairs need ~50 steps at lr 1e-3)
-    min_steps: int = 50
+    min_steps: int | None = None
     max_steps: int = 0  # > 0: exactly this many steps; 0 = max(min_steps, ceil(epochs * batches per epoch))
     # 1e-3 suits the 135M default (2e-4 left 20 pairs unlearned after 50 steps); ~2e-4 for 7B models
     lr: float = 1e-3
@@ -59,27 +65,100 @@ class LoraTrainConfig:
     min_lr_ratio: float = 0.0  # cosine decays from lr to lr * min_lr_ratio
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    batch_size: int = 4
+    batch_size: int = 4  # examples per step, packed into one row
     max_seq_len: int = 512
     seed: int = 1234
     # None = the chat template's own default system prompt; inference must use the same value
     system_prompt: str | None = None
+    # "auto": bf16 autocast on a CPU that multiplies bf16 natively (AMX / AVX-512 BF16), else the
+    # model's own dtype (fp32 on CPU, bf16 on a CUDA GPU that has it); "fp32"; "bf16" (autocast)
+    precision: str = "auto"
     progress_interval_s: float = 2.0
     eval_batch_size: int = 8
+    # generation eval of base vs adapter on the held-out pairs: at most this many, this long
+    eval_generate: bool = True
+    eval_max_pairs: int = 32
+    eval_max_new_tokens: int = 48
+    # on_checkpoint is called every this many steps / seconds (0 = never on that count)
+    checkpoint_every_steps: int = 0
+    checkpoint_every_s: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> LoraTrainConfig:
-        """Defaults taken from the `DOCLORA_TRAIN_*` settings, then `overrides`."""
+        """Defaults taken from the `DOCLORA_TRAIN_*` settings, then `overrides`.
+
+        The rank and epochs settings left at their defaults mean "scaled to the data" (see
+        `auto_config`); set to anything else they win. lr, seed and max_steps are taken as they are.
+        """
+        defaults = Settings()
         values: dict[str, Any] = {
-            "rank": settings.train_lora_rank,
-            "alpha": 2 * settings.train_lora_rank,
-            "epochs": settings.train_epochs,
             "max_steps": settings.train_max_steps,
             "lr": settings.train_lr,
             "seed": settings.train_seed,
         }
+        if settings.train_lora_rank != defaults.train_lora_rank:
+            values["rank"] = settings.train_lora_rank
+            values["alpha"] = 2 * settings.train_lora_rank
+        if settings.train_epochs != defaults.train_epochs:
+            values["epochs"] = settings.train_epochs
+        precision = getattr(settings, "train_precision", None)  # a setting other code may add
+        if precision:
+            values["precision"] = precision
         values.update(overrides)
         return cls(**values)
+
+
+# (fewer than this many examples, rank, dropout, epochs): more data needs more capacity and fewer
+# passes, and starts to overfit without dropout; tiny sets are meant to be memorised. A heuristic:
+# the small-data row is the one measured on the 135M default (see min_steps above).
+AUTO_TABLE = (
+    (200, 8, 0.0, 3.0),
+    (2000, 16, 0.0, 3.0),
+    (20000, 32, 0.05, 2.0),
+    (math.inf, 64, 0.05, 1.0),
+)
+AUTO_MIN_STEPS = 50
+
+
+def auto_config(cfg: LoraTrainConfig, n_examples: int) -> LoraTrainConfig:
+    """A copy of `cfg` with every None field filled in for a data set of `n_examples` examples."""
+    _, rank, dropout, epochs = next(row for row in AUTO_TABLE if n_examples < row[0])
+    rank = cfg.rank if cfg.rank is not None else rank
+    return replace(
+        cfg,
+        rank=rank,
+        alpha=cfg.alpha if cfg.alpha is not None else 2 * rank,
+        dropout=cfg.dropout if cfg.dropout is not None else dropout,
+        epochs=cfg.epochs if cfg.epochs is not None else epochs,
+        min_steps=cfg.min_steps if cfg.min_steps is not None else AUTO_MIN_STEPS,
+    )
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX-BF16 or AVX-512 BF16), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype to autocast the forward pass to, or None for the model's own dtype."""
+    precision = (precision or "auto").strip().lower()
+    if precision not in PRECISIONS:
+        raise InvalidArgument(f"unknown training precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None  # CUDA: the model is loaded in bf16 already where the GPU has it
 
 
 @dataclass
@@ -162,22 +241,18 @@ def build_examples(
     return examples
 
 
-def _collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example of the batch."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {
-        "input_ids": ids.to(device),
-        "labels": labels.to(device),
-        "attention_mask": mask.to(device),
-    }
+def step_batches(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Example indices of each step, forever: every epoch a fresh shuffle drawn from `seed`.
+
+    A pure function of its arguments, so a resumed run gets its next batches by skipping the ones
+    already done.
+    """
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n_examples))
+        rng.shuffle(order)
+        for start in range(0, n_examples, batch_size):
+            yield order[start : start + batch_size]
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -189,19 +264,25 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float =
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _forward_context(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def _mean_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> float:
-    """Token-weighted mean answer loss over `examples`."""
+def _mean_loss(
+    model: Any, examples: Sequence[Example], batch_size: int, kind: str, amp: torch.dtype | None
+) -> float:
+    """Token-weighted mean answer loss over `examples`, packed `batch_size` at a time."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = _collate(examples[start : start + batch_size], pad_id, device)
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        if n == 0:
+        batch = pack(examples[start : start + batch_size], kind=kind, device=device)
+        if batch.label_tokens == 0:
             continue
-        out = model(**batch, use_cache=False)
-        total += float(out.loss) * n
-        count += n
+        with _forward_context(device, amp):
+            loss = packed_loss(model, batch)
+        total += float(loss) * batch.label_tokens
+        count += batch.label_tokens
     return total / count if count else float("nan")
 
 
@@ -229,6 +310,21 @@ class _Restore:
     had_peft_config: bool = False
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """The shape of one run, fixed before its first step."""
+
+    batch_size: int
+    total_steps: int
+    warmup_steps: int
+    batches_per_epoch: int
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype, None = the model's own
+    kind: str  # how packed examples are kept apart (packing.attention_kind)
+    run_id: str  # checkpoint fingerprint
+    rng_devices: list[int]
+
+
 def train_lora(
     model: Any,
     tokenizer: Any,
@@ -239,19 +335,28 @@ def train_lora(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     eval_pairs: Sequence[Mapping[str, Any]] | None = None,
+    resume: Mapping[str, Any] | None = None,
+    on_checkpoint: OnCheckpoint | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA adapter on `pairs` and save it as a PEFT folder in `out_dir`; return the metrics.
 
     `out_dir` receives `adapter_config.json`, `adapter_model.safetensors` and, last, `metrics.json`
     (so its presence marks a finished adapter). `progress` gets a dict with step, total_steps,
     epoch, loss, lr, tokens_per_s and eta_s every `cfg.progress_interval_s` and after the last
-    step. `should_stop` is polled before every step; True raises `TrainingCancelled`.
-    `eval_pairs`, when given, are scored with and without the adapter after training.
+    step. `should_stop` is polled before every step (and between evaluation batches); True raises
+    `TrainingCancelled`. `eval_pairs`, when given, get a validation loss and are answered by the
+    base model and by the adapter (greedy), scored by token-F1 and exact match (eval_* metrics).
+
+    Checkpoints: every `cfg.checkpoint_every_steps` steps or `cfg.checkpoint_every_s` seconds,
+    `on_checkpoint(state)` gets a state dict (see checkpoint.py; serialise it with
+    `checkpoint.to_bytes`). `resume=state` continues that run from its step with the same
+    adapter, optimizer, schedule, data order and RNG, so it ends where an uninterrupted run would;
+    a state from a different run (other data, settings or model) is ignored with a warning.
 
     The caller's `model` is borrowed: LoRA layers are injected for the run and removed afterwards
     (also on error or cancel), so it comes back with its weights, requires_grad flags and
     train/eval mode as they were, ready for the next adapter. The global RNG state is untouched.
-    One run at a time per model object; cancelling takes effect within one step (~4-7 s for the
+    One run at a time per model object; cancelling takes effect within one step (~1-3 s for the
     135M default on two CPU cores).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -263,6 +368,7 @@ def train_lora(
     examples = build_examples(tokenizer, pairs, cfg.system_prompt, cfg.max_seq_len)
     if not examples:
         raise InvalidArgument("no usable QA pairs to train on")
+    cfg = auto_config(cfg, len(examples))
     eval_examples = (
         build_examples(tokenizer, eval_pairs, cfg.system_prompt, cfg.max_seq_len) if eval_pairs else []
     )
@@ -273,14 +379,24 @@ def train_lora(
         total_steps = cfg.max_steps
     else:
         total_steps = max(1, cfg.min_steps, math.ceil(cfg.epochs * batches_per_epoch))
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio > 0 else 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    rng_devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
+    model_id = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    plan = _Plan(
+        batch_size=batch_size,
+        total_steps=total_steps,
+        warmup_steps=math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio > 0 else 0,
+        batches_per_epoch=batches_per_epoch,
+        device=device,
+        amp=autocast_dtype(cfg.precision, device),
+        kind=attention_kind(model),
+        run_id=ckpt.fingerprint(examples, asdict(cfg), total_steps, model_id),
+        rng_devices=[device.index if device.index is not None else torch.cuda.current_device()]
         if device.type == "cuda"
-        else []
+        else [],
     )
+    if resume is not None and resume.get("fingerprint") != plan.run_id:
+        log.warning("ignoring a checkpoint of another run (other data, settings or model): starting at step 0")
+        resume = None
 
     restore = _Restore(
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
@@ -297,26 +413,23 @@ def train_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=rng_devices):
+    with torch.random.fork_rng(devices=plan.rng_devices):
         torch.manual_seed(cfg.seed)  # LoRA init and dropout draw from the global generator
-        order_rng = random.Random(cfg.seed)
         peft_model = get_peft_model(model, lora_config)  # injects into `model` in place
         try:
             metrics = _run(
                 peft_model,
+                tokenizer,
                 examples,
                 eval_examples,
+                list(eval_pairs or []),
                 cfg,
                 out,
-                batch_size=batch_size,
-                total_steps=total_steps,
-                warmup_steps=warmup_steps,
-                batches_per_epoch=batches_per_epoch,
-                pad_id=pad_id,
-                device=device,
-                order_rng=order_rng,
+                plan,
                 progress=progress,
                 should_stop=should_stop,
+                resume=resume,
+                on_checkpoint=on_checkpoint,
             )
         finally:
             peft_model.unload()  # removes the LoRA layers without merging them
@@ -326,6 +439,19 @@ def train_lora(
                 param.requires_grad_(restore.requires_grad.get(name, param.requires_grad))
             model.train(restore.training)
     return metrics
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A deep copy of a (nested) state dict with every tensor cloned to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _sort_target_modules(path: Path) -> None:
@@ -339,60 +465,93 @@ def _sort_target_modules(path: Path) -> None:
 
 def _run(
     peft_model: Any,
+    tokenizer: Any,
     examples: list[Example],
     eval_examples: list[Example],
+    eval_pairs: list[Mapping[str, Any]],
     cfg: LoraTrainConfig,
     out: Path,
+    plan: _Plan,
     *,
-    batch_size: int,
-    total_steps: int,
-    warmup_steps: int,
-    batches_per_epoch: int,
-    pad_id: int,
-    device: torch.device,
-    order_rng: random.Random,
     progress: Progress | None,
     should_stop: Callable[[], bool] | None,
+    resume: Mapping[str, Any] | None,
+    on_checkpoint: OnCheckpoint | None,
 ) -> dict[str, Any]:
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    from services.trainer.evaluate import evaluate_adapter
+
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     for p in params:
         # peft keeps adapters fp32 on a bf16 base; make sure, since AdamW in bf16 loses small updates
         if p.dtype != torch.float32:
             p.data = p.data.float()
     trainable = sum(p.numel() for p in params)
+    total_steps = plan.total_steps
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio)
+        optimizer, lambda s: lr_factor(s, total_steps, plan.warmup_steps, cfg.min_lr_ratio)
     )
-
-    def batches():
-        while True:  # epochs; each a fresh seeded shuffle
-            order = list(range(len(examples)))
-            order_rng.shuffle(order)
-            for start in range(0, len(order), batch_size):
-                yield [examples[i] for i in order[start : start + batch_size]]
 
     losses: list[float] = []
     tokens = label_tokens = 0
-    started = last_report = time.monotonic()
+    prior_seconds = 0.0
+    start_step = 0
+    if resume is not None:
+        start_step = min(int(resume["step"]), total_steps)
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(resume["adapter"][name].to(p.device))
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        for index, state in zip(plan.rng_devices, resume.get("cuda_rng") or [], strict=False):
+            torch.cuda.set_rng_state(state, index)
+        losses = [float(x) for x in resume["losses"]]
+        tokens, label_tokens = int(resume["tokens"]), int(resume["label_tokens"])
+        prior_seconds = float(resume["seconds"])
+        log.info("resuming LoRA training at step %d/%d", start_step, total_steps)
+
+    def state(step: int) -> dict[str, Any]:
+        return {
+            "version": ckpt.VERSION,
+            "fingerprint": plan.run_id,
+            "step": step,
+            "adapter": {name: p.detach().to("cpu", copy=True) for name, p in named},
+            "optimizer": _to_cpu(optimizer.state_dict()),
+            "scheduler": _to_cpu(scheduler.state_dict()),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": [torch.cuda.get_rng_state(i) for i in plan.rng_devices],
+            "losses": list(losses),
+            "tokens": tokens,
+            "label_tokens": label_tokens,
+            "seconds": prior_seconds + time.monotonic() - started,
+        }
+
+    batch_iter = step_batches(len(examples), plan.batch_size, cfg.seed)
+    for _ in range(start_step):  # the batches the interrupted run already took
+        next(batch_iter)
+    run_tokens = 0
+    started = last_report = last_checkpoint = time.monotonic()
+    last_checkpoint_step = start_step
     since_report: list[float] = []
     peft_model.train()
     log.info(
-        "training LoRA r=%d on %d examples: %d steps, batch %d, %d trainable params, %s",
+        "training LoRA r=%d on %d examples: %d steps, batch %d (packed), %d trainable params, %s%s",
         cfg.rank,
         len(examples),
         total_steps,
-        batch_size,
+        plan.batch_size,
         trainable,
-        device,
+        plan.device,
+        " bf16 autocast" if plan.amp is not None else "",
     )
-    batch_iter = batches()
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
         if should_stop is not None and should_stop():
             raise TrainingCancelled(step, total_steps)
-        batch = _collate(next(batch_iter), pad_id, device)
-        result = peft_model(**batch, use_cache=False)
-        loss = result.loss
+        batch = pack([examples[i] for i in next(batch_iter)], kind=plan.kind, device=plan.device)
+        with _forward_context(plan.device, plan.amp):
+            loss = packed_loss(peft_model, batch)
         loss.backward()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -404,58 +563,89 @@ def _run(
         value = float(loss.detach())
         losses.append(value)
         since_report.append(value)
-        tokens += int(batch["attention_mask"].sum())
-        label_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        tokens += batch.tokens
+        run_tokens += batch.tokens
+        label_tokens += batch.label_tokens
         now = time.monotonic()
         done = step + 1
         if progress is not None and (
-            done == 1 or done == total_steps or now - last_report >= cfg.progress_interval_s
+            done == start_step + 1 or done == total_steps or now - last_report >= cfg.progress_interval_s
         ):
             elapsed = max(now - started, 1e-9)
             progress(
                 {
                     "step": done,
                     "total_steps": total_steps,
-                    "epoch": done / batches_per_epoch,
+                    "epoch": done / plan.batches_per_epoch,
                     "loss": sum(since_report) / len(since_report),
                     "lr": lr,
-                    "tokens_per_s": tokens / elapsed,
-                    "eta_s": elapsed / done * (total_steps - done),
+                    "tokens_per_s": run_tokens / elapsed,
+                    "eta_s": elapsed / (done - start_step) * (total_steps - done),
                 }
             )
             since_report.clear()
             last_report = now
-    seconds = time.monotonic() - started
+        if on_checkpoint is not None and done < total_steps:
+            every_steps, every_s = cfg.checkpoint_every_steps, cfg.checkpoint_every_s
+            if (every_steps > 0 and done - last_checkpoint_step >= every_steps) or (
+                every_s > 0 and now - last_checkpoint >= every_s
+            ):
+                on_checkpoint(state(done))
+                last_checkpoint_step, last_checkpoint = done, time.monotonic()
+    run_seconds = time.monotonic() - started
+    seconds = prior_seconds + run_seconds
 
     peft_model.eval()
     eval_loss = base_eval_loss = None
     if eval_examples:
-        eval_loss = _mean_loss(peft_model, eval_examples, cfg.eval_batch_size, pad_id)
+        eval_loss = _mean_loss(peft_model, eval_examples, cfg.eval_batch_size, plan.kind, plan.amp)
         with peft_model.disable_adapter():
-            base_eval_loss = _mean_loss(peft_model, eval_examples, cfg.eval_batch_size, pad_id)
+            base_eval_loss = _mean_loss(peft_model, eval_examples, cfg.eval_batch_size, plan.kind, plan.amp)
+    answers: dict[str, Any] = {}
+    if eval_pairs and cfg.eval_generate:
+        eval_started = time.monotonic()
+        # fp32 like the inference service on a CPU, whatever precision trained the adapter
+        answers = evaluate_adapter(
+            peft_model,
+            tokenizer,
+            eval_pairs,
+            system_prompt=cfg.system_prompt,
+            max_pairs=cfg.eval_max_pairs,
+            max_new_tokens=cfg.eval_max_new_tokens,
+            batch_size=cfg.eval_batch_size,
+            should_stop=should_stop,
+        )
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled(total_steps, total_steps)
+        answers["eval_seconds"] = time.monotonic() - eval_started
 
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(out))
     _sort_target_modules(out / "adapter_config.json")
-    tail = losses[-batches_per_epoch:]
+    tail = losses[-plan.batches_per_epoch :]
     metrics: dict[str, Any] = {
+        "steps": len(losses),
         "total_steps": total_steps,
-        "epochs": total_steps / batches_per_epoch,
+        "resumed_from_step": start_step,
+        "epochs": total_steps / plan.batches_per_epoch,
         "examples": len(examples),
         "truncated_examples": sum(e.truncated for e in examples),
         "trainable_params": trainable,
         "tokens": tokens,
         "label_tokens": label_tokens,
         "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "tokens_per_s": run_tokens / run_seconds if run_seconds > 0 else 0.0,
         "final_loss": losses[-1],
         "final_epoch_loss": sum(tail) / len(tail),
         "losses": losses,
         "eval_loss": eval_loss,
         "base_eval_loss": base_eval_loss,
         "eval_examples": len(eval_examples),
-        "device": str(device),
+        **answers,
+        "device": str(plan.device),
         "dtype": str(next(peft_model.parameters()).dtype).removeprefix("torch."),
+        "precision": "bf16-autocast" if plan.amp is not None else "model-dtype",
+        "packing": plan.kind,
         "config": asdict(cfg),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,328 @@
+"""Continuous batching: one thread runs every chat on the shared model, one forward per step.
+
+Requests wait in a bounded queue (full: ResourceExhausted at once, not a pile-up). Between steps
+the scheduler drops cancelled requests, admits waiting ones up to `max_batch` (pinning their
+adapters, which may load them), runs one prefill chunk of a newcomer, then one decode step for all
+running requests together, whatever their adapters: PEFT's `adapter_names` gives each row its own.
+Each request keeps its own KV cache (`kv.RequestKV`), so joining and leaving never touch the other
+rows, and every request computes what it would alone.
+
+Text is made here too (detokenizing, stop strings), so a stop string ends a request on the very
+token that completes it; the consumer gets ("piece", text) items and one ("done", None) or
+("error", exc) through the `post` callable of its request.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from services.common.errors import ResourceExhausted, Unavailable
+from services.inference import kv
+from services.inference.adapters import AdapterCache
+from services.inference.text import IncrementalDecoder, StopScanner
+
+if TYPE_CHECKING:
+    from services.inference.engine import ChatStats, GenerationParams
+
+log = logging.getLogger(__name__)
+
+PIECE, ERROR, DONE = "piece", "error", "done"
+
+
+@dataclass(eq=False)
+class Request:
+    """One chat as the scheduler sees it; the requester fills in the prompt before `ready`."""
+
+    adapter_id: str | None
+    params: GenerationParams
+    stats: ChatStats
+    post: Callable[[tuple[str, Any]], None]
+    cancel: Callable[[], bool] = lambda: False
+    prompt: list[int] = field(default_factory=list)
+    folder: Path | None = None
+    gone: bool = False  # the consumer left: stop as if cancelled
+    # the scheduler's state
+    name: str | None = None
+    cache: kv.RequestKV | None = None
+    prefilled: int = 0
+    next_token: int = -1
+    rng: torch.Generator | None = None
+    detok: IncrementalDecoder | None = None
+    stops: StopScanner | None = None
+    finished: bool = False
+
+    def cancelled(self) -> bool:
+        return self.gone or self.cancel()
+
+
+class Scheduler:
+    """Runs requests on `adapters`' model in batches of up to `max_batch`, `max_queue` waiting."""
+
+    def __init__(
+        self,
+        adapters: AdapterCache,
+        tokenizer: Any,
+        eos_ids: frozenset[int],
+        device: torch.device,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = 512,
+    ):
+        if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch, max_queue and prefill_chunk must be at least 1")
+        self.adapters = adapters
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.device = device
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self._cond = threading.Condition()
+        self._reserved = 0  # requests counted in the queue while their requester prepares them
+        self._ready: collections.deque[Request] = collections.deque()
+        self._prefilling: list[Request] = []
+        self._running: list[Request] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.steps = 0  # decode steps run, for tests and metrics
+        self.max_rows_seen = 0
+
+    # ---- requester side (any thread)
+
+    def reserve(self) -> None:
+        """Count a new request in the queue, or raise ResourceExhausted when the queue is full."""
+        with self._cond:
+            if self._closed:
+                raise Unavailable("the chat engine is shut down")
+            if self._reserved + len(self._ready) >= self.max_queue:
+                raise ResourceExhausted(f"too many chats waiting ({self.max_queue}); try again shortly")
+            self._reserved += 1
+
+    def unreserve(self) -> None:
+        """Give back a reservation whose request will never be submitted (preparing it failed)."""
+        with self._cond:
+            self._reserved -= 1
+
+    def submit(self, req: Request) -> None:
+        """Queue a prepared request (turning its reservation into a queue place)."""
+        with self._cond:
+            self._reserved -= 1
+            if self._closed:
+                self._finish(req, None, Unavailable("the chat engine is shut down"))
+                return
+            self._ready.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="doclora-scheduler", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Have the loop look at cancellations now (a consumer left)."""
+        with self._cond:
+            self._cond.notify()
+
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def counts(self) -> dict[str, int]:
+        """How many requests are preparing, queued, prefilling and decoding."""
+        with self._cond:
+            return {
+                "reserved": self._reserved,
+                "queued": len(self._ready),
+                "prefilling": len(self._prefilling),
+                "running": len(self._running),
+            }
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still queued or running end with Unavailable."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # ---- the loop (scheduler thread)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._closed and not self._has_work():
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                try:
+                    self._step()
+                except Exception as exc:  # a bug or an OOM: fail the batch, keep serving
+                    log.exception("chat batch failed")
+                    for req in self._prefilling + self._running:
+                        self._finish(req, None, exc)
+                    self._prefilling, self._running = [], []
+        with self._cond:
+            waiting = list(self._ready)
+            self._ready.clear()
+        for req in waiting + self._prefilling + self._running:
+            self._finish(req, None, Unavailable("the chat engine is shut down"))
+        self._prefilling, self._running = [], []
+
+    def _has_work(self) -> bool:
+        return bool(self._running or self._prefilling or self._ready)
+
+    def _step(self) -> None:
+        self._reap()
+        self._admit()
+        if self._prefilling:
+            self._prefill(self._prefilling[0])
+        if self._running:
+            self._decode(self._running)
+
+    def _reap(self) -> None:
+        """Drop cancelled requests wherever they are."""
+        for group in (self._prefilling, self._running):
+            for req in [r for r in group if r.cancelled()]:
+                self._finish(req, "cancelled")
+        self._prefilling = [r for r in self._prefilling if not r.finished]
+        self._running = [r for r in self._running if not r.finished]
+        with self._cond:
+            gone = [r for r in self._ready if r.cancelled()]
+            for req in gone:
+                self._ready.remove(req)
+        for req in gone:
+            self._finish(req, "cancelled")
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch, first come first served, while there is room."""
+        while len(self._prefilling) + len(self._running) < self.max_batch:
+            with self._cond:
+                if not self._ready:
+                    return
+                req = self._ready[0]
+                # the head waits for an adapter slot rather than letting later requests pass it forever
+                if not self.adapters.can_pin(req.adapter_id):
+                    return
+                self._ready.popleft()
+            try:
+                req.name = self.adapters.pin(req.adapter_id, req.folder)
+            except Exception as exc:
+                self._finish(req, None, exc)
+                continue
+            params = req.params
+            req.cache = kv.RequestKV(len(req.prompt) + params.max_new_tokens)
+            req.rng = torch.Generator(device=self.device)
+            if params.seed is None:
+                req.rng.seed()  # a fresh Generator has a fixed default seed; unseeded requests must differ
+            else:
+                req.rng.manual_seed(params.seed)
+            req.detok = IncrementalDecoder(self.tokenizer)
+            req.stops = StopScanner(params.stop)
+            req.stats.finish_reason = None
+            self._prefilling.append(req)
+
+    def _prefill(self, req: Request) -> None:
+        """Run the next chunk of a newcomer's prompt; after the last one it picks its first token."""
+        start = req.prefilled
+        chunk = req.prompt[start : start + self.prefill_chunk]
+        logits = self._forward([req], [chunk], [list(range(start, start + len(chunk)))])
+        req.prefilled += len(chunk)
+        if req.prefilled < len(req.prompt):
+            return
+        self._prefilling.remove(req)
+        self._take(req, logits[0])
+        if not req.finished:
+            self._running.append(req)
+
+    def _decode(self, rows: list[Request]) -> None:
+        logits = self._forward(rows, [[r.next_token] for r in rows], [[r.cache.length] for r in rows])
+        self.steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        greedy = None
+        if any(r.params.temperature == 0 for r in rows):
+            greedy = logits.argmax(dim=-1).tolist()  # one call for the whole batch
+        for i, req in enumerate(rows):
+            self._take(
+                req, logits[i], greedy[i] if greedy is not None and req.params.temperature == 0 else None
+            )
+        self._running = [r for r in self._running if not r.finished]
+
+    def _forward(self, rows: list[Request], ids: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
+        batch = kv.BatchKV([r.cache for r in rows])
+        with self.adapters.lock:
+            model = self.adapters.forward_model()
+            out = model(
+                input_ids=torch.tensor(ids, device=self.device),
+                position_ids=torch.tensor(positions, device=self.device),
+                cache=batch,
+                use_cache=True,
+                logits_to_keep=1,
+                **self.adapters.forward_kwargs([r.name for r in rows]),
+            )
+        batch.advance(len(ids[0]))
+        return out.logits[:, -1]
+
+    def _take(self, req: Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Pick the request's next token from its logits and stream what it adds."""
+        if token is None:
+            token = pick(logits, req.params, req.rng)
+        stats = req.stats
+        if token in self.eos_ids:
+            self._finish(req, "stop")
+            return
+        stats.completion_tokens += 1
+        text, hit = req.stops.push(req.detok.push(token))
+        if text:
+            req.post((PIECE, text))
+        if hit:
+            self._finish(req, "stop", flush=False)
+        elif stats.completion_tokens >= req.params.max_new_tokens:
+            self._finish(req, "length")
+        else:
+            req.next_token = token
+
+    def _finish(
+        self, req: Request, reason: str | None, error: BaseException | None = None, *, flush: bool = True
+    ) -> None:
+        """End a request: release its adapter and cache, tell its consumer."""
+        if req.finished:
+            return
+        req.finished = True
+        if reason in ("stop", "length") and flush and req.detok is not None:
+            text, hit = req.stops.push(req.detok.flush())
+            if not hit:
+                text += req.stops.flush()
+            if text:
+                req.post((PIECE, text))
+        if reason is not None:
+            req.stats.finish_reason = reason
+        if req.name is not None:
+            name, req.name = req.name, None
+            try:
+                self.adapters.unpin(name)
+            except Exception:  # never leave the consumer hanging over a cache bookkeeping error
+                log.exception("unpinning adapter %s failed", name)
+        req.cache = None
+        req.post((ERROR, error) if error is not None else (DONE, None))
+
+
+def pick(logits: torch.Tensor, params: GenerationParams, rng: torch.Generator) -> int:
+    """The next token: argmax at temperature 0, else a sample (nucleus when top_p < 1)."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p >= 1:
+        return int(torch.multinomial(probs, 1, generator=rng))
+    # nucleus: the smallest set of most likely tokens whose mass reaches top_p (the top one always)
+    sorted_probs, order = torch.sort(probs, descending=True)
+    outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+    sorted_probs[outside] = 0
+    return int(order[torch.multinomial(sorted_probs, 1, generator=rng)])

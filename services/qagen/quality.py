@@ -1,0 +1,337 @@
+"""Quality of generated pairs: the grounding check, filters with reasons, a held-out split, coverage.
+
+Whatever made a pair (rules, a local model, a remote endpoint), the same gate decides whether it is
+kept, and every pair it drops is counted under one reason in `REASONS`, so a session can say why
+its training set is the size it is:
+
+- `empty`, `too_short`, `too_long`: the answer (or question) is missing, a fragment, or a page;
+- `malformed`: not a clean question and answer (chat-template tokens, JSON left in the text,
+  control characters, no question at all, an answer that repeats the question);
+- `ungrounded`: too few of the answer's content words appear in its source chunk, so the answer
+  says something the document does not (the token-overlap grounding check);
+- `duplicate_question`: the question's token set is nearly that of a question kept earlier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from services.qagen.chunk import Chunk
+from services.qagen.extractive import _STOPWORDS, DUPLICATE_JACCARD, MAX_ANSWER_CHARS, MIN_ANSWER_CHARS
+
+if TYPE_CHECKING:
+    from services.qagen.extractive import QAPair
+
+REASONS = ("empty", "too_short", "too_long", "malformed", "ungrounded", "duplicate_question")
+
+# Share of an answer's content tokens that must occur in the source chunk. Extractive answers score
+# 1.0; a model's answer that rewords the text keeps most of its content words, one that adds facts
+# does not.
+MIN_SUPPORT = 0.7
+MAX_QUESTION_CHARS = 300
+# Some strategies answer with a name or a date: the usual minimum answer length would drop them.
+MIN_ANSWER_CHARS_BY_STRATEGY: Mapping[str, int] = {"metadata": 3}
+# Questions may also be requests ("Summarize the section on X."), when they start with one of these.
+IMPERATIVES = frozenset(
+    "summarize summarise describe explain list give tell name define outline compare state".split()
+)
+
+_WORD = re.compile(r"[^\W_][\w'’-]*")
+_TOKEN = re.compile(r"[^\W_]+")
+_TEMPLATE_LEFTOVERS = re.compile(
+    r"<\|[^|<>]{1,40}\|>|</?s>|\[/?INST\]|<</?SYS>>|^\s*(?:Q|A|Question|Answer)\s*\d*\s*[:：]", re.I
+)
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+_JSON_LEFTOVERS = re.compile(r"""["'](?:question|answer)["']\s*:|^\s*[\[{]""", re.I)
+
+
+# --- tokens and grounding ----------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1 << 16)
+def _stem(token: str) -> str:
+    """A crude suffix strip, applied to answer and source alike, so "installed" meets "install"."""
+    if len(token) > 4 and token.endswith("ies"):
+        return token[:-3] + "y"
+    for suffix, keep in (("ing", 4), ("ed", 3), ("es", 3), ("s", 3)):
+        if token.endswith(suffix) and len(token) - len(suffix) >= keep and not token.endswith("ss"):
+            return token[: -len(suffix)]
+    return token
+
+
+def content_tokens(text: str) -> set[str]:
+    """Lower-cased, stemmed word and number tokens of `text`, function words left out."""
+    return {
+        _stem(t)
+        for t in _TOKEN.findall(text.lower().replace("’s", "").replace("'s", ""))
+        if t not in _STOPWORDS
+    }
+
+
+def source_text(chunk: Chunk) -> str:
+    """What a pair from `chunk` may draw on: its text and the heading it sits under."""
+    return f"{chunk.heading}\n{chunk.text}" if chunk.heading else chunk.text
+
+
+def support(answer: str, source: str | set[str]) -> float:
+    """The share of the answer's content tokens found in `source` (1.0 for a quote); `source` is a
+    text or its `content_tokens`."""
+    tokens = content_tokens(answer)
+    if not tokens:
+        tokens = {_stem(t) for t in _TOKEN.findall(answer.lower())}
+        if not tokens:
+            return 0.0
+    known = content_tokens(source) if isinstance(source, str) else source
+    return len(tokens & known) / len(tokens)
+
+
+def pair_support(
+    pair: QAPair, chunks: Mapping[str, Chunk], cache: dict[tuple[str, ...], set[str]] | None = None
+) -> float:
+    """`support` of a pair's answer against its source chunk and any further source chunks (their
+    token sets kept in `cache`, when given, across the pairs of one document)."""
+    ids = tuple(i for i in (pair.chunk_id, *getattr(pair, "sources", ())) if i in chunks)
+    if not ids:
+        return 0.0
+    cache = {} if cache is None else cache
+    if ids not in cache:
+        cache[ids] = content_tokens("\n".join(source_text(chunks[i]) for i in ids))
+    return support(pair.answer, cache[ids])
+
+
+# --- filters -----------------------------------------------------------------------------------
+
+
+def malformed_reason(question: str, answer: str) -> str | None:
+    """Why a pair is not a clean question and answer, or None when it is."""
+    for text in (question, answer):
+        if _CONTROL.search(text):
+            return "control characters"
+        if _TEMPLATE_LEFTOVERS.search(text):
+            return "chat-template tokens or Q/A labels in the text"
+        if _JSON_LEFTOVERS.search(text):
+            return "JSON left in the text"
+    if "\n" in question.strip():
+        return "the question spans several lines"
+    if len(question) > MAX_QUESTION_CHARS:
+        return "the question is too long"
+    words = _WORD.findall(question)
+    if len(words) < 2:
+        return "the question has fewer than two words"
+    if sum(c.isalpha() for c in question) < 0.5 * len(question.strip()):
+        return "the question is mostly not letters"
+    if not question.rstrip().endswith("?") and words[0].lower() not in IMPERATIVES:
+        return "not a question"
+    if _norm(question) == _norm(answer):
+        return "the answer repeats the question"
+    return None
+
+
+def _norm(text: str) -> str:
+    return " ".join(w.lower() for w in _WORD.findall(text))
+
+
+def question_tokens(question: str) -> frozenset[str]:
+    return frozenset(w.lower() for w in _WORD.findall(question))
+
+
+def filter_pairs(
+    pairs: Iterable[QAPair],
+    *,
+    chunks: Mapping[str, Chunk] | Sequence[Chunk] | None = None,
+    min_support: float = MIN_SUPPORT,
+    min_answer_chars: int = MIN_ANSWER_CHARS,
+    max_answer_chars: int = MAX_ANSWER_CHARS,
+    min_answer_chars_by_strategy: Mapping[str, int] = MIN_ANSWER_CHARS_BY_STRATEGY,
+    length_fn: Callable[[str], int] | None = None,
+    max_answer_tokens: int | None = None,
+    duplicate_jaccard: float = DUPLICATE_JACCARD,
+    check_malformed: bool = True,
+) -> tuple[list[QAPair], dict[str, int]]:
+    """Keep the pairs that pass every check, in order; count the dropped ones by reason.
+
+    With `chunks` each pair is also grounded (its answer's `support` in its source chunks must
+    reach `min_support`; a pair naming an unknown chunk cannot be checked and is dropped), and the
+    kept pairs carry their support as `score`. With `length_fn` and `max_answer_tokens` an answer
+    is also too long when it has more tokens than that. Near-duplicate questions are compared last,
+    so a dropped pair never hides a good one that repeats its question.
+    """
+    by_id = _by_id(chunks)
+    sources: dict[tuple[str, ...], set[str]] = {}
+    counts = dict.fromkeys(REASONS, 0)
+    candidates: list[tuple[QAPair, frozenset[str]]] = []
+    for p in pairs:
+        answer = p.answer.strip()
+        tokens = question_tokens(p.question)
+        min_chars = min_answer_chars_by_strategy.get(p.strategy, min_answer_chars)
+        if not answer or not tokens:
+            counts["empty"] += 1
+        elif len(answer) < min_chars:
+            counts["too_short"] += 1
+        elif len(answer) > max_answer_chars or (
+            length_fn is not None and max_answer_tokens is not None and length_fn(answer) > max_answer_tokens
+        ):
+            counts["too_long"] += 1
+        elif check_malformed and malformed_reason(p.question, p.answer) is not None:
+            counts["malformed"] += 1
+        elif by_id is not None and (score := pair_support(p, by_id, sources)) < min_support:
+            counts["ungrounded"] += 1
+        else:
+            if by_id is not None and hasattr(p, "score"):
+                p = replace(p, score=round(score, 4))
+            candidates.append((p, tokens))
+    kept, duplicates = _drop_near_duplicates(candidates, duplicate_jaccard)
+    counts["duplicate_question"] = duplicates
+    return kept, counts
+
+
+def _by_id(chunks: Mapping[str, Chunk] | Sequence[Chunk] | None) -> Mapping[str, Chunk] | None:
+    if chunks is None or isinstance(chunks, Mapping):
+        return chunks
+    return {c.chunk_id: c for c in chunks}
+
+
+def _drop_near_duplicates(
+    candidates: list[tuple[QAPair, frozenset[str]]], threshold: float
+) -> tuple[list[QAPair], int]:
+    """Drop each question whose token set has Jaccard similarity >= `threshold` with a kept one.
+
+    Prefix filtering keeps the cost near linear: two sets this similar must share a token among
+    their rarest few, so only kept sets indexed under those tokens are compared.
+    """
+    df = Counter(t for _, tokens in candidates for t in tokens)
+    index: dict[str, list[int]] = {}
+    kept_tokens: list[frozenset[str]] = []
+    kept: list[QAPair] = []
+    dropped = 0
+    for p, tokens in candidates:
+        ordered = sorted(tokens, key=lambda t: (df[t], t))
+        # a set within Jaccard >= t of this one shares a token among its first |s| - ceil(t*|s|) + 1
+        prefix = ordered[: len(ordered) - _ceil(threshold * len(ordered)) + 1]
+        seen: set[int] = set()
+        duplicate = False
+        for t in prefix:
+            for k in index.get(t, ()):
+                if k in seen:
+                    continue
+                seen.add(k)
+                other = kept_tokens[k]
+                if not threshold * len(other) <= len(tokens) <= len(other) / threshold:
+                    continue
+                if len(tokens & other) >= threshold * len(tokens | other):
+                    duplicate = True
+                    break
+            if duplicate:
+                break
+        if duplicate:
+            dropped += 1
+            continue
+        for t in prefix:
+            index.setdefault(t, []).append(len(kept))
+        kept_tokens.append(tokens)
+        kept.append(p)
+    return kept, dropped
+
+
+def _ceil(x: float) -> int:
+    # tolerate float noise so that 0.9 * 10 counts as 9, not 10
+    return math.ceil(round(x, 9))
+
+
+# --- held-out split ----------------------------------------------------------------------------
+
+
+def split_pairs(
+    pairs: Sequence[QAPair], eval_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[QAPair], list[QAPair]]:
+    """Split pairs into (train, eval) by source chunk, deterministically for a given `seed`.
+
+    All pairs of one chunk go to one side, so paraphrases of a fact (which share its chunk) are never
+    on both. Chunks that share an answer (the same sentence asked about from two overlapping
+    chunks) are one group, and the chunks a multi-chunk answer (a summary) draws on stay in train,
+    since that answer repeats their facts. Groups go to eval in a seeded hash order until about
+    `eval_fraction` of the pairs are there; train is never left empty.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError("eval_fraction must be at least 0 and less than 1")
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    by_pair_id = {p.pair_id: p for p in pairs}
+    first_by_answer: dict[str, str] = {}
+    pinned: set[str] = set()
+
+    def key(p: QAPair) -> str:
+        if p.chunk_id:
+            return "chunk:" + p.chunk_id
+        # imported pairs have no chunk: a fact and its paraphrases are grouped by the original
+        original = by_pair_id.get(getattr(p, "variant_of", "") or "", p)
+        return "pair:" + original.pair_id
+
+    for p in pairs:
+        k = find(key(p))
+        original = by_pair_id.get(getattr(p, "variant_of", "") or "")
+        if original is not None:
+            union(k, key(original))
+        answer = _norm(p.answer)
+        if answer:
+            union(k, first_by_answer.setdefault(answer, k))
+        if getattr(p, "sources", ()):
+            pinned.add(k)
+            pinned.update("chunk:" + c for c in p.sources)
+
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(find(key(p)), []).append(i)
+    pinned_roots = {find(k) for k in pinned}
+    candidates = sorted(
+        (g for g in groups if g not in pinned_roots),
+        key=lambda g: hashlib.sha1(f"{seed}:{g}".encode()).hexdigest(),
+    )
+    target = eval_fraction * len(pairs)
+    eval_idx: set[int] = set()
+    for g in candidates:
+        if len(eval_idx) >= target or len(eval_idx) + len(groups[g]) >= len(pairs):
+            break
+        if len(eval_idx) + len(groups[g]) > max(target * 1.5, 1) and eval_idx:
+            continue  # a big group would overshoot; a smaller one later may fit
+        eval_idx.update(groups[g])
+    train = [p for i, p in enumerate(pairs) if i not in eval_idx]
+    held_out = [p for i, p in enumerate(pairs) if i in eval_idx]
+    return train, held_out
+
+
+# --- coverage ----------------------------------------------------------------------------------
+
+
+def coverage_report(pairs: Iterable[QAPair], chunks: Sequence[Chunk]) -> dict:
+    """How much of the document the kept pairs reach: the share of chunks that are the source of at
+    least one pair, and which chunks are not (to show a person, or to retry)."""
+    with_pairs = Counter(p.chunk_id for p in pairs)
+    uncovered = [c.chunk_id for c in chunks if with_pairs[c.chunk_id] == 0]
+    n = len(chunks)
+    return {
+        "chunks": n,
+        "chunks_with_pairs": n - len(uncovered),
+        "coverage": (n - len(uncovered)) / n if n else 0.0,
+        "pairs_per_chunk": sum(with_pairs[c.chunk_id] for c in chunks) / n if n else 0.0,
+        "uncovered": uncovered,
+    }

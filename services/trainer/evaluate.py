@@ -1,0 +1,181 @@
+"""Proof an adapter learned: greedy answers of base and adapter on held-out QA pairs, scored by
+answer token-F1 and exact match after SQuAD-style normalisation (lower case, no punctuation, no
+articles, single spaces).
+
+Also a small held-out split by source chunk, used when qagen's own `split_pairs` is not there:
+pairs from one chunk share their facts, so holding out whole chunks keeps a question's answer out
+of the training data rather than merely its wording.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d\u2013\u2014")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and the articles a/an/the removed, whitespace collapsed."""
+    text = text.lower().translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Harmonic mean of token precision and recall between the normalised answers."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def score(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
+    """Mean token-F1 and exact match over paired predictions and references."""
+    if not references:
+        return float("nan"), float("nan")
+    f1 = sum(token_f1(p, r) for p, r in zip(predictions, references, strict=True)) / len(references)
+    em = sum(exact_match(p, r) for p, r in zip(predictions, references, strict=True)) / len(references)
+    return f1, em
+
+
+def _prompt(tokenizer: Any, question: str, system_prompt: str | None) -> str:
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    msgs.append({"role": "user", "content": question})
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    *,
+    system_prompt: str | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[str]:
+    """Greedy answers to `questions`, prompted with the chat template exactly as in training.
+
+    Batches are left-padded; `should_stop` is polled between batches and True ends early with the
+    answers so far (the caller decides what a partial evaluation means).
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+    answers: list[str] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(questions), batch_size):
+            if should_stop is not None and should_stop():
+                break
+            prompts = [_prompt(tokenizer, q, system_prompt) for q in questions[start : start + batch_size]]
+            enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+            out = model.generate(**enc, generation_config=gen)
+            new = out[:, enc["input_ids"].shape[1] :]
+            answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def evaluate_adapter(
+    peft_model: Any,
+    tokenizer: Any,
+    pairs: Sequence[Mapping[str, Any]],
+    *,
+    system_prompt: str | None = None,
+    max_pairs: int = 32,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    samples: int = 5,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Score the adapter and, with it disabled, the base model on the first `max_pairs` pairs.
+
+    Returns eval_count, eval_base_f1, eval_adapter_f1, eval_base_em, eval_adapter_em and a few
+    eval_samples (question, reference, base, adapter) for people to read.
+    """
+    usable = [p for p in pairs if str(p.get("question") or "").strip() and str(p.get("answer") or "").strip()]
+    usable = usable[:max_pairs]
+    questions = [str(p["question"]).strip() for p in usable]
+    references = [str(p["answer"]).strip() for p in usable]
+    kwargs = dict(
+        system_prompt=system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size, should_stop=should_stop
+    )
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        adapter = generate_answers(peft_model, tokenizer, questions, **kwargs)
+        with peft_model.disable_adapter():
+            base = generate_answers(peft_model, tokenizer, questions, **kwargs)
+    finally:
+        peft_model.train(was_training)
+    n = min(len(adapter), len(base))
+    base_f1, base_em = score(base[:n], references[:n])
+    adapter_f1, adapter_em = score(adapter[:n], references[:n])
+    return {
+        "eval_count": n,
+        "eval_base_f1": base_f1,
+        "eval_adapter_f1": adapter_f1,
+        "eval_base_em": base_em,
+        "eval_adapter_em": adapter_em,
+        "eval_samples": [
+            {"question": q, "reference": r, "base": b, "adapter": a}
+            for q, r, b, a in list(zip(questions, references, base, adapter, strict=False))[:samples]
+        ],
+    }
+
+
+def _rank(key: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def split_by_chunk(
+    pairs: Sequence[Mapping[str, Any]], eval_fraction: float, seed: int
+) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """Hold out whole source chunks, about `eval_fraction` of the pairs, chosen by a seeded hash.
+
+    Deterministic for a seed and independent of the pairs' order. Pairs without a chunk_id count
+    as their own chunk (keyed by pair_id, else question). At least one chunk stays for training;
+    nothing is held out when there is only one chunk or the fraction is 0.
+    """
+    def chunk_of(p: Mapping[str, Any]) -> str:
+        return str(p.get("chunk_id") or p.get("pair_id") or p.get("question") or "")
+
+    by_chunk: dict[str, list[Mapping[str, Any]]] = {}
+    for p in pairs:
+        by_chunk.setdefault(chunk_of(p), []).append(p)
+    if eval_fraction <= 0 or len(by_chunk) < 2:
+        return list(pairs), []
+    target = eval_fraction * len(pairs)
+    held: set[str] = set()
+    count = 0
+    for chunk in sorted(by_chunk, key=lambda c: _rank(c, seed)):
+        if count >= target or len(held) == len(by_chunk) - 1:
+            break
+        held.add(chunk)
+        count += len(by_chunk[chunk])
+    train = [p for p in pairs if chunk_of(p) not in held]
+    held_out = [p for p in pairs if chunk_of(p) in held]
+    return train, held_out
