@@ -18,6 +18,8 @@ from services.common.runtime import Runtime
 log = logging.getLogger(__name__)
 MAX_CHUNK = 1024 * 1024 + 1024  # a chunk of 1 MiB plus slack for framing choices of clients
 _EOF = object()
+# S3 parts of 8 MiB (5 MiB is the minimum): memory per upload stays near two parts
+UPLOAD_PART = 8 * 1024 * 1024
 _SAFE_NAME = re.compile(r"[^\w.\- ()\[\]]+")
 
 
@@ -69,7 +71,7 @@ async def receive_upload(rt: Runtime, requests) -> ingest_pb2.UploadResponse:
     limit = rt.settings.max_upload_bytes
     reader = QueueReader()
     put = asyncio.create_task(
-        rt.io(rt.store.put_stream, key, reader, -1, content_type="application/octet-stream",
+        rt.io(rt.store.put_stream, key, reader, -1, part_size=UPLOAD_PART, content_type="application/octet-stream",
               metadata={"filename": filename})
     )
     size = 0
