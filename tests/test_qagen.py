@@ -6,12 +6,22 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from services.qagen.chunk import Chunk, chunk_text, split_sentences
-from services.qagen.extractive import QAPair, filter_pairs, generate_pairs, make_pairs, pair_id_for
+from services.qagen.chunk import Chunk, chunk_text, split_sentences, token_length
+from services.qagen.extractive import (
+    DEFAULT_MAX_TOKENS,
+    QAPair,
+    filter_pairs,
+    generate_pairs,
+    is_metadata_line,
+    make_pairs,
+    pair_id_for,
+)
+from services.qagen.strategies import ALL_STRATEGIES, RULES, clean_title, lemma, paraphrases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,16 +222,22 @@ def test_sentences_split_at_ends_but_not_at_abbreviations_or_initials():
 # --- generation --------------------------------------------------------------------------------
 
 
-def test_every_answer_is_quoted_from_its_chunk():
-    """Answers are grounded: each is a substring of the chunk it names, and spans match the chunk."""
+def test_every_answer_is_quoted_from_its_source_chunks():
+    """Answers are grounded: each sentence is text of a chunk the pair names, and spans match the chunk."""
     for max_chars, overlap in [(1200, 150), (200, 80)]:
         pairs, chunks, _ = make_pairs(DOC, "d1", title="Velmora", max_chars=max_chars, overlap_chars=overlap)
         assert pairs
         for p in pairs:
             chunk = _chunk_of(chunks, p)
-            assert p.answer in chunk.text
             assert (p.start, p.end, p.doc_id) == (chunk.start, chunk.end, "d1")
             assert p.question.endswith("?")
+            sources = [chunk, *(next(c for c in chunks if c.chunk_id == s) for s in p.sources)]
+            texts = [c.text for c in sources] + [c.heading for c in sources if c.heading]
+            if p.strategy not in ("summary", "section_summary", "vague", "paraphrase"):
+                assert any(p.answer in t for t in texts), p
+            for s, e in split_sentences(p.answer):
+                for piece in p.answer[s:e].split("; "):
+                    assert any(piece in t for t in texts), (p, piece)
 
 
 def test_each_rule_contributes_pairs_to_a_varied_document():
@@ -370,3 +386,289 @@ def test_pairs_round_trip_through_dicts():
         assert QAPair.from_dict(json.loads(json.dumps(p.to_dict()))) == p
         assert p.pair_id == pair_id_for(p.chunk_id, p.question, p.answer)
     assert len({p.pair_id for p in pairs}) == len(pairs)
+
+
+def test_make_pairs_keeps_its_worker_call_and_drops_malformed_and_ungrounded_counts_in():
+    """The positional call the worker makes still works; stats count every quality reason."""
+    pairs, chunks, stats = make_pairs(DOC, "d1", "velmora.md")
+    assert pairs and chunks
+    assert set(stats["dropped"]) == {
+        "empty",
+        "too_short",
+        "too_long",
+        "malformed",
+        "ungrounded",
+        "duplicate_question",
+    }
+    assert stats["chunk_coverage"] == stats["chunks_with_pairs"] / stats["chunks"]
+
+
+# --- token-aware chunking and pages -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer():
+    """The base model's tokenizer when its converted copy is in the model cache, else a small BPE
+    trained here on the test document (both are real subword tokenizers, nothing is downloaded)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from services.common.config import Settings
+
+    cached = Path(Settings.from_env().model_cache).expanduser() / "SmolLM2-135M-Instruct"
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([DOC], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def test_with_a_tokenizer_every_size_is_counted_in_tokens(base_tokenizer):
+    """token_length(tokenizer) makes max_tokens and overlap_tokens token counts, and bounds chunks so."""
+    n_tokens = token_length(base_tokenizer)
+    long_doc = DOC + "\n" + " ".join(f"The keeper counted {i} ships on day {i}." for i in range(60)) + "\n"
+    pairs, chunks, stats = make_pairs(long_doc, "d1", length_fn=n_tokens, max_tokens=60, overlap_tokens=12)
+    assert len(chunks) > 6 and pairs
+    assert max(n_tokens(c.text) for c in chunks) <= 60
+    assert max(len(c.text) for c in chunks) > 60  # characters are not what was counted
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        if a.heading == b.heading:
+            assert n_tokens(b.text[: b.overlap]) <= 12
+    # with a tokenizer and no size, chunks are DEFAULT_MAX_TOKENS tokens, not 1200 of anything
+    _, default_chunks, _ = make_pairs(long_doc, "d1", length_fn=n_tokens)
+    assert max(n_tokens(c.text) for c in default_chunks) <= DEFAULT_MAX_TOKENS
+
+
+def test_answers_longer_than_max_answer_tokens_are_dropped_as_too_long(base_tokenizer):
+    """A token budget on answers applies to every strategy's answers and is counted."""
+    n_tokens = token_length(base_tokenizer)
+    pairs, _, stats = make_pairs(DOC, "d1", length_fn=n_tokens, max_answer_tokens=25)
+    assert pairs and all(n_tokens(p.answer) <= 25 for p in pairs)
+    assert stats["dropped"]["too_long"] > 0
+
+
+def test_chunks_name_the_pages_they_span():
+    """With the document's page map each chunk lists the 1-based pages its span overlaps."""
+    cut = DOC.index("## The island today")
+    pages = [{"page": 1, "start": 0, "end": cut}, {"page": 2, "start": cut, "end": len(DOC)}]
+    chunks = chunk_text(DOC, doc_id="d1", max_chars=200, overlap_chars=0, pages=pages)
+    assert {c.pages for c in chunks} == {(1,), (2,)}
+    assert all(c.pages == ((1,) if c.end <= cut else (2,)) for c in chunks)
+    spanning = chunk_text(
+        DOC,
+        doc_id="d1",
+        max_chars=5000,
+        overlap_chars=0,
+        pages=[*pages[:1], {"page": 2, "start": 100, "end": len(DOC)}],
+    )
+    assert spanning[0].pages == (1, 2)
+    assert Chunk.from_dict(json.loads(json.dumps(spanning[0].to_dict()))) == spanning[0]
+
+
+# --- strategies ---------------------------------------------------------------------------------
+
+REPORT = """# Harbour Lights of the North Coast
+
+By Anna Roth and Jon Berg
+
+Published: 12 March 2021
+
+The North Coast has seven working lighthouses. A lighthouse keeper is a person who tends the lamp
+and keeps the log.
+
+## Construction
+
+The Velmora tower was built in 1847 on the northern cape of Tarn Island. The Tarn Harbour Board
+paid 4,000 pounds for the granite. Masons from Aberdeen finished the lantern room in 1849.
+
+The tower was painted red because fishermen could not see the white stone in fog. Keepers trimmed
+the wick by hand every four hours.
+
+## Automation
+
+The station was automated in March 1971. Engineers replaced the lamp by installing an electric
+beacon. Jon Berg wrote the final keeper's log in 1971.
+
+The old Fresnel lens is kept in the museum at Velmora.
+"""
+
+
+@pytest.fixture(scope="module")
+def report():
+    return make_pairs(REPORT, "r1", title="harbour-lights.pdf")
+
+
+def _questions(pairs, strategy):
+    return {p.question: p for p in pairs if p.strategy == strategy}
+
+
+def test_every_strategy_contributes_and_each_pair_names_its_rule(report):
+    """All rule sets fire on a varied document; strategy names are those of strategies.RULES."""
+    pairs, _, stats = report
+    rules = {r for names in RULES.values() for r in names}
+    assert {p.strategy for p in pairs} <= rules
+    assert set(stats["by_strategy"]) >= {
+        "heading", "definition", "date", "number", "entity", "who", "what", "when", "where", "why", "how",
+        "summary", "section_summary", "metadata", "vague", "paraphrase",
+    }  # fmt: skip
+    assert set(ALL_STRATEGIES) == set(RULES)
+
+
+def test_strategies_can_be_chosen_one_at_a_time():
+    """A subset of strategies makes only their rules' pairs; an unknown name is an error."""
+    pairs, _, _ = make_pairs(REPORT, "r1", strategies=["definition"])
+    assert {p.strategy for p in pairs} == {"definition"}
+    pairs, _, _ = make_pairs(REPORT, "r1", strategies=["wh", "paraphrase"])
+    assert {p.strategy for p in pairs} <= {*RULES["wh"], "paraphrase"}
+    with pytest.raises(ValueError, match="unknown QA strategies"):
+        make_pairs(REPORT, "r1", strategies=["quizz"])
+
+
+def test_who_what_when_where_why_and_how_questions_ask_about_each_fact(report):
+    """Each question word gets its question from the sentence that answers it."""
+    pairs, _, _ = report
+    expected = {
+        "who": (
+            "Who wrote the final keeper's log in 1971?",
+            "Jon Berg wrote the final keeper's log in 1971.",
+        ),
+        "what": ("What was automated in March 1971?", "The station was automated in March 1971."),
+        "when": (
+            "When did Jon Berg write the final keeper's log?",
+            "Jon Berg wrote the final keeper's log in 1971.",
+        ),
+        "where": (
+            "Where was the Velmora tower built?",
+            "The Velmora tower was built in 1847 on the northern cape of",
+        ),
+        "why": (
+            "Why was the tower painted red?",
+            "The tower was painted red because fishermen could not see",
+        ),
+        "how": (
+            "How did engineers replace the lamp?",
+            "Engineers replaced the lamp by installing an electric",
+        ),
+    }
+    for rule, (question, answer) in expected.items():
+        got = _questions(pairs, rule)
+        assert question in got, (rule, sorted(got))
+        assert got[question].answer.replace("\n", " ").startswith(answer)
+    assert "When did masons from Aberdeen finish the lantern room?" in _questions(pairs, "when")
+
+
+@pytest.mark.parametrize(
+    ("past", "base"),
+    [
+        ("installed", "install"), ("lit", "light"), ("wrote", "write"), ("stopped", "stop"),
+        ("created", "create"), ("located", "locate"), ("carried", "carry"), ("moved", "move"),
+        ("decided", "decide"), ("caused", "cause"), ("named", "name"), ("opened", "open"),
+        ("changed", "change"), ("focused", "focus"), ("passed", "pass"), ("added", "add"),
+    ],
+)  # fmt: skip
+def test_past_tenses_are_turned_back_into_base_forms(past, base):
+    """The small morphology behind "When did X <verb> ...?" handles regular and irregular verbs."""
+    assert lemma(past) == base
+
+
+def test_metadata_questions_come_from_the_first_lines(report):
+    """Title, authors and date are asked about when the document's first lines state them."""
+    pairs, chunks, _ = report
+    got = {p.question: p.answer for p in _questions(pairs, "metadata").values()}
+    assert got == {
+        "What is the title of the document?": "Harbour Lights of the North Coast",
+        "Who wrote Harbour Lights of the North Coast?": "Anna Roth and Jon Berg",
+        "When was Harbour Lights of the North Coast published?": "12 March 2021",
+    }
+    # the byline and date are metadata, not facts for the other rules to quote
+    assert not any(p.answer.startswith(("By Anna", "Published")) for p in pairs if p.strategy != "metadata")
+
+
+def test_summaries_come_at_three_lengths_and_one_walks_every_section(report):
+    """One sentence, short and detailed summaries grow in length; the walk draws on every section."""
+    pairs, chunks, _ = report
+    got = _questions(pairs, "summary")
+    title = "Harbour Lights of the North Coast"
+    one = got[f"Can you summarize {title} in one sentence?"].answer
+    short = got[f"Can you give a short summary of {title}?"].answer
+    detailed = got[f"Can you give a detailed summary of {title}?"].answer
+    assert len(one) <= 250 < len(detailed) and len(one) < len(short) <= len(detailed) <= 800
+    assert len(split_sentences(one)) == 1
+    walk = got["Can you summarize the whole document, section by section?"]
+    assert {walk.chunk_id, *walk.sources} == {c.chunk_id for c in chunks}
+
+
+def test_each_section_gets_a_summary_of_its_own_sentences(report):
+    """A section summary quotes two or more sentences of that section only."""
+    pairs, chunks, _ = report
+    got = _questions(pairs, "section_summary")
+    assert set(got) == {
+        "Can you summarize the section on Construction?",
+        "Can you summarize the section on Automation?",
+    }
+    construction = got["Can you summarize the section on Construction?"]
+    section = next(c for c in chunks if c.heading == "Construction")
+    assert construction.chunk_id == section.chunk_id and len(split_sentences(construction.answer)) >= 2
+
+
+def test_vague_questions_use_the_title_a_person_would_know(report):
+    """ "What is <title> about?" and friends, answered with the document's central sentences."""
+    pairs, _, _ = report
+    got = _questions(pairs, "vague")
+    assert "What is Harbour Lights of the North Coast about?" in got
+    assert (
+        got["What topics does Harbour Lights of the North Coast cover?"].answer == "Construction; Automation"
+    )
+    untitled = "\n\n".join(REPORT.split("\n\n")[3:6])  # no heading: the document's name stands in
+    pairs, _, _ = make_pairs(untitled, "r2", title="uploads/harbour_lights-2021.pdf", strategies=["vague"])
+    assert "What is harbour lights 2021 about?" in {p.question for p in pairs}
+
+
+@pytest.mark.parametrize(
+    ("name", "title"),
+    [
+        ("harbour_lights-2021.pdf", "harbour lights 2021"),
+        ("https://example.org/guides/keeping-the-light.html?x=1", "keeping the light"),
+        ("Annual Report.docx", "Annual Report"),
+        ("3f9a1c77e0b24d5a.pdf", None),
+        ("", None),
+        ("___.txt", None),
+    ],
+)
+def test_document_names_become_titles_only_when_they_read_like_one(name, title):
+    """File names lose extension and separators; ids and empty names give no title."""
+    assert clean_title(name) == title
+
+
+def test_each_question_gets_two_paraphrases_with_the_same_answer_and_source(report):
+    """Paraphrases reword the question, keep answer and chunk, and point at their original."""
+    pairs, _, _ = report
+    by_id = {p.pair_id: p for p in pairs}
+    variants = [p for p in pairs if p.strategy == "paraphrase"]
+    assert variants
+    per_original = Counter(p.variant_of for p in variants)
+    assert max(per_original.values()) == 2
+    for v in variants:
+        original = by_id[v.variant_of]
+        assert v.question != original.question and v.question.endswith("?")
+        assert (v.answer, v.chunk_id, v.sources) == (original.answer, original.chunk_id, original.sources)
+    assert paraphrases("How tall is the tower?", "The tower is 42 metres tall.", strategy="number") == [
+        "What is the height of the tower?",
+        "Do you know how tall the tower is?",
+    ]
+    assert paraphrases("What is the Velmora Lighthouse?", strategy="definition") == [
+        "Can you explain what the Velmora Lighthouse is?",
+        "What is meant by the Velmora Lighthouse?",
+    ]
+    assert len(paraphrases("How many storms does the text give for the station?")) == 2
+
+
+def test_page_notices_and_bylines_are_not_prose():
+    """ "Enable JavaScript" notices and byline/date lines are not sentences to ask about."""
+    assert is_metadata_line("By Anna Roth and Jon Berg") and is_metadata_line("Published: 12 March 2021")
+    assert not is_metadata_line("By 1902, the keeper had installed a new lens.")
+    text = "Please enable JavaScript to view this page. You need to enable JavaScript to run this app."
+    pairs, _, stats = make_pairs(text * 3, "d")
+    assert pairs == [] and "not enough text to learn from" in stats["error"]
