@@ -45,7 +45,7 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
     started = time.monotonic()
     sid, tenant = item.session_id, item.tenant
     docs = [d for d in rec.documents if d.status == D.DOCUMENT_STATUS_READY]
-    all_pairs, all_chunks = [], []
+    all_pairs, all_chunks, reasons = [], [], []
     stats = session_pb2.QAStats()
     for i, doc in enumerate(docs):
         await events.progress(
@@ -56,7 +56,14 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
             all_pairs += provided_pairs(rows, doc.doc_id)
             continue
         text = (await rt.io(rt.store.get_bytes, keys.doc_text(tenant, sid, doc.doc_id))).decode("utf-8")
-        pairs, chunks, doc_stats = await rt.io(make_pairs, text, doc.doc_id, doc.name)
+        try:
+            pages = await rt.io(rt.store.get_json, keys.doc_pages(tenant, sid, doc.doc_id))
+        except NotFound:
+            pages = None
+        pairs, chunks, doc_stats = await rt.io(make_pairs, text, doc.doc_id, doc.name, pages=pages)
+        if doc_stats.get("error"):
+            log.info("%s: %s", doc.name, doc_stats["error"])
+            reasons.append(f"{doc.name}: {doc_stats['error']}")
         all_pairs += [p.to_dict() for p in pairs]
         all_chunks += [dataclasses.asdict(c) for c in chunks]
         stats.chunks += doc_stats.get("chunks", len(chunks))
@@ -72,6 +79,7 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
         raise InvalidArgument(
             f"not enough text to learn from: {len(all_pairs)} question-answer pairs came out of the "
             f"documents, at least {rt.settings.min_pairs} are needed"
+            + (f" ({'; '.join(reasons)})" if reasons else "")
         )
     await rt.io(
         rt.store.put_bytes,
