@@ -452,3 +452,16 @@ def test_the_web_ui_learns_from_pasted_text_and_chats_in_a_real_browser(stack):
             assert page.text_content(".msg.user").startswith("You: When was")
         finally:
             browser.close()
+
+
+def test_a_document_with_almost_no_text_fails_with_not_enough_text(stack):
+    """One short line is accepted as input but the session ends FAILED at generation with
+    'not enough text to learn from' — no pairs are invented from nothing."""
+    _, base = stack
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
+        sid = c.post("/api/v1/sessions", json={"text": "Welcome to our website, please enable JavaScript."}).json()["session_id"]
+        sess = wait_state(c, sid, {"FAILED", "TRAINING", "READY"})
+        assert sess["state"] == "SESSION_STATE_FAILED", sess
+        assert sess["error"]["stage"] == "STAGE_QAGEN"
+        assert "not enough text to learn from" in sess["error"]["message"]
+        assert c.get(f"/api/v1/sessions/{sid}/qa").status_code == 409
