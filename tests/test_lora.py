@@ -21,6 +21,8 @@ from services.trainer.lora import (
 )
 from tests.test_model import real_tokenizer, tiny_llama
 
+torch.set_num_threads(1)  # two cores shared by everyone: a tiny model gains nothing from threads
+
 # peft 0.21 calls a transformers method that transformers 5 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -53,7 +55,7 @@ def trained(tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter")
     reports = []
     base = tiny_llama(len(tokenizer))
-    cfg = LoraTrainConfig(epochs=4, min_steps=0, progress_interval_s=0.0, **FAST)
+    cfg = LoraTrainConfig(epochs=4, min_steps=0, progress_interval_s=0.0, eval_max_new_tokens=8, **FAST)
     metrics = train_lora(base, tokenizer, PAIRS, out, cfg, progress=reports.append, eval_pairs=PAIRS[:2])
     return {"out": out, "metrics": metrics, "reports": reports, "cfg": cfg}
 

@@ -356,8 +356,8 @@ def train_lora(
     The caller's `model` is borrowed: LoRA layers are injected for the run and removed afterwards
     (also on error or cancel), so it comes back with its weights, requires_grad flags and
     train/eval mode as they were, ready for the next adapter. The global RNG state is untouched.
-    One run at a time per model object; cancelling takes effect within one step (~1-3 s for the
-    135M default on two CPU cores).
+    One run at a time per model object; cancelling takes effect within one step (2-5 s for the
+    135M default on two CPU cores, batches of 4).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -381,15 +381,17 @@ def train_lora(
         total_steps = max(1, cfg.min_steps, math.ceil(cfg.epochs * batches_per_epoch))
     device = next(model.parameters()).device
     model_id = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    amp = autocast_dtype(cfg.precision, device)
     plan = _Plan(
         batch_size=batch_size,
         total_steps=total_steps,
         warmup_steps=math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio > 0 else 0,
         batches_per_epoch=batches_per_epoch,
         device=device,
-        amp=autocast_dtype(cfg.precision, device),
+        amp=amp,
         kind=attention_kind(model),
-        run_id=ckpt.fingerprint(examples, asdict(cfg), total_steps, model_id),
+        # "auto" precision may resolve differently on another replica: the resolved one counts
+        run_id=ckpt.fingerprint(examples, asdict(cfg), total_steps, f"{model_id}|{amp}"),
         rng_devices=[device.index if device.index is not None else torch.cuda.current_device()]
         if device.type == "cuda"
         else [],
@@ -494,7 +496,7 @@ def _run(
     )
 
     losses: list[float] = []
-    tokens = label_tokens = 0
+    tokens = label_tokens = computed_tokens = 0
     prior_seconds = 0.0
     start_step = 0
     if resume is not None:
@@ -509,6 +511,7 @@ def _run(
             torch.cuda.set_rng_state(state, index)
         losses = [float(x) for x in resume["losses"]]
         tokens, label_tokens = int(resume["tokens"]), int(resume["label_tokens"])
+        computed_tokens = int(resume.get("computed_tokens", 0))
         prior_seconds = float(resume["seconds"])
         log.info("resuming LoRA training at step %d/%d", start_step, total_steps)
 
@@ -525,6 +528,7 @@ def _run(
             "losses": list(losses),
             "tokens": tokens,
             "label_tokens": label_tokens,
+            "computed_tokens": computed_tokens,
             "seconds": prior_seconds + time.monotonic() - started,
         }
 
@@ -563,8 +567,9 @@ def _run(
         value = float(loss.detach())
         losses.append(value)
         since_report.append(value)
-        tokens += batch.tokens
-        run_tokens += batch.tokens
+        tokens += batch.example_tokens
+        run_tokens += batch.example_tokens
+        computed_tokens += batch.tokens
         label_tokens += batch.label_tokens
         now = time.monotonic()
         done = step + 1
@@ -633,6 +638,8 @@ def _run(
         "trainable_params": trainable,
         "tokens": tokens,
         "label_tokens": label_tokens,
+        # tokens the model ran: fewer than `tokens`, as each step's shared prompt prefix runs once
+        "computed_tokens": computed_tokens,
         "seconds": seconds,
         "tokens_per_s": run_tokens / run_seconds if run_seconds > 0 else 0.0,
         "final_loss": losses[-1],

@@ -1,4 +1,5 @@
-"""Sequence packing: the examples of one step concatenated into a single row, no padding.
+"""Sequence packing: the examples of one step concatenated into a single row, no padding, and
+the prefix they all share (the chat template's system prompt and user header) run once.
 
 Each example keeps its own positions (0, 1, 2, ... from its first token) and sees only its own
 earlier tokens: a block-diagonal causal mask for the eager and SDPA attention implementations,
@@ -39,10 +40,13 @@ class PackedBatch:
     attention_mask: torch.Tensor | None  # (1, 1, L, L), or None where position ids suffice
     loss_positions: torch.Tensor  # (n,) positions p whose next token p + 1 carries a label
     targets: torch.Tensor  # (n,) those labels
-    segments: list[tuple[int, int]]  # [start, end) of each example in the row
+    segments: list[tuple[int, int]]  # [start, end) of each example's own tokens in the row
+    prefix: int = 0  # tokens at the row's start that every example shares
+    example_tokens: int = 0  # the examples' own lengths summed: the data tokens this row trains on
 
     @property
     def tokens(self) -> int:
+        """Tokens the model actually runs: the row's length."""
         return int(self.input_ids.shape[1])
 
     @property
@@ -63,22 +67,51 @@ def attention_kind(model: Any) -> str:
 
 
 def block_causal_mask(
-    lengths: Sequence[int], kind: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+    lengths: Sequence[int],
+    kind: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    prefix: int = 0,
 ) -> torch.Tensor:
-    """A (1, 1, L, L) mask letting each token see the tokens of its own example up to itself.
+    """A (1, 1, L, L) mask, L = prefix + sum(lengths), letting each token see the tokens of its own
+    example up to itself and the `prefix` tokens that open the row, which every example shares.
 
     kind "bool": True where attention is allowed (what SDPA takes); "additive": 0 there and the
     dtype's most negative value elsewhere (what eager attention adds to the scores).
     """
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    seg = torch.cat(
+        [
+            torch.full((prefix,), -1, dtype=torch.long, device=device),
+            torch.repeat_interleave(
+                torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+            ),
+        ]
+    )
     n = seg.numel()
     idx = torch.arange(n, device=device)
-    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+    allowed = ((seg[:, None] == seg[None, :]) | (seg[None, :] == -1)) & (idx[None, :] <= idx[:, None])
     if kind == "bool":
         return allowed[None, None]
     mask = torch.zeros((n, n), dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def shared_prefix_length(examples: Sequence[Tokenized], minimum: int = 2) -> int:
+    """Length of the token prefix all `examples` share (the chat template's system prompt and user
+    header, typically), stopping before the token ahead of the first label of any of them, so no
+    shared position ever predicts a label. 0 when shorter than `minimum` or for one example."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    limit = min(len(e.input_ids) for e in examples)
+    for e in examples:
+        labelled = next((i for i, lab in enumerate(e.labels) if lab != IGNORE_INDEX), len(e.labels))
+        limit = min(limit, labelled - 1)
+    p = 0
+    while p < limit and all(e.input_ids[p] == first[p] for e in examples):
+        p += 1
+    return p if p >= minimum else 0
 
 
 def pack(
@@ -87,33 +120,42 @@ def pack(
     kind: str = "bool",
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    share_prefix: bool = True,
 ) -> PackedBatch:
-    """Concatenate `examples` into one row with restarting positions and a block-causal mask."""
+    """Concatenate `examples` into one row with their own positions and a block-causal mask.
+
+    With `share_prefix` (and a mask to express it), the tokens that open every example are put in
+    the row once, and each example continues from them at the positions it would have alone: the
+    prefix's states do not depend on what follows it (causal attention), so every example's
+    logits, and the summed gradients, are those of the examples run separately.
+    """
     if not examples:
         raise ValueError("nothing to pack")
     device = torch.device(device)
-    ids: list[int] = []
-    positions: list[int] = []
+    p = shared_prefix_length(examples) if share_prefix and kind != "positions" else 0
+    ids: list[int] = list(examples[0].input_ids[:p])
+    positions: list[int] = list(range(p))
     loss_positions: list[int] = []
     targets: list[int] = []
     segments: list[tuple[int, int]] = []
     for e in examples:
         start = len(ids)
         n = len(e.input_ids)
-        ids.extend(e.input_ids)
-        positions.extend(range(n))
+        ids.extend(e.input_ids[p:])
+        positions.extend(range(p, n))
         # a label at an example's first position has nothing of its own before it: skipped, so no
-        # token is ever predicted from the previous example
-        for i in range(1, n):
+        # token is ever predicted from the previous example (nor, by the prefix's limit, from the
+        # shared prefix)
+        for i in range(max(1, p + 1), n):
             if e.labels[i] != IGNORE_INDEX:
-                loss_positions.append(start + i - 1)
+                loss_positions.append(start + i - 1 - p)
                 targets.append(e.labels[i])
-        segments.append((start, start + n))
+        segments.append((start, start + n - p))
     lengths = [end - start for start, end in segments]
     if kind == "positions" or len(examples) == 1:
         mask = None  # one example: the model's own causal mask is the same thing
     else:
-        mask = block_causal_mask(lengths, kind, dtype, device)
+        mask = block_causal_mask(lengths, kind, dtype, device, prefix=p)
     return PackedBatch(
         input_ids=torch.tensor([ids], dtype=torch.long, device=device),
         position_ids=torch.tensor([positions], dtype=torch.long, device=device),
@@ -121,6 +163,8 @@ def pack(
         loss_positions=torch.tensor(loss_positions, dtype=torch.long, device=device),
         targets=torch.tensor(targets, dtype=torch.long, device=device),
         segments=segments,
+        prefix=p,
+        example_tokens=sum(len(e.input_ids) for e in examples),
     )
 
 
