@@ -99,6 +99,7 @@ class Settings:
     train_lr: float = 1e-3
     train_lora_rank: int = 8
     train_seed: int = 1234
+    train_precision: str = "auto"  # auto (bf16 where the CPU multiplies it natively, CUDA bf16) | fp32 | bf16
 
     # inference
     inference_max_new_tokens: int = 128
