@@ -101,7 +101,7 @@ class LoraTrainConfig:
             values["alpha"] = 2 * settings.train_lora_rank
         if settings.train_epochs != defaults.train_epochs:
             values["epochs"] = settings.train_epochs
-        precision = getattr(settings, "train_precision", None)  # a setting other code may add
+        precision = settings.train_precision
         if precision:
             values["precision"] = precision
         values.update(overrides)
