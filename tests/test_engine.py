@@ -2,6 +2,7 @@
 
 References come from transformers' own `generate` on a fresh copy of the base (with the one adapter
 loaded alone through PEFT), so the engine is checked against an independent implementation.
+Batching across requests is tested in test_inference_batching.py, with these fixtures.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ CHAT = [
 ]
 N = 24  # new tokens per reference answer
 GREEDY = GenerationParams(max_new_tokens=N)
-WORKER = "doclora-generate"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -137,11 +137,17 @@ class Fetch:
 
 @pytest.fixture
 def make_engine(tokenizer, adapter_dirs):
-    def make(capacity: int = 2) -> tuple[ChatEngine, Fetch]:
-        fetch = Fetch(adapter_dirs)
-        return ChatEngine(tiny_base(tokenizer), tokenizer, AdapterCache(fetch, capacity), "cpu"), fetch
+    made: list[ChatEngine] = []
 
-    return make
+    def make(capacity: int = 2, **kwargs) -> tuple[ChatEngine, Fetch]:
+        fetch = Fetch(adapter_dirs)
+        engine = ChatEngine(tiny_base(tokenizer), tokenizer, AdapterCache(fetch, capacity), "cpu", **kwargs)
+        made.append(engine)
+        return engine, fetch
+
+    yield make
+    for engine in made:
+        engine.close()
 
 
 @pytest.fixture
@@ -172,8 +178,18 @@ def reference(tokenizer, adapter_dirs):
     return answers
 
 
-def workers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == WORKER and t.is_alive()]
+def idle(engine: ChatEngine) -> bool:
+    """No request left anywhere in the engine: none preparing, queued or in the batch, no adapter pinned."""
+    return not any(engine.scheduler.counts().values()) and not engine.adapters.pinned()
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
 
 
 # --------------------------------------------------------------------------- streaming and adapters
@@ -246,36 +262,37 @@ def test_lru_evicts_the_least_recently_used_adapter_and_reloads_it_on_demand(mak
 # --------------------------------------------------------------------------- stopping
 
 
-def test_setting_cancel_stops_generation_before_the_next_token(engine):
-    """Cancel set while the consumer holds a piece ends the stream at once, finish reason cancelled."""
+def test_setting_cancel_ends_the_stream_at_once_and_the_request_soon_after(engine):
+    """Cancel set while the consumer holds a piece: no further piece, finish reason cancelled, engine idle."""
     cancel, stats = threading.Event(), ChatStats()
-    stream = engine.stream_chat(CHAT, "a", GenerationParams(max_new_tokens=500), cancel=cancel, stats=stats)
+    stream = engine.stream_chat(CHAT, "a", GenerationParams(max_new_tokens=900), cancel=cancel, stats=stats)
     for _ in range(3):
         next(stream)
-    tokens = stats.completion_tokens
     cancel.set()
     assert list(stream) == []
-    assert stats.completion_tokens == tokens < 10 and stats.finish_reason == "cancelled"
+    assert stats.finish_reason == "cancelled" and stats.completion_tokens < 900
+    assert idle(engine)
 
 
 def test_cancel_from_another_thread_stops_a_long_generation_promptly(engine):
-    """A cancel set by another thread mid-generation ends the stream within a token or two."""
+    """A cancel set by another thread mid-generation takes the request out within a step or two."""
     cancel, stats, tokens_at_cancel = threading.Event(), ChatStats(), []
     params = GenerationParams(max_new_tokens=950, temperature=1.0, seed=3)
 
     def cancel_soon() -> None:
-        while stats.completion_tokens < 5:
-            time.sleep(0.001)
-        tokens_at_cancel.append(stats.completion_tokens)
+        wait_until(lambda: stats.completion_tokens >= 5)
         cancel.set()
+        tokens_at_cancel.append(stats.completion_tokens)
 
     helper = threading.Thread(target=cancel_soon)
     helper.start()
     pieces = list(engine.stream_chat(CHAT, None, params, cancel=cancel, stats=stats))
     helper.join()
     assert stats.finish_reason == "cancelled" and pieces
-    # counted in tokens, not seconds, so a busy machine can't make it flaky
-    assert stats.completion_tokens - tokens_at_cancel[0] <= 2
+    # counted in tokens, not seconds, so a busy machine can't make it flaky: at most the step that
+    # was already running when cancel was set
+    assert stats.completion_tokens - tokens_at_cancel[0] <= 1
+    assert idle(engine)
 
 
 def test_a_request_cancelled_before_it_starts_yields_nothing(engine):
@@ -396,11 +413,11 @@ async def test_async_stream_yields_the_same_pieces_as_the_sync_stream(engine, re
         pieces = [p async for p in engine.astream_chat(CHAT, adapter, GREEDY, stats=stats)]
         assert "".join(pieces) == reference[adapter] and len(pieces) > 1
         assert stats.finish_reason == "length"
-    assert not workers()
+    assert idle(engine)
 
 
-async def test_async_stream_stops_the_worker_thread_when_the_consumer_breaks_early(engine, reference):
-    """Closing the async stream after two pieces cancels generation and joins the worker first."""
+async def test_closing_the_async_stream_early_takes_the_request_out_of_the_batch(engine, reference):
+    """Closing the async stream after two pieces cancels generation and waits until it has stopped."""
     stats = ChatStats()
     params = GenerationParams(max_new_tokens=900, temperature=1.0, seed=1)
     async with contextlib.aclosing(engine.astream_chat(CHAT, "a", params, stats=stats)) as stream:
@@ -409,25 +426,25 @@ async def test_async_stream_stops_the_worker_thread_when_the_consumer_breaks_ear
             got += 1
             if got == 2:
                 break
-    assert not workers()
-    assert stats.finish_reason == "cancelled" and stats.completion_tokens < 100
+    assert idle(engine)  # the request left the batch before aclose returned
+    assert stats.finish_reason == "cancelled" and stats.completion_tokens < 900
     # the model is free again: the next chat runs to completion
     assert "".join([p async for p in engine.astream_chat(CHAT, "a", GREEDY)]) == reference["a"]
 
 
-async def test_an_abandoned_async_stream_stops_its_worker_thread(engine):
-    """Breaking out without closing lets asyncio finalize the stream, which stops the worker."""
+async def test_an_abandoned_async_stream_stops_its_generation(engine):
+    """Breaking out without closing lets asyncio finalize the stream, which cancels the request."""
     stats = ChatStats()
     async for _ in engine.astream_chat(CHAT, None, GenerationParams(max_new_tokens=900), stats=stats):
         break
     gc.collect()
     deadline = time.monotonic() + 5
-    while workers() and time.monotonic() < deadline:
+    while not (idle(engine) and stats.finish_reason) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    assert not workers() and stats.finish_reason == "cancelled"
+    assert idle(engine) and stats.finish_reason == "cancelled" and stats.completion_tokens < 900
 
 
-async def test_cancelling_the_consuming_task_stops_the_worker_thread(engine):
+async def test_cancelling_the_consuming_task_stops_its_generation(engine):
     """A cancelled task that was reading the stream leaves no generation running."""
     stats, got = ChatStats(), []
 
@@ -441,32 +458,32 @@ async def test_cancelling_the_consuming_task_stops_the_worker_thread(engine):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert not workers() and stats.finish_reason == "cancelled"
+    assert idle(engine) and stats.finish_reason == "cancelled"
 
 
 async def test_async_stream_raises_not_found_for_an_unknown_adapter(engine):
-    """Errors from the worker thread are raised in the consumer."""
+    """Errors from preparing the request in a thread are raised in the consumer."""
     with pytest.raises(NotFound):
         async for _ in engine.astream_chat(CHAT, "missing", GREEDY):
             pass
-    assert not workers()
+    assert idle(engine)
 
 
-async def test_async_stream_rejects_bad_params_without_starting_a_thread(engine):
-    """Validation errors surface on the first read, before any worker thread exists."""
+async def test_async_stream_rejects_bad_params_before_queueing(engine):
+    """Validation errors surface on the first read, before the request takes a place in the queue."""
     with pytest.raises(InvalidArgument):
         async for _ in engine.astream_chat([], None, GREEDY):
             pass
-    assert not workers()
+    assert idle(engine) and engine.scheduler.steps == 0
 
 
-def test_a_second_stream_in_the_thread_holding_the_model_fails_instead_of_hanging(engine, reference):
-    """Starting another chat while this thread still iterates one raises rather than deadlocking."""
+def test_a_second_stream_in_the_same_thread_runs_alongside_the_first(engine, reference):
+    """One thread can hold two open chats: they share the batch instead of waiting for each other."""
     first = engine.stream_chat(CHAT, "a", GREEDY)
     head = next(first)
-    with pytest.raises(RuntimeError, match="already holds the model"):
-        list(engine.stream_chat(CHAT, None, GREEDY))
+    assert "".join(engine.stream_chat(CHAT, None, GREEDY)) == reference[None]
     assert head + "".join(first) == reference["a"]
+    assert idle(engine)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """LoRA adapters on one shared base model: an LRU bounded by count, with pins for running requests.
 
-Adapters are added to a single PEFT model by name and run side by side: a forward with
-`adapter_names=[...]` applies each row's own adapter (or none, for "__base__"), so switching adapters
-costs nothing and one batch can mix them. Loading and deleting change the model's modules, so they
-happen under `lock`, which the scheduler also holds for every forward.
+Adapters are added to a single PEFT model by name and run side by side: `run(names, ...)` applies
+each row's own adapter (or none, for "__base__"), through lora.py's lean layers or PEFT's
+`adapter_names=` mixed batches, so switching adapters costs nothing and one batch can mix them.
+Loading and deleting change the model's modules, so they happen under `lock`, which every forward
+holds too.
 
 An adapter in use by a running request is pinned and never evicted: when every slot is pinned, a
 request for another adapter waits for a slot (`can_pin` says no) instead of overflowing the cache.
@@ -17,17 +18,18 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from services.common.errors import FailedPrecondition
+from services.inference import lora
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+BASE = lora.BASE  # PEFT's adapter name for "no adapter" in a mixed batch
 
 
 class AdapterCache:
@@ -47,6 +49,11 @@ class AdapterCache:
         self._names: OrderedDict[str, str] = OrderedDict()  # adapter id -> PEFT adapter name, LRU first
         self._pins: Counter[str] = Counter()  # PEFT name -> running requests using it
         self._retired: set[str] = set()  # evicted by id while pinned: deleted at the last unpin
+        # PEFT breaks with zero adapters, so the last one evicted stays in the model, unreachable,
+        # until the next one loads
+        self._orphan: str | None = None
+        self._holder = lora.PlanHolder()  # the current step's rows -> adapters, for lora.py's layers
+        self._vanilla: set[str] = set()  # PEFT names of plain-LoRA adapters (lora.is_vanilla)
         self._serial = itertools.count()
         # Held while the shared model runs or changes: forwards and adapter loading exclude each other.
         self.lock = threading.Lock()
@@ -82,15 +89,63 @@ class AdapterCache:
 
     # ---- the model a forward runs
 
+    @property
+    def row_exact(self) -> bool:
+        """Whether LoRA terms of a decode step are computed row by row (lora.PlanHolder.row_exact)."""
+        return self._holder.row_exact
+
+    @row_exact.setter
+    def row_exact(self, value: bool) -> None:
+        self._holder.row_exact = value
+
     def forward_model(self) -> torch.nn.Module:
         """The module to call: the PEFT model once an adapter was loaded, else the bare base."""
         if self._base is None:
             raise FailedPrecondition("the adapter cache has no model attached")
         return self._peft if self._peft is not None else self._base
 
-    def forward_kwargs(self, names: list[str]) -> dict[str, Any]:
-        """Extra forward arguments that give row i the adapter `names[i]` (call under `lock`)."""
-        return {} if self._peft is None else {"adapter_names": names}
+    def run(self, names: list[str], input_ids: torch.Tensor, cache: Any, **inputs: Any) -> torch.Tensor:
+        """Logits of one forward over a batch whose row i uses adapter `names[i]` ("__base__": none).
+
+        `cache` is the step's `kv.BatchKV`; `inputs` the other forward arguments, row-aligned.
+        With only vanilla LoRA adapters loaded the batch runs once through lora.py's lean layers.
+        PEFT can't mix other kinds (DoRA, say) in one batch, so while one is loaded the batch runs
+        as one forward per adapter, each the way PEFT runs that adapter alone.
+        """
+        with self.lock:
+            model = self.forward_model()
+            if self._peft is None:
+                return model(input_ids=input_ids, cache=cache, **inputs).logits
+            if set(self._peft.peft_config) <= self._vanilla:
+                holder = self._holder
+                holder.plan = lora.Plan.of(names, input_ids.device)
+                holder.base_only = holder.plan is None
+                try:
+                    return model(input_ids=input_ids, cache=cache, **inputs).logits
+                finally:
+                    holder.plan, holder.base_only = None, False
+            groups: dict[str, list[int]] = {}
+            for i, name in enumerate(names):
+                groups.setdefault(name, []).append(i)
+            logits = None
+            for name, rows in groups.items():
+                idx = torch.tensor(rows, device=input_ids.device)
+                part = {
+                    k: v.index_select(0, idx) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
+                }
+                sub = cache.select(rows)
+                if name == BASE:
+                    with self._peft.disable_adapter():
+                        out = model(input_ids=input_ids.index_select(0, idx), cache=sub, **part).logits
+                else:
+                    if self._peft.active_adapter != name:
+                        with _normal_tensors():
+                            self._peft.set_adapter(name, inference_mode=True)
+                    out = model(input_ids=input_ids.index_select(0, idx), cache=sub, **part).logits
+                if logits is None:
+                    logits = out.new_empty((len(names), *out.shape[1:]))
+                logits.index_copy_(0, idx, out)
+            return logits
 
     # ---- requests
 
@@ -173,6 +228,9 @@ class AdapterCache:
             ) from exc
         self._names[adapter_id] = name
         log.info("loaded adapter %s as %s in %.2fs", adapter_id, name, time.perf_counter() - started)
+        if self._orphan is not None:
+            orphan, self._orphan = self._orphan, None
+            self._delete(orphan)
         # load first, then evict: the cache never drops to zero adapters, which PEFT handles poorly
         self._shrink(keep=name)
         return name
@@ -189,29 +247,52 @@ class AdapterCache:
             log.info("evicted adapter %s", old_id)
 
     def _delete(self, name: str) -> None:
-        self._peft.delete_adapter(name)
+        if set(self._peft.peft_config) == {name}:
+            self._orphan = name
+            return
+        with _normal_tensors():
+            self._peft.delete_adapter(name)
+        self._vanilla.discard(name)
 
     def _add(self, folder: Path, name: str) -> None:
         from peft import PeftModel
 
         device = str(next(self._base.parameters()).device)
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(
-                self._base, str(folder), adapter_name=name, is_trainable=False, torch_device=device
-            )
-        else:
-            self._peft.load_adapter(str(folder), adapter_name=name, is_trainable=False, torch_device=device)
-        self._peft.eval()
+        with _normal_tensors():
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(
+                    self._base, str(folder), adapter_name=name, is_trainable=False, torch_device=device
+                )
+            else:
+                self._peft.load_adapter(
+                    str(folder), adapter_name=name, is_trainable=False, torch_device=device
+                )
+            self._peft.eval()
+        lora.patch(self._peft, self._holder)
+        if lora.is_vanilla(self._peft, name):
+            self._vanilla.add(name)
 
     def _discard(self, name: str) -> None:
         """Remove what a failed load left behind, so base chat and other adapters stay exact."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         if self._peft is not None and name in self._peft.peft_config:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), _normal_tensors():
                 self._peft.delete_adapter(name)
             return
         # a failed first load leaves layers in the base with no PeftModel to delete them through
-        for module in self._base.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.delete_adapter(name)
+        with _normal_tensors():
+            for module in self._base.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.delete_adapter(name)
+
+
+@contextlib.contextmanager
+def _normal_tensors() -> Iterator[None]:
+    """Outside inference mode, even when called from the scheduler's inference-mode thread.
+
+    Weights made under inference mode are "inference tensors" that PEFT can't touch later (setting
+    requires_grad on them raises), so adapters are loaded and deleted with the mode off.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield

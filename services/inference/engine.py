@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from services.inference import kv
+from services.inference import kv, quant
 from services.inference.adapters import AdapterCache
 from services.inference.scheduler import DONE, ERROR, PIECE, Request, Scheduler
 from services.inference.text import IncrementalDecoder, StopScanner
@@ -134,7 +134,8 @@ class ChatEngine:
     """Streams chat answers from a base causal LM plus the adapters of `adapters`.
 
     The engine takes the model over: it switches it to the row attention of kv.py, which only
-    works through the engine's own caches (`close` switches it back).
+    works through the engine's own caches, and with `int8` gives its linear layers int8 weights
+    (`close` undoes both). `max_batch` requests decode together, `max_queue` more may wait.
     """
 
     def __init__(
@@ -147,15 +148,22 @@ class ChatEngine:
         max_batch: int = MAX_BATCH,
         max_queue: int = MAX_QUEUE,
         prefill_chunk: int = PREFILL_CHUNK,
+        int8: bool = False,
     ):
         if not getattr(tokenizer, "chat_template", None):
             raise FailedPrecondition("the tokenizer has no chat template; use an instruct/chat model")
+        self.device = torch.device(device)
+        if int8 and self.device.type != "cpu":
+            raise InvalidArgument("int8 weights are for CPU decoding; a GPU runs the model's own dtype")
         adapters.attach(model)
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
         self.adapters = adapters
-        self.device = torch.device(device)
+        # int8 reads a quarter of the bytes per token (quant.py); answers differ slightly from fp32
+        self.int8 = int8 and quant.quantize_int8(model) > 0
+        # int8 turns tiny float differences into different roundings, so LoRA goes row by row there
+        adapters.row_exact = self.int8
         config = model.config
         self.context_size: int | None = getattr(config, "max_position_embeddings", None)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -169,6 +177,8 @@ class ChatEngine:
         """Stop the scheduler (chats still running end with Unavailable) and give the model back."""
         self.scheduler.close()
         kv.uninstall(self.model, self._attn_before)
+        if self.int8:
+            quant.dequantize(self.model)
 
     # ---- public API
 
@@ -220,13 +230,9 @@ class ChatEngine:
         # building the prompt and fetching the adapter block: a thread, which posts any error
         prepare = asyncio.ensure_future(asyncio.to_thread(self._prepare, req, clean))
 
-        async def get() -> tuple[str, Any]:
-            while True:
-                try:
-                    return await asyncio.wait_for(items.get(), _POLL_S)
-                except TimeoutError:
-                    if not self.scheduler.alive():
-                        raise Unavailable("the chat engine stopped") from None
+        # no timeout here (wait_for can swallow a cancellation in 3.11 and leaves orphan getters):
+        # every reserved request gets exactly one "done" or "error" item, even if the scheduler dies
+        get = items.get
 
         finished = False
         try:

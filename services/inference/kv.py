@@ -87,6 +87,10 @@ class BatchKV:
         for row in self.rows:
             row.advance(n)
 
+    def select(self, indices: Sequence[int]) -> BatchKV:
+        """The cache of a sub-batch made of these rows."""
+        return BatchKV([self.rows[i] for i in indices])
+
 
 def rows_attention(
     module: torch.nn.Module,
@@ -96,6 +100,8 @@ def rows_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention of each row's new queries over that row's own cache; returns [batch, new, heads, dim]."""
@@ -104,7 +110,10 @@ def rows_attention(
             f"the {ATTN_IMPLEMENTATION!r} attention needs the chat engine's cache; "
             "this model belongs to a ChatEngine and can't be called without it"
         )
-    window = getattr(module, "sliding_window", None)
+    if softcap is not None:
+        raise NotImplementedError("attention logit soft-capping (Gemma 2) is not supported by row attention")
+    # Mistral passes its window as an argument, Qwen2 and others keep it on the module
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
     gqa = query.shape[1] != key[0].shape[1]
     outs = []
     for i, (k, v) in enumerate(zip(key, value, strict=True)):

@@ -139,8 +139,8 @@ class Scheduler:
             return {
                 "reserved": self._reserved,
                 "queued": len(self._ready),
-                "prefilling": len(self._prefilling),
-                "running": len(self._running),
+                "prefilling": sum(not r.finished for r in self._prefilling),
+                "running": sum(not r.finished for r in self._running),
             }
 
     def close(self, timeout: float = 10.0) -> None:
@@ -155,26 +155,32 @@ class Scheduler:
     # ---- the loop (scheduler thread)
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not self._closed and not self._has_work():
-                        self._cond.wait()
-                    if self._closed:
-                        break
-                try:
-                    self._step()
-                except Exception as exc:  # a bug or an OOM: fail the batch, keep serving
-                    log.exception("chat batch failed")
-                    for req in self._prefilling + self._running:
-                        self._finish(req, None, exc)
-                    self._prefilling, self._running = [], []
-        with self._cond:
-            waiting = list(self._ready)
-            self._ready.clear()
-        for req in waiting + self._prefilling + self._running:
-            self._finish(req, None, Unavailable("the chat engine is shut down"))
-        self._prefilling, self._running = [], []
+        try:
+            with torch.inference_mode():
+                self._loop()
+        finally:  # closed, or died of a bug: nobody may be left waiting for an item
+            with self._cond:
+                self._closed = True
+                waiting = list(self._ready)
+                self._ready.clear()
+            for req in waiting + self._prefilling + self._running:
+                self._finish(req, None, Unavailable("the chat engine is shut down"))
+            self._prefilling, self._running = [], []
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._has_work():
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                self._step()
+            except Exception as exc:  # a bug or an OOM: fail the batch, keep serving
+                log.exception("chat batch failed")
+                for req in self._prefilling + self._running:
+                    self._finish(req, None, exc)
+                self._prefilling, self._running = [], []
 
     def _has_work(self) -> bool:
         return bool(self._running or self._prefilling or self._ready)
@@ -243,6 +249,7 @@ class Scheduler:
             self._running.append(req)
 
     def _decode(self, rows: list[Request]) -> None:
+        rows = sorted(rows, key=lambda r: r.name)  # each adapter's rows together: lora.py slices them
         logits = self._forward(rows, [[r.next_token] for r in rows], [[r.cache.length] for r in rows])
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
@@ -257,18 +264,16 @@ class Scheduler:
 
     def _forward(self, rows: list[Request], ids: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
         batch = kv.BatchKV([r.cache for r in rows])
-        with self.adapters.lock:
-            model = self.adapters.forward_model()
-            out = model(
-                input_ids=torch.tensor(ids, device=self.device),
-                position_ids=torch.tensor(positions, device=self.device),
-                cache=batch,
-                use_cache=True,
-                logits_to_keep=1,
-                **self.adapters.forward_kwargs([r.name for r in rows]),
-            )
+        logits = self.adapters.run(
+            [r.name for r in rows],
+            input_ids=torch.tensor(ids, device=self.device),
+            position_ids=torch.tensor(positions, device=self.device),
+            cache=batch,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         batch.advance(len(ids[0]))
-        return out.logits[:, -1]
+        return logits[:, -1]
 
     def _take(self, req: Request, logits: torch.Tensor, token: int | None = None) -> None:
         """Pick the request's next token from its logits and stream what it adds."""
