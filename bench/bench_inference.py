@@ -5,6 +5,10 @@ SmolLM2-135M-Instruct unless DOCLORA_BASE_MODEL says otherwise). Random-init LoR
 rank 8 on every linear layer, saved to a temp folder, stand in for trained ones. Run:
 
     .venv/bin/python bench/bench_inference.py [--tokens 64] [--threads N] [--chats 8] [--adapters 4]
+        [--formats fp32,int8]
+
+On a shared machine pass `--threads 1`: with more torch threads than idle cores, MKL's threaded
+GEMMs stall on each other and the figures mean little.
 
 It prints:
 - time to first token (TTFT) and decode tokens/s of one chat through the engine, against plain
@@ -12,7 +16,9 @@ It prints:
 - the memory-bandwidth limit: bytes of weights read per decoded token against a read bandwidth
   measured in the same run (summing a large tensor), as tokens/s;
 - cold adapter load time and memory added per cached adapter;
-- aggregate decode tokens/s with `--chats` concurrent chats over `--adapters` adapters vs one chat.
+- aggregate decode tokens/s with `--chats` concurrent chats over `--adapters` adapters vs one chat,
+  and how many of those answers are identical to the same chat run alone;
+- all of it for the engine with fp32 weights and with int8 ones (`ChatEngine(int8=True)`).
 
 End tokens are ignored in every run (the engine's and `generate`'s), so each one decodes exactly
 `--tokens` tokens. The issue's targets: decode >= 2x `generate`, TTFT <= 1.1x, aggregate >= 4x.

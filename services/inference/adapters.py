@@ -71,6 +71,27 @@ class AdapterCache:
         if isinstance(model, PeftModel):
             self._peft = model
 
+    def detach(self) -> torch.nn.Module | None:
+        """Take every adapter out of the model and unbind from it; returns the bare base model.
+
+        Nothing may be running (the engine calls this from `close`, after stopping its scheduler).
+        """
+        with self.lock:
+            base = self._base
+            if self._peft is not None:
+                with _normal_tensors():
+                    base = self._peft.unload()  # LoRA layers replaced by the layers they wrapped
+                if hasattr(base, "peft_config"):
+                    del base.peft_config
+            self._names.clear()
+            self._pins.clear()
+            self._retired.clear()
+            self._vanilla.clear()
+            self._orphan = None
+            self._peft = None
+            self._base = None
+            return base
+
     # ---- what is loaded
 
     def __contains__(self, adapter_id: object) -> bool:

@@ -5,9 +5,11 @@ forwards what `ChatEngine.astream_chat` yields.
 
 One copy of the base model per process serves every adapter through PEFT (adapters.py). Chats run
 together: a scheduler thread (scheduler.py) decodes all running requests in one forward per step,
-whatever their adapters, and newcomers join between steps; each request keeps its own KV cache
-(kv.py), so its answer is the one it would get alone. The requester's side only validates, builds
-the prompt, fetches the adapter folder and then reads text pieces as the scheduler posts them.
+whatever their adapters (lora.py), and newcomers join between steps; each request keeps its own
+KV cache (kv.py), so its answer is the one it would get alone (bit for bit with int8 weights,
+quant.py; in fp32 the CPU's matmul kernels change with the row count, so logits can move in the
+last bits). The requester's side only validates, builds the prompt, fetches the adapter folder,
+then reads the text pieces the scheduler posts.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ MAX_STOP_CHARS = 256
 PREFILL_CHUNK = 512
 MAX_BATCH = 8  # requests decoded together
 MAX_QUEUE = 64  # requests waiting for a place in the batch before new ones get RESOURCE_EXHAUSTED
-# How often a consumer waiting for a piece checks that the scheduler is still alive.
+# How often a blocking (sync) consumer waiting for a piece checks that the scheduler is alive.
 _POLL_S = 1.0
 
 
@@ -160,7 +162,7 @@ class ChatEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.adapters = adapters
-        # int8 reads a quarter of the bytes per token (quant.py); answers differ slightly from fp32
+        # int8 reads a quarter of the weight bytes per token (quant.py); answers differ from fp32's
         self.int8 = int8 and quant.quantize_int8(model) > 0
         # int8 turns tiny float differences into different roundings, so LoRA goes row by row there
         adapters.row_exact = self.int8
@@ -174,8 +176,10 @@ class ChatEngine:
         )  # fmt: skip
 
     def close(self) -> None:
-        """Stop the scheduler (chats still running end with Unavailable) and give the model back."""
+        """Stop the scheduler (chats still running end with Unavailable) and give the model back
+        as it came: no adapters, its own attention, fp32 layers."""
         self.scheduler.close()
+        self.adapters.detach()
         kv.uninstall(self.model, self._attn_before)
         if self.int8:
             quant.dequantize(self.model)

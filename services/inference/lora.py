@@ -81,14 +81,17 @@ def is_vanilla(peft_model: Any, name: str) -> bool:
 
 
 def patch(peft_model: Any, holder: PlanHolder) -> int:
-    """Give every not yet patched LoRA linear layer the lean forward; returns how many were patched."""
+    """Give every LoRA linear layer not yet bound to `holder` the lean forward; returns how many."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     count = 0
     for module in peft_model.modules():
-        if type(module) is LoraLinear and not getattr(module, "_doclora_patched", False):
-            module.forward = functools.partial(_forward, module, module.forward, holder)
-            module._doclora_patched = True
+        if type(module) is LoraLinear and getattr(module, "_doclora_holder", None) is not holder:
+            # PEFT's own forward, kept from the first patch so a re-bind never wraps a wrapper
+            peft_forward = module.__dict__.get("_doclora_peft_forward") or module.forward
+            module._doclora_peft_forward = peft_forward
+            module._doclora_holder = holder
+            module.forward = functools.partial(_forward, module, peft_forward, holder)
             count += 1
     return count
 

@@ -3,7 +3,7 @@
 Requests wait in a bounded queue (full: ResourceExhausted at once, not a pile-up). Between steps
 the scheduler drops cancelled requests, admits waiting ones up to `max_batch` (pinning their
 adapters, which may load them), runs one prefill chunk of a newcomer, then one decode step for all
-running requests together, whatever their adapters: PEFT's `adapter_names` gives each row its own.
+running requests together, whatever their adapters (`AdapterCache.run` gives each row its own).
 Each request keeps its own KV cache (`kv.RequestKV`), so joining and leaving never touch the other
 rows, and every request computes what it would alone.
 
