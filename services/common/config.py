@@ -105,6 +105,9 @@ class Settings:
     inference_max_new_tokens: int = 128
     adapter_cache_size: int = 8
     retrieval_top_k: int = 3
+    inference_max_batch: int = 8  # chats decoded together in one forward pass
+    inference_max_queue: int = 64  # more waiting than this: RESOURCE_EXHAUSTED
+    inference_int8: bool = False  # int8 weights for CPU decoding
 
     @classmethod
     def from_env(cls) -> Settings:

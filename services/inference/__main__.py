@@ -17,7 +17,12 @@ async def setup(rt):
     cache_dir = Path(rt.settings.state_dir).resolve() / "adapter-cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     adapters = AdapterCache(adapter_fetcher(rt, cache_dir), capacity=rt.settings.adapter_cache_size)
-    engine = ChatEngine(model, tokenizer, adapters, device)
+    engine = ChatEngine(
+        model, tokenizer, adapters, device,
+        max_batch=rt.settings.inference_max_batch,
+        max_queue=rt.settings.inference_max_queue,
+        int8=rt.settings.inference_int8,
+    )
 
     def register(server):
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(rt, engine), server)
