@@ -49,14 +49,54 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 
 class SessionCreate(BaseModel):
     text: str | None = Field(None, description="Pasted text to learn from.")
-    urls: list[str] = Field(default_factory=list, max_length=100, description="Links to PDF, DOCX, HTML or text.")
-    upload_ids: list[str] = Field(default_factory=list, max_length=100, description="Ids from POST /api/v1/uploads.")
+    urls: list[str] = Field(
+        default_factory=list, max_length=100, description="Links to PDF, DOCX, HTML or text."
+    )
+    upload_ids: list[str] = Field(
+        default_factory=list, max_length=100, description="Ids from POST /api/v1/uploads."
+    )
     name: str = Field("", description="Name of the bot; defaults to the source name.")
     system_prompt: str = Field("", description="System prompt used in training and chat.")
-    max_steps: int | None = Field(None, ge=1, le=100_000, description="Training steps; default from data size.")
+    max_steps: int | None = Field(
+        None, ge=1, le=100_000, description="Training steps; default from data size."
+    )
     answer_mode: Literal["both", "adapter", "retrieval"] = Field(
         "both", description="Where chat answers come from by default (see the chat `mode`)."
     )
+    qagen_backend: Literal["", "extractive", "local", "openai"] = Field(
+        "", description="QA generator; empty = the server's default."
+    )
+    strategies: list[str] = Field(
+        default_factory=list, max_length=32, description="QA strategies; empty = all."
+    )
+    review: bool = Field(False, description="Wait in AWAITING_REVIEW after generation until approved.")
+    allow_partial: bool = Field(False, description="Train even when some chunks failed generation.")
+    priority: int = Field(0, ge=-100, le=100, description="Training queue priority; higher goes first.")
+
+
+class RetrainBody(BaseModel):
+    from_scratch: bool = Field(False, description="Start from the base model, not the bot's adapter.")
+    max_steps: int | None = Field(None, ge=1, le=100_000)
+    priority: int | None = Field(None, ge=-100, le=100)
+
+
+class PairBody(BaseModel):
+    question: str = Field(max_length=2000)
+    answer: str = Field(max_length=20_000)
+    doc_id: str = ""
+
+
+class PairPatch(BaseModel):
+    question: str | None = Field(None, max_length=2000)
+    answer: str | None = Field(None, max_length=20_000)
+
+
+PAIR_FORMATS = {
+    "openai": qagen_pb2.PAIR_FORMAT_OPENAI,
+    "alpaca": qagen_pb2.PAIR_FORMAT_ALPACA,
+    "sharegpt": qagen_pb2.PAIR_FORMAT_SHAREGPT,
+}
+MAX_IMPORT_BYTES = 3 * 1024 * 1024
 
 
 class SourceBody(BaseModel):
@@ -81,8 +121,9 @@ class ChatBody(BaseModel):
     stop: list[str] | str | None = None
     seed: int | None = None
     mode: Literal["both", "adapter", "retrieval"] | None = Field(
-        None, description="Answer from the adapter reading retrieved passages (both), the adapter alone, "
-        "or the base model reading passages (retrieval); default: the bot's setting."
+        None,
+        description="Answer from the adapter reading retrieved passages (both), the adapter alone, "
+        "or the base model reading passages (retrieval); default: the bot's setting.",
     )
 
 
@@ -99,8 +140,10 @@ ANSWER_MODES = {
 }
 
 
-def session_options(system_prompt: str, max_steps: int | None, answer_mode: str = "both") -> session_pb2.SessionOptions:
-    opts = session_pb2.SessionOptions(system_prompt=system_prompt, answer_mode=answer_mode)
+def session_options(
+    system_prompt: str, max_steps: int | None, answer_mode: str = "both", **more
+) -> session_pb2.SessionOptions:
+    opts = session_pb2.SessionOptions(system_prompt=system_prompt, answer_mode=answer_mode, **more)
     if max_steps is not None:
         opts.max_steps = max_steps
     return opts
@@ -208,7 +251,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/api/v1/sessions", status_code=201, tags=["sessions"])
     async def create_session(body: SessionCreate, request: Request):
         """Create a session (a bot being learned) from pasted text."""
-        opts = session_options(body.system_prompt, body.max_steps, body.answer_mode)
+        opts = session_options(
+            body.system_prompt,
+            body.max_steps,
+            body.answer_mode,
+            qagen_backend=body.qagen_backend,
+            strategies=body.strategies,
+            review=body.review,
+            allow_partial=body.allow_partial,
+            priority=body.priority,
+        )
         sources = [session_service_pb2.Source(text=body.text)] if body.text is not None else []
         sources += [session_service_pb2.Source(url=u) for u in body.urls]
         sources += [session_service_pb2.Source(upload_id=u) for u in body.upload_ids]
@@ -221,7 +273,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         async def parts():
             yield ingest_pb2.UploadRequest(
-                header=ingest_pb2.UploadHeader(filename=f.filename or "upload", content_type=f.content_type or "")
+                header=ingest_pb2.UploadHeader(
+                    filename=f.filename or "upload", content_type=f.content_type or ""
+                )
             )
             while chunk := await f.read(UPLOAD_CHUNK):
                 yield ingest_pb2.UploadRequest(chunk=chunk)
@@ -244,6 +298,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         password: str = Form("", description="Password of encrypted PDFs among the files."),
         max_steps: int | None = Form(None, ge=1, le=100_000),
         system_prompt: str = Form(""),
+        review: bool = Form(False, description="Wait for approval of the QA pairs before training."),
+        qagen_backend: Literal["", "extractive", "local", "openai"] = Form(""),
     ):
         """Create a session from uploaded files, text and links in one multipart form."""
         c = clients(request)
@@ -252,33 +308,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for f in files:
             up = await upload(c, f)
             sources.append(session_service_pb2.Source(upload_id=up.upload_id, password=password))
-        opts = session_options(system_prompt, max_steps)
+        opts = session_options(system_prompt, max_steps, review=review, qagen_backend=qagen_backend)
         req = session_service_pb2.CreateSessionRequest(name=name, sources=sources, options=opts)
         resp = await c.sessions.CreateSession(req, timeout=c.timeout)
         return to_json(resp.session)
 
     @app.post("/api/v1/sessions/{session_id}/sources", status_code=201, tags=["sessions"])
     async def add_source(session_id: str, body: SourceBody, request: Request):
-        """Add a source to a session that is still queued."""
+        """Add a source to a session before it trains, or to a ready bot (it trains again,
+        continuing from its adapter)."""
         c = clients(request)
         src = session_service_pb2.Source(name=body.name, password=body.password)
         given = [k for k in ("text", "url", "upload_id") if getattr(body, k) is not None]
         if len(given) != 1:
             return error(400, "INVALID_ARGUMENT", "give exactly one of text, url, upload_id")
         setattr(src, given[0], getattr(body, given[0]))
-        resp = await c.ingest.AddSource(ingest_pb2.AddSourceRequest(session_id=session_id, source=src), timeout=c.timeout)
+        resp = await c.ingest.AddSource(
+            ingest_pb2.AddSourceRequest(session_id=session_id, source=src), timeout=c.timeout
+        )
         return to_json(resp.document)
 
     @app.get("/api/v1/sessions", tags=["sessions"])
     async def list_sessions(request: Request, limit: int = 100):
         c = clients(request)
-        resp = await c.sessions.ListSessions(session_service_pb2.ListSessionsRequest(limit=limit), timeout=c.timeout)
+        resp = await c.sessions.ListSessions(
+            session_service_pb2.ListSessionsRequest(limit=limit), timeout=c.timeout
+        )
         return {"sessions": [to_json(s) for s in resp.sessions]}
 
     @app.get("/api/v1/sessions/{session_id}", tags=["sessions"])
     async def get_session(session_id: str, request: Request):
         c = clients(request)
-        resp = await c.sessions.GetSession(session_service_pb2.GetSessionRequest(session_id=session_id), timeout=c.timeout)
+        resp = await c.sessions.GetSession(
+            session_service_pb2.GetSessionRequest(session_id=session_id), timeout=c.timeout
+        )
         return to_json(resp.session)
 
     @app.post("/api/v1/sessions/{session_id}/cancel", tags=["sessions"])
@@ -287,6 +350,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         resp = await c.sessions.CancelSession(
             session_service_pb2.CancelSessionRequest(session_id=session_id), timeout=c.timeout
         )
+        return to_json(resp.session)
+
+    @app.post("/api/v1/sessions/{session_id}/approve", tags=["sessions"])
+    async def approve_session(session_id: str, request: Request):
+        """Approve the reviewed QA pairs of a session awaiting review; training starts."""
+        c = clients(request)
+        resp = await c.sessions.ApproveSession(
+            session_service_pb2.ApproveSessionRequest(session_id=session_id), timeout=c.timeout
+        )
+        return to_json(resp.session)
+
+    @app.post("/api/v1/sessions/{session_id}/retrain", tags=["sessions"])
+    async def retrain_session(session_id: str, request: Request, body: RetrainBody | None = None):
+        """Train a finished session again from its stored pairs (a ready bot continues from its
+        adapter unless `from_scratch`)."""
+        c = clients(request)
+        body = body or RetrainBody()
+        req = session_service_pb2.RetrainSessionRequest(session_id=session_id, from_scratch=body.from_scratch)
+        if body.max_steps is not None or body.priority is not None:
+            req.options.SetInParent()
+            if body.max_steps is not None:
+                req.options.max_steps = body.max_steps
+            if body.priority is not None:
+                req.options.priority = body.priority
+        resp = await c.sessions.RetrainSession(req, timeout=c.timeout)
         return to_json(resp.session)
 
     @app.get("/api/v1/sessions/{session_id}/events", tags=["sessions"])
@@ -312,12 +400,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 call.cancel()
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @app.get("/api/v1/sessions/{session_id}/documents", tags=["sessions"])
     async def list_documents(session_id: str, request: Request):
         c = clients(request)
-        resp = await c.ingest.ListDocuments(ingest_pb2.ListDocumentsRequest(session_id=session_id), timeout=c.timeout)
+        resp = await c.ingest.ListDocuments(
+            ingest_pb2.ListDocumentsRequest(session_id=session_id), timeout=c.timeout
+        )
         return {"documents": [to_json(d) for d in resp.documents]}
 
     @app.get("/api/v1/sessions/{session_id}/qa", tags=["qa"])
@@ -333,10 +425,112 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "total": resp.total,
         }
 
+    @app.post("/api/v1/sessions/{session_id}/qa", status_code=201, tags=["qa"])
+    async def add_pair(session_id: str, body: PairBody, request: Request):
+        """Add a question-answer pair written by a person."""
+        c = clients(request)
+        resp = await c.qagen.AddPair(
+            qagen_pb2.AddPairRequest(
+                session_id=session_id, question=body.question, answer=body.answer, doc_id=body.doc_id
+            ),
+            timeout=c.timeout,
+        )
+        return to_json(resp.pair)
+
+    @app.patch("/api/v1/sessions/{session_id}/qa/{pair_id}", tags=["qa"])
+    async def update_pair(session_id: str, pair_id: str, body: PairPatch, request: Request):
+        """Change a pair's question and/or answer."""
+        c = clients(request)
+        req = qagen_pb2.UpdatePairRequest(session_id=session_id, pair_id=pair_id)
+        if body.question is not None:
+            req.question = body.question
+        if body.answer is not None:
+            req.answer = body.answer
+        resp = await c.qagen.UpdatePair(req, timeout=c.timeout)
+        return to_json(resp.pair)
+
+    @app.delete("/api/v1/sessions/{session_id}/qa/{pair_id}", tags=["qa"])
+    async def delete_pair(session_id: str, pair_id: str, request: Request):
+        c = clients(request)
+        resp = await c.qagen.DeletePair(
+            qagen_pb2.DeletePairRequest(session_id=session_id, pair_id=pair_id), timeout=c.timeout
+        )
+        return {"total": resp.total}
+
+    @app.get("/api/v1/sessions/{session_id}/qa/export", tags=["qa"])
+    async def export_pairs(
+        session_id: str,
+        request: Request,
+        format: Literal["openai", "alpaca", "sharegpt"] = "openai",
+        include_meta: bool = False,
+        include_system: bool = False,
+    ):
+        """The pairs as a JSON-lines file in the OpenAI chat, Alpaca or ShareGPT format."""
+        c = clients(request)
+        call = c.qagen.ExportPairs(
+            qagen_pb2.ExportPairsRequest(
+                session_id=session_id,
+                format=PAIR_FORMATS[format],
+                include_meta=include_meta,
+                include_system=include_system,
+            ),
+            timeout=c.timeout,
+        )
+        first = await call.read()  # errors (unknown session, no pairs) become HTTP statuses here
+
+        async def body():
+            msg = first
+            try:
+                while msg is not grpc.aio.EOF:
+                    yield msg.data
+                    msg = await call.read()
+            finally:
+                call.cancel()
+
+        name = f"{session_id}-{format}.jsonl"
+        return StreamingResponse(
+            body(),
+            media_type="application/x-ndjson",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    @app.post("/api/v1/sessions/{session_id}/qa/import", tags=["qa"])
+    async def import_pairs(
+        session_id: str,
+        request: Request,
+        file: UploadFile = File(...),
+        format: Literal["", "openai", "alpaca", "sharegpt"] = Form(
+            "", description="Empty: detected per line."
+        ),
+        replace: bool = Form(False, description="Replace all pairs instead of adding to them."),
+    ):
+        """Import pairs from a JSON-lines file in any of the export formats (at most 3 MiB)."""
+        data = await file.read(MAX_IMPORT_BYTES + 1)
+        if len(data) > MAX_IMPORT_BYTES:
+            return error(
+                413,
+                "RESOURCE_EXHAUSTED",
+                f"import files are limited to {MAX_IMPORT_BYTES} bytes; "
+                "upload larger QA files as a session source",
+            )
+        c = clients(request)
+        resp = await c.qagen.ImportPairs(
+            qagen_pb2.ImportPairsRequest(
+                session_id=session_id,
+                data=data,
+                replace=replace,
+                format=PAIR_FORMATS.get(format, qagen_pb2.PAIR_FORMAT_UNSPECIFIED),
+            ),
+            timeout=c.timeout,
+        )
+        return {"imported": resp.imported, "duplicates": resp.duplicates, "total": resp.total}
+
     @app.get("/api/v1/adapters/{adapter_id}", tags=["bots"])
     async def get_adapter(adapter_id: str, request: Request):
         c = clients(request)
-        resp = await c.trainer.GetAdapter(trainer_pb2.GetAdapterRequest(adapter_id=adapter_id), timeout=c.timeout)
+        resp = await c.trainer.GetAdapter(
+            trainer_pb2.GetAdapterRequest(adapter_id=adapter_id), timeout=c.timeout
+        )
         out = to_json(resp.adapter)
         out["metrics"] = json.loads(out.pop("metrics_json") or "{}")
         return out
@@ -364,18 +558,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     if msg.delta:
                         yield sse("delta", {"delta": msg.delta})
                     if msg.finish_reason:
-                        yield sse("done", {"finish_reason": finish_name(msg), "completion_tokens": msg.completion_tokens})
+                        yield sse(
+                            "done",
+                            {"finish_reason": finish_name(msg), "completion_tokens": msg.completion_tokens},
+                        )
             except grpc.aio.AioRpcError as exc:
                 yield sse("error", {"error": {"code": exc.code().name, "message": exc.details()}})
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @app.get("/v1/models", tags=["openai"])
     async def models(request: Request):
         c = clients(request)
         resp = await c.inference.ListBots(inference_pb2.ListBotsRequest(), timeout=c.timeout)
         data = [{"id": "base", "object": "model", "owned_by": "doclora", "created": 0}]
-        data += [{"id": b.bot_id, "object": "model", "owned_by": "doclora", "created": 0, "name": b.name} for b in resp.bots]
+        data += [
+            {"id": b.bot_id, "object": "model", "owned_by": "doclora", "created": 0, "name": b.name}
+            for b in resp.bots
+        ]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", tags=["openai"])
@@ -392,17 +594,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             text, last, cites = await collect(call, first)
             prompt, completion = (last.prompt_tokens, last.completion_tokens) if last else (0, 0)
             return {
-                "id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": reason_of(last) if last else "stop"}],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                          "total_tokens": prompt + completion},
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": reason_of(last) if last else "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
                 "citations": cites,
             }
 
         def chunk(delta: dict, reason: str | None) -> bytes:
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+            obj = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+            }
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
         async def stream():

@@ -93,6 +93,19 @@ class Settings:
     min_text_chars: int = 40
     min_pairs: int = 3
 
+    # QA generation
+    qagen_backend: str = "extractive"  # extractive | local | openai (a session may choose another)
+    qagen_openai_url: str = ""  # an OpenAI-compatible endpoint ending in /v1 (vLLM, Ollama, OpenAI)
+    qagen_openai_key: str = ""
+    qagen_openai_model: str = ""
+    qagen_concurrency: int = 4  # requests in flight to the endpoint
+    qagen_timeout_s: float = 60.0  # per request
+    qagen_local_model: str = ""  # model of the `local` backend; empty = the base model
+    qagen_chunk_tokens: int = 320  # chunk size in base-model tokens (characters without a tokenizer)
+    qagen_chunk_overlap: int = 40
+    qagen_eval_fraction: float = 0.1  # share of pairs held out for evaluation (whole chunks)
+    qagen_eval_min_pairs: int = 20  # fewer pairs than this: none held out (every fact is needed)
+
     # training
     train_max_steps: int = 0  # 0 = derived from epochs and data size
     train_epochs: float = 3.0

@@ -41,6 +41,11 @@ def qa_pairs(tenant: str, sid: str) -> str:
     return f"{session_prefix(tenant, sid)}qa/pairs.jsonl"
 
 
+def qa_state(tenant: str, sid: str) -> str:
+    """Which documents generation has done, and which of their chunks failed."""
+    return f"{session_prefix(tenant, sid)}qa/state.json"
+
+
 def upload(tenant: str, upload_id: str) -> str:
     """Where an upload waits until a session takes it."""
     return f"{tenant}/uploads/{upload_id}/original"

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from doclora.v1 import events_pb2
+from doclora.v1 import events_pb2, session_pb2
 from services.common import events
 from services.common.bus import Bus
 from services.common.config import Settings
+from services.common.errors import FailedPrecondition
 from services.common.sessions import STAGE_STATE, SessionRepo, stage_name
 from services.common.store import ArtifactStore
 
@@ -40,20 +42,70 @@ class Runtime:
         """Run blocking work (store calls, parsing) in a thread, off the event loop."""
         return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
 
-    async def enqueue(self, sid: str, tenant: str, stage: int) -> None:
-        """Queue `stage` for a session; a retried publish for the same stage is dropped by NATS."""
-        item = events_pb2.WorkItem(session_id=sid, tenant=tenant, stage=stage)
+    async def enqueue(self, sid: str, tenant: str, stage: int, *, round: int = 0, priority: int = 0) -> None:
+        """Queue `stage` for a session's `round`; a retried publish of the same stage and round is
+        dropped by NATS (`Nats-Msg-Id`), a later round's is not."""
+        item = events_pb2.WorkItem(session_id=sid, tenant=tenant, stage=stage, round=round, priority=priority)
         await self.bus.publish_work(
-            stage_name(stage), item.SerializeToString(), msg_id=f"{sid}:{stage_name(stage)}", session_id=sid
+            stage_name(stage),
+            item.SerializeToString(),
+            msg_id=f"{sid}:{stage_name(stage)}:{round}",
+            session_id=sid,
         )
 
-    async def handoff(self, sid: str, tenant: str, from_stage: int, to_stage: int, seconds: float) -> None:
-        """Finish `from_stage` and queue `to_stage`: event, state change, then the work message."""
+    async def enqueue_for(self, rec: session_pb2.Session, stage: int) -> None:
+        """Queue `stage` for the session's current round and priority."""
+        await self.enqueue(rec.session_id, rec.tenant, stage, round=rec.round, priority=rec.options.priority)
+
+    async def handoff(
+        self, item: events_pb2.WorkItem, from_stage: int, to_stage: int, seconds: float
+    ) -> None:
+        """Finish `from_stage` and queue `to_stage` of the same round: event, state change, then
+        the work message."""
+        sid = item.session_id
         await events.publish(
-            self.bus, sid, events_pb2.Event(finished=events_pb2.StageFinished(stage=from_stage, seconds=seconds))
+            self.bus,
+            sid,
+            events_pb2.Event(finished=events_pb2.StageFinished(stage=from_stage, seconds=seconds)),
         )
         await self.sessions.transition(
-            sid, STAGE_STATE[to_stage], allowed_from={STAGE_STATE[from_stage], STAGE_STATE[to_stage]}
+            sid,
+            STAGE_STATE[to_stage],
+            allowed_from={STAGE_STATE[from_stage], STAGE_STATE[to_stage]},
+            extra=functools.partial(check_round, round=item.round),
         )
-        await self.enqueue(sid, tenant, to_stage)
+        await self.enqueue(sid, item.tenant, to_stage, round=item.round, priority=item.priority)
 
+    async def restart(
+        self,
+        sid: str,
+        stage: int,
+        *,
+        allowed_from: set[int],
+        change: Callable[[session_pb2.Session], None] | None = None,
+    ) -> session_pb2.Session:
+        """Run the pipeline again from `stage` in a new round: work of the old round still queued or
+        running is dropped when it next looks at the record."""
+
+        def bump(r: session_pb2.Session) -> None:
+            r.round += 1
+            r.queue_position = 0
+            r.ClearField("error")
+            if change is not None:
+                change(r)
+
+        state = session_pb2.SESSION_STATE_QUEUED if stage == session_pb2.STAGE_INGEST else STAGE_STATE[stage]
+        rec = await self.sessions.transition(sid, state, allowed_from=allowed_from, extra=bump)
+        await self.enqueue_for(rec, stage)
+        return rec
+
+
+class StaleRound(FailedPrecondition):
+    """The session started a new round while this work of an older one ran; the work is dropped."""
+
+
+def check_round(rec: session_pb2.Session, round: int) -> None:
+    if rec.round != round:
+        raise StaleRound(
+            f"session {rec.session_id} moved on to round {rec.round}; dropping work of round {round}"
+        )

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from doclora.v1 import events_pb2, session_pb2
 from services.common.errors import DocloraError, Unavailable
 from services.common.logging import session_context
-from services.common.runtime import Runtime
+from services.common.runtime import Runtime, StaleRound
 from services.common.sessions import FINAL_STATES, STAGE_STATE, mark_stage, stage_name, state_name
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,10 @@ STATE_ORDER = {
     S.SESSION_STATE_AWAITING_REVIEW: 3,
     S.SESSION_STATE_TRAINING: 4,
 }
-NEXT_STAGE = {session_pb2.STAGE_INGEST: session_pb2.STAGE_QAGEN, session_pb2.STAGE_QAGEN: session_pb2.STAGE_TRAIN}
+NEXT_STAGE = {
+    session_pb2.STAGE_INGEST: session_pb2.STAGE_QAGEN,
+    session_pb2.STAGE_QAGEN: session_pb2.STAGE_TRAIN,
+}
 
 Handler = Callable[[events_pb2.WorkItem, session_pb2.Session], Awaitable[None]]
 
@@ -65,6 +68,14 @@ class StageWorker:
             except DocloraError as exc:
                 log.warning("dropping %s work for unknown session: %s", self.name, exc)
                 return
+            if item.round < rec.round:
+                log.info(
+                    "dropping %s work of round %d: the session is in round %d",
+                    self.name,
+                    item.round,
+                    rec.round,
+                )
+                return
             if rec.state in FINAL_STATES:
                 log.info("skipping %s: session is %s", self.name, state_name(rec.state))
                 return
@@ -73,12 +84,12 @@ class StageWorker:
                 # the next stage is queued (a duplicate publish is dropped) and move on.
                 nxt = NEXT_STAGE.get(self.stage)
                 if nxt is not None and rec.state == STAGE_STATE[nxt]:
-                    await self.rt.enqueue(item.session_id, item.tenant, nxt)
+                    await self.rt.enqueue(
+                        item.session_id, item.tenant, nxt, round=item.round, priority=item.priority
+                    )
                 return
             log.info("%s started", self.name)
-            await self.rt.sessions.update(
-                item.session_id, lambda r: mark_stage(r, self.stage, started=True)
-            )
+            await self.rt.sessions.update(item.session_id, lambda r: mark_stage(r, self.stage, started=True))
             await self.rt.sessions.transition(
                 item.session_id,
                 STAGE_STATE[self.stage],
@@ -88,9 +99,22 @@ class StageWorker:
                 await self.handler(item, rec)
             except Unavailable:
                 raise  # transient: let redelivery retry it
+            except StaleRound as exc:
+                log.info("%s", exc.message)
             except DocloraError as exc:
+                if await self._round_moved_on(item):
+                    log.info(
+                        "%s of round %d ended (%s); the session moved on", self.name, item.round, exc.message
+                    )
+                    return
                 log.warning("%s failed: %s", self.name, exc.message)
                 await self.rt.sessions.fail(item.session_id, self.stage, exc.code, exc.message)
+
+    async def _round_moved_on(self, item: events_pb2.WorkItem) -> bool:
+        try:
+            return (await self.rt.sessions.get(item.session_id)).round > item.round
+        except DocloraError:
+            return False
 
     async def _dead(self, data: bytes, error: BaseException) -> None:
         item = parse_item(data)

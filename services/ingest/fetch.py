@@ -173,8 +173,9 @@ def _filename(headers: Message, url: str) -> str | None:
     return segment or None
 
 
-def _read_body(response: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, deadline: float,
-               timeout_s: float) -> bytes:
+def _read_body(
+    response: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, deadline: float, timeout_s: float
+) -> bytes:
     length = response.getheader("Content-Length")
     if length and length.strip().isdigit() and int(length) > max_bytes:
         raise ResourceExhausted(
@@ -205,13 +206,21 @@ def _read_body(response: http.client.HTTPResponse, sock: socket.socket, max_byte
                 raise InvalidArgument(f"the server sent a broken {encoding} body ({exc})") from None
         size += len(chunk)
         if size > max_bytes:
-            raise ResourceExhausted(f"the document is larger than {max_bytes / 1e6:.1f} MB, the most that can be fetched")
+            raise ResourceExhausted(
+                f"the document is larger than {max_bytes / 1e6:.1f} MB, the most that can be fetched"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def fetch_url(url: str, *, max_bytes: int, timeout_s: float, allow_private: bool = False,
-              allow_hosts: Collection[str] = ()) -> Fetched:
+def fetch_url(
+    url: str,
+    *,
+    max_bytes: int,
+    timeout_s: float,
+    allow_private: bool = False,
+    allow_hosts: Collection[str] = (),
+) -> Fetched:
     """GET `url` safely (see the module docstring) and return its body and what it says it is.
 
     `allow_private=True` lifts the address check everywhere; `allow_hosts` lifts it only for
@@ -226,7 +235,9 @@ def fetch_url(url: str, *, max_bytes: int, timeout_s: float, allow_private: bool
     for hop in range(MAX_REDIRECTS + 1):
         scheme, host, port, target = _check_url(current)
         addresses = _resolve(host, port, allow_private or host in allowed, deadline)
-        response, sock, connection = _request(scheme, host, port, target, addresses, context, deadline, timeout_s)
+        response, sock, connection = _request(
+            scheme, host, port, target, addresses, context, deadline, timeout_s
+        )
         try:
             status = response.status
             if status in _REDIRECTS:
@@ -245,15 +256,27 @@ def fetch_url(url: str, *, max_bytes: int, timeout_s: float, allow_private: bool
                 raise InvalidArgument(f"the server answered {status} {response.reason}, not a document")
             data = _read_body(response, sock, max_bytes, deadline, timeout_s)
             media = (response.getheader("Content-Type") or "").split(";", 1)[0].strip().lower() or None
-            return Fetched(data=data, final_url=current, content_type=media,
-                           filename=_filename(response.headers, current))
+            return Fetched(
+                data=data,
+                final_url=current,
+                content_type=media,
+                filename=_filename(response.headers, current),
+            )
         finally:
             connection.close()
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def _request(scheme: str, host: str, port: int, target: str, addresses: list[str], context: ssl.SSLContext,
-             deadline: float, timeout_s: float):
+def _request(
+    scheme: str,
+    host: str,
+    port: int,
+    target: str,
+    addresses: list[str],
+    context: ssl.SSLContext,
+    deadline: float,
+    timeout_s: float,
+):
     last: Exception | None = None
     for address in addresses:
         remaining = deadline - time.monotonic()

@@ -201,8 +201,9 @@ def _domain_error(name: str, message: str) -> DocloraError:
     return InvalidArgument(message)
 
 
-def run_sandboxed(fn: Callable[..., T], *args: Any, timeout_s: float = 60, memory_mb: int = 1024,
-                  **kwargs: Any) -> T:
+def run_sandboxed(
+    fn: Callable[..., T], *args: Any, timeout_s: float = 60, memory_mb: int = 1024, **kwargs: Any
+) -> T:
     """`fn(*args, **kwargs)` in a worker process, limited to `timeout_s` wall-clock seconds and
     `memory_mb` MB of address space on top of what the worker holds when the parse starts.
 

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 
 from doclora.v1 import events_pb2, session_pb2, session_service_pb2, session_service_pb2_grpc
 from services.common import events, keys
-from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.runtime import Runtime
-from services.common.sessions import FINAL_STATES
+from services.common.sessions import FINAL_STATES, stage_name, state_name
 
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
@@ -33,7 +33,9 @@ def check_text(text: str, *, max_bytes: int, min_chars: int) -> bytes:
     return data
 
 
-async def store_text_document(rt: Runtime, tenant: str, sid: str, text: str, name: str) -> session_pb2.DocumentInfo:
+async def store_text_document(
+    rt: Runtime, tenant: str, sid: str, text: str, name: str
+) -> session_pb2.DocumentInfo:
     """Validate pasted text and store it as a new document's original; returns its record entry."""
     data = check_text(text, max_bytes=rt.settings.max_text_bytes, min_chars=rt.settings.min_text_chars)
     digest = hashlib.sha256(data).hexdigest()
@@ -66,7 +68,9 @@ def check_url(url: str) -> str:
     return url
 
 
-async def take_upload(rt: Runtime, tenant: str, sid: str, upload_id: str, name: str) -> session_pb2.DocumentInfo:
+async def take_upload(
+    rt: Runtime, tenant: str, sid: str, upload_id: str, name: str
+) -> session_pb2.DocumentInfo:
     """Move an upload into the session as a document (a server-side copy, then the upload goes)."""
     if not keys.is_valid_id(upload_id):
         raise NotFound(f"upload {upload_id!r} not found")
@@ -85,7 +89,9 @@ async def take_upload(rt: Runtime, tenant: str, sid: str, upload_id: str, name: 
     return doc
 
 
-async def add_source(rt: Runtime, tenant: str, sid: str, src: session_service_pb2.Source) -> session_pb2.DocumentInfo:
+async def add_source(
+    rt: Runtime, tenant: str, sid: str, src: session_service_pb2.Source
+) -> session_pb2.DocumentInfo:
     """Turn one source into a pending document of session `sid`; its bytes are stored first."""
     kind = src.WhichOneof("kind")
     if kind == "text":
@@ -93,12 +99,48 @@ async def add_source(rt: Runtime, tenant: str, sid: str, src: session_service_pb
     if kind == "url":
         url = check_url(src.url)
         return session_pb2.DocumentInfo(
-            doc_id=keys.new_id("d"), name=src.name or url, kind="url", status=session_pb2.DOCUMENT_STATUS_PENDING,
+            doc_id=keys.new_id("d"),
+            name=src.name or url,
+            kind="url",
+            status=session_pb2.DOCUMENT_STATUS_PENDING,
             final_url=url,
         )
     if kind == "upload_id":
         return await take_upload(rt, tenant, sid, src.upload_id, src.name)
     raise InvalidArgument("a source needs text, a url or an upload_id")
+
+
+def check_options(options: session_pb2.SessionOptions) -> None:
+    """INVALID_ARGUMENT for options no stage could follow, before anything is stored."""
+    from services.qagen.backends import check_options as check_qa_options
+
+    check_qa_options(options.qagen_backend, list(options.strategies))
+    if options.HasField("max_steps") and not 0 < options.max_steps <= 1_000_000:
+        raise InvalidArgument("max_steps must be between 1 and 1000000")
+    if options.HasField("lora_rank") and not 1 <= options.lora_rank <= 1024:
+        raise InvalidArgument("lora_rank must be between 1 and 1024")
+    if options.HasField("lora_dropout") and not 0 <= options.lora_dropout < 1:
+        raise InvalidArgument("lora_dropout must be at least 0 and less than 1")
+    if options.HasField("learning_rate") and not 0 < options.learning_rate < 1:
+        raise InvalidArgument("learning_rate must be between 0 and 1")
+    if options.HasField("epochs") and not 0 < options.epochs <= 1000:
+        raise InvalidArgument("epochs must be between 1 and 1000")
+    if options.answer_mode not in ("", "both", "adapter", "retrieval"):
+        raise InvalidArgument("answer_mode must be both, adapter or retrieval")
+
+
+def restart_stage(rec: session_pb2.Session, has_pairs: bool) -> int:
+    """Where a finished session runs again from: training when its pairs are there and generation
+    did not fail, else generation when a document has text, else ingest."""
+    failed_early = rec.state == S.SESSION_STATE_FAILED and rec.error.stage in (
+        session_pb2.STAGE_INGEST,
+        session_pb2.STAGE_QAGEN,
+    )
+    if has_pairs and not failed_early:
+        return session_pb2.STAGE_TRAIN
+    if any(d.status == session_pb2.DOCUMENT_STATUS_READY for d in rec.documents):
+        return session_pb2.STAGE_QAGEN
+    return session_pb2.STAGE_INGEST
 
 
 def redact(rec: session_pb2.Session) -> session_pb2.Session:
@@ -116,6 +158,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     async def CreateSession(self, request, context):
         if not request.sources:
             raise InvalidArgument("a session needs at least one source")
+        check_options(request.options)
         tenant = self.rt.settings.tenant
         sid = keys.new_id()
         docs = []
@@ -146,12 +189,14 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             sid,
             events_pb2.Event(state=events_pb2.StateChanged(state=S.SESSION_STATE_QUEUED)),
         )
-        await self.rt.enqueue(sid, tenant, session_pb2.STAGE_INGEST)
+        await self.rt.enqueue_for(session, session_pb2.STAGE_INGEST)
         log.info("session %s created with %d document(s)", sid, len(docs))
         return session_service_pb2.CreateSessionResponse(session=redact(session))
 
     async def GetSession(self, request, context):
-        return session_service_pb2.GetSessionResponse(session=redact(await self.rt.sessions.get(request.session_id)))
+        return session_service_pb2.GetSessionResponse(
+            session=redact(await self.rt.sessions.get(request.session_id))
+        )
 
     async def ListSessions(self, request, context):
         limit = request.limit or 100
@@ -180,3 +225,49 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             allowed_from=set(S.values()) - FINAL_STATES,
         )
         return session_service_pb2.CancelSessionResponse(session=redact(rec))
+
+    async def ApproveSession(self, request, context):
+        rec = await self.rt.sessions.get(request.session_id)
+        if rec.state != S.SESSION_STATE_AWAITING_REVIEW:
+            raise FailedPrecondition(
+                f"only a session awaiting review can be approved; {rec.session_id} is {state_name(rec.state)}"
+            )
+        if rec.qa.pairs < self.rt.settings.min_pairs:
+            raise FailedPrecondition(
+                f"the session has {rec.qa.pairs} question-answer pairs; at least {self.rt.settings.min_pairs} "
+                "are needed to train: add some before approving"
+            )
+        rec = await self.rt.sessions.transition(
+            rec.session_id, S.SESSION_STATE_TRAINING, allowed_from={S.SESSION_STATE_AWAITING_REVIEW}
+        )
+        await self.rt.enqueue_for(rec, session_pb2.STAGE_TRAIN)
+        return session_service_pb2.ApproveSessionResponse(session=redact(rec))
+
+    async def RetrainSession(self, request, context):
+        rec = await self.rt.sessions.get(request.session_id)
+        if rec.state not in FINAL_STATES:
+            raise FailedPrecondition(
+                f"session {rec.session_id} is {state_name(rec.state)}; retrain it once it is ready, "
+                "failed or cancelled"
+            )
+        override = request.options if request.HasField("options") else None
+        if override is not None:
+            override = session_pb2.SessionOptions.FromString(override.SerializeToString())
+            override.ClearField("passwords")
+            check_options(override)
+        try:
+            await self.rt.io(self.rt.store.stat, keys.qa_pairs(rec.tenant, rec.session_id))
+            has_pairs = True
+        except NotFound:
+            has_pairs = False
+        stage = restart_stage(rec, has_pairs)
+        ready = rec.state == S.SESSION_STATE_READY
+
+        def change(r):
+            if override is not None:
+                r.options.MergeFrom(override)
+            r.continue_from = r.adapter_id if ready and not request.from_scratch else ""
+
+        rec = await self.rt.restart(rec.session_id, stage, allowed_from=set(FINAL_STATES), change=change)
+        log.info("session %s runs again from %s (round %d)", rec.session_id, stage_name(stage), rec.round)
+        return session_service_pb2.RetrainSessionResponse(session=redact(rec))

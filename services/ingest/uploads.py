@@ -71,8 +71,15 @@ async def receive_upload(rt: Runtime, requests) -> ingest_pb2.UploadResponse:
     limit = rt.settings.max_upload_bytes
     reader = QueueReader()
     put = asyncio.create_task(
-        rt.io(rt.store.put_stream, key, reader, -1, part_size=UPLOAD_PART, content_type="application/octet-stream",
-              metadata={"filename": filename})
+        rt.io(
+            rt.store.put_stream,
+            key,
+            reader,
+            -1,
+            part_size=UPLOAD_PART,
+            content_type="application/octet-stream",
+            metadata={"filename": filename},
+        )
     )
     size = 0
 
@@ -93,7 +100,9 @@ async def receive_upload(rt: Runtime, requests) -> ingest_pb2.UploadResponse:
                 raise InvalidArgument(f"upload chunks must be at most 1 MiB, got {len(req.chunk)} bytes")
             size += len(req.chunk)
             if size > limit:
-                raise ResourceExhausted(f"the upload is larger than the limit of {limit // (1024 * 1024)} MiB")
+                raise ResourceExhausted(
+                    f"the upload is larger than the limit of {limit // (1024 * 1024)} MiB"
+                )
             await offer(req.chunk)
         if size == 0:
             raise InvalidArgument(f"{filename} is empty")
@@ -106,5 +115,6 @@ async def receive_upload(rt: Runtime, requests) -> ingest_pb2.UploadResponse:
             await rt.io(rt.store.delete, key)
         raise
     log.info("upload %s: %s, %d bytes", upload_id, filename, result.size)
-    return ingest_pb2.UploadResponse(upload_id=upload_id, filename=filename, size_bytes=result.size,
-                                     sha256=result.sha256)
+    return ingest_pb2.UploadResponse(
+        upload_id=upload_id, filename=filename, size_bytes=result.size, sha256=result.sha256
+    )

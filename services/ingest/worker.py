@@ -9,6 +9,7 @@ import time
 from doclora.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc, session_pb2
 from services.common import events, keys
 from services.common.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -33,8 +34,9 @@ def _fetch_allowed(settings) -> frozenset[str]:
     return frozenset(h.rsplit(":", 1)[0] if h.count(":") == 1 else h for h in hosts if h)
 
 
-def _extract_blocking(settings, data: bytes, doc: session_pb2.DocumentInfo, password: str | None,
-                      content_type: str | None):
+def _extract_blocking(
+    settings, data: bytes, doc: session_pb2.DocumentInfo, password: str | None, content_type: str | None
+):
     """Detect the format and extract in a sandboxed process (timeout and memory cap)."""
     from services.ingest.extract import detect_type, extract_document
     from services.ingest.sandbox import run_sandboxed
@@ -44,14 +46,19 @@ def _extract_blocking(settings, data: bytes, doc: session_pb2.DocumentInfo, pass
     else:
         fmt = detect_type(data, filename=doc.name, content_type=content_type)
     out = run_sandboxed(
-        extract_document, data, fmt, password=password,
-        timeout_s=settings.parse_timeout_s, memory_mb=settings.parse_memory_mb,
+        extract_document,
+        data,
+        fmt,
+        password=password,
+        timeout_s=settings.parse_timeout_s,
+        memory_mb=settings.parse_memory_mb,
     )
     return fmt, out
 
 
-async def _ingest_document(rt: Runtime, tenant: str, sid: str, doc: session_pb2.DocumentInfo,
-                           password: str | None) -> session_pb2.DocumentInfo:
+async def _ingest_document(
+    rt: Runtime, tenant: str, sid: str, doc: session_pb2.DocumentInfo, password: str | None
+) -> session_pb2.DocumentInfo:
     """Extract one document; returns its updated record entry (READY, or FAILED with a reason)."""
     out_doc = session_pb2.DocumentInfo()
     out_doc.CopyFrom(doc)
@@ -62,11 +69,19 @@ async def _ingest_document(rt: Runtime, tenant: str, sid: str, doc: session_pb2.
             from services.ingest.fetch import fetch_url
 
             fetched = await rt.io(
-                fetch_url, doc.final_url or doc.name, max_bytes=rt.settings.max_fetch_bytes,
-                timeout_s=rt.settings.fetch_timeout_s, allow_hosts=_fetch_allowed(rt.settings),
+                fetch_url,
+                doc.final_url or doc.name,
+                max_bytes=rt.settings.max_fetch_bytes,
+                timeout_s=rt.settings.fetch_timeout_s,
+                allow_hosts=_fetch_allowed(rt.settings),
             )
-            put = await rt.io(rt.store.put_bytes, key, fetched.data, content_type=fetched.content_type or
-                              "application/octet-stream", metadata={"source": fetched.final_url[:1000]})
+            put = await rt.io(
+                rt.store.put_bytes,
+                key,
+                fetched.data,
+                content_type=fetched.content_type or "application/octet-stream",
+                metadata={"source": fetched.final_url[:1000]},
+            )
             out_doc.sha256, out_doc.size_bytes, out_doc.final_url = put.sha256, put.size, fetched.final_url
             if out_doc.name == doc.final_url and fetched.filename:
                 out_doc.name = fetched.filename
@@ -76,14 +91,29 @@ async def _ingest_document(rt: Runtime, tenant: str, sid: str, doc: session_pb2.
         fmt, extracted = await rt.io(_extract_blocking, rt.settings, data, out_doc, password, content_type)
         del data
         if extracted.qa_pairs:
-            await rt.io(rt.store.put_bytes, keys.doc_qa(tenant, sid, doc.doc_id), to_jsonl(extracted.qa_pairs),
-                        content_type="application/x-ndjson")
-        await rt.io(rt.store.put_bytes, keys.doc_text(tenant, sid, doc.doc_id), extracted.text.encode(),
-                    content_type="text/markdown; charset=utf-8")
+            await rt.io(
+                rt.store.put_bytes,
+                keys.doc_qa(tenant, sid, doc.doc_id),
+                to_jsonl(extracted.qa_pairs),
+                content_type="application/x-ndjson",
+            )
+        await rt.io(
+            rt.store.put_bytes,
+            keys.doc_text(tenant, sid, doc.doc_id),
+            extracted.text.encode(),
+            content_type="text/markdown; charset=utf-8",
+        )
         await rt.io(rt.store.put_json, keys.doc_pages(tenant, sid, doc.doc_id), extracted.pages)
         out_doc.format, out_doc.chars, out_doc.pages = fmt, len(extracted.text), len(extracted.pages)
         out_doc.status, out_doc.error = D.DOCUMENT_STATUS_READY, ""
-    except (InvalidArgument, ResourceExhausted, FailedPrecondition, NotFound, PermissionDenied, Unavailable) as exc:
+    except (
+        InvalidArgument,
+        ResourceExhausted,
+        FailedPrecondition,
+        NotFound,
+        PermissionDenied,
+        Unavailable,
+    ) as exc:
         # A bad or unreachable document fails alone; the session goes on with the others.
         out_doc.status, out_doc.error = D.DOCUMENT_STATUS_FAILED, exc.message
         log.warning("document %s (%s) failed: %s", doc.doc_id, doc.name, exc.message)
@@ -114,7 +144,19 @@ async def ingest_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb
         reasons = "; ".join(f"{d.name}: {d.error}" for d in rec.documents if d.error)
         raise InvalidArgument(f"no document gave text to learn from ({reasons})")
     await rt.sessions.update(sid, lambda r: mark_stage(r, session_pb2.STAGE_INGEST, finished=True))
-    await rt.handoff(sid, tenant, session_pb2.STAGE_INGEST, session_pb2.STAGE_QAGEN, time.monotonic() - started)
+    await rt.handoff(item, session_pb2.STAGE_INGEST, session_pb2.STAGE_QAGEN, time.monotonic() - started)
+
+
+# before generation or training runs, or after the pipeline ended (not cancelled)
+ADD_SOURCE_STATES = frozenset(
+    {
+        S.SESSION_STATE_QUEUED,
+        S.SESSION_STATE_INGESTING,
+        S.SESSION_STATE_AWAITING_REVIEW,
+        S.SESSION_STATE_READY,
+        S.SESSION_STATE_FAILED,
+    }
+)
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -126,20 +168,30 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     async def AddSource(self, request, context):
         rec = await self.rt.sessions.get(request.session_id)
-        if rec.state != S.SESSION_STATE_QUEUED:
+        if rec.state not in ADD_SOURCE_STATES:
             raise FailedPrecondition(
-                f"documents can be added only while the session is queued; it is {state_name(rec.state)}"
+                f"documents can be added before training or after it; session {rec.session_id} is "
+                f"{state_name(rec.state)}"
+                + (": wait until generation has finished" if rec.state == S.SESSION_STATE_GENERATING else "")
             )
         doc = await add_source(self.rt, rec.tenant, rec.session_id, request.source)
+        if doc.sha256 and any(d.sha256 == doc.sha256 for d in rec.documents):
+            await self.rt.io(self.rt.store.delete, keys.doc_original(rec.tenant, rec.session_id, doc.doc_id))
+            raise AlreadyExists("the session already has a document with the same content")
+        ready = rec.state == S.SESSION_STATE_READY
 
         def add(r):
-            if r.state != S.SESSION_STATE_QUEUED:
-                raise FailedPrecondition("the session moved on while the document was added")
             r.documents.append(doc)
             if request.source.password:
                 r.options.passwords[doc.doc_id] = request.source.password
+            if ready:  # the new training continues from the bot's adapter
+                r.continue_from = r.adapter_id
 
-        await self.rt.sessions.update(rec.session_id, add)
+        # a new round: work of the old one still queued or running is dropped; ingest skips the
+        # documents already done and generation the documents it already did
+        await self.rt.restart(
+            rec.session_id, session_pb2.STAGE_INGEST, allowed_from=ADD_SOURCE_STATES, change=add
+        )
         return ingest_pb2.AddSourceResponse(document=doc)
 
     async def ListDocuments(self, request, context):
@@ -153,5 +205,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             raise NotFound(f"document {request.doc_id!r} not found in session {rec.session_id}")
         if doc.status != D.DOCUMENT_STATUS_READY:
             raise FailedPrecondition(f"document {doc.doc_id} has no text yet ({D.Name(doc.status)})")
-        data = await self.rt.io(self.rt.store.get_bytes, keys.doc_text(rec.tenant, rec.session_id, doc.doc_id))
+        data = await self.rt.io(
+            self.rt.store.get_bytes, keys.doc_text(rec.tenant, rec.session_id, doc.doc_id)
+        )
         return ingest_pb2.GetDocumentTextResponse(text=data.decode("utf-8"))

@@ -6,7 +6,8 @@ from services.common.app import run_service
 async def setup(rt):
     from doclora.v1 import qagen_pb2, qagen_pb2_grpc, session_pb2
     from services.common.stage import StageWorker
-    from services.qagen.worker import QAGenServicer, generate_session
+    from services.qagen.service import QAGenServicer
+    from services.qagen.worker import generate_session
 
     def register(server):
         qagen_pb2_grpc.add_QAGenServiceServicer_to_server(QAGenServicer(rt), server)

@@ -34,6 +34,7 @@ from services.qagen.extractive import MIN_DOCUMENT_WORDS, QAPair, has_content, p
 
 log = logging.getLogger(__name__)
 
+BACKENDS = ("extractive", "local", "openai")
 MAX_PAIRS_PER_REPLY = 20
 Progress = Callable[[int, int], None]
 
@@ -55,6 +56,18 @@ class Generator(Protocol):
     """Makes the pairs of one chunk, or raises `ChunkFailed`."""
 
     def generate(self, chunk: Chunk, *, doc_title: str | None, strategies: Sequence[str]) -> list[QAPair]: ...
+
+
+def check_options(backend: str, strategies: Sequence[str]) -> None:
+    """INVALID_ARGUMENT for a session that names an unknown backend or strategy."""
+    from services.common.errors import InvalidArgument
+
+    if backend and backend.strip().lower() not in BACKENDS:
+        raise InvalidArgument(f"unknown QA backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    try:
+        strategy_rules.resolve(strategies or None)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 # --- strict parsing ----------------------------------------------------------------------------
@@ -427,6 +440,7 @@ def generate_document(
     strategies: Iterable[str] | None = None,
     progress: Progress | None = None,
     previous: Iterable[QAPair] = (),
+    retry_chunks: Iterable[str] = (),
     retry_failed: bool = True,
     min_support: float = quality.MIN_SUPPORT,
     length_fn: Callable[[str], int] | None = None,
@@ -439,7 +453,8 @@ def generate_document(
     says "not enough text to learn from": pairs from a one-line file or a page whose content never
     loaded would be invented, whatever backend made them. Chunks without content are skipped (no
     request, no pairs). Chunks that already have pairs in
-    `previous` are not generated again; those pairs come first in the result, as they were. Each
+    `previous` are not generated again, unless listed in `retry_chunks` (they failed before; the
+    pairs document-level rules made from them are in `previous` all the same); those pairs come first in the result, as they were. Each
     other chunk is generated once (in parallel up to `generator.concurrency`); each that failed is
     then generated once more, alone. `progress(done, total)` is called from this thread once per
     chunk, when it is settled. Paraphrases (strategy `paraphrase`) are added for the new pairs that
@@ -453,7 +468,7 @@ def generate_document(
     selected = strategy_rules.resolve(strategies)
     by_id = {c.chunk_id: c for c in chunks}
     previous = [p for p in previous if p.chunk_id in by_id or not p.chunk_id]
-    done_before = {p.chunk_id for p in previous}
+    done_before = {p.chunk_id for p in previous} - set(retry_chunks)
     total = len(chunks)
     settled = 0
 

@@ -615,6 +615,30 @@ def _union(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def chunk_document(
+    text: str,
+    doc_id: str,
+    *,
+    max_chars: int | None = None,
+    overlap_chars: int | None = None,
+    length_fn: LengthFn | None = None,
+    max_tokens: int | None = None,
+    overlap_tokens: int | None = None,
+    pages: Sequence[dict] | None = None,
+) -> list[Chunk]:
+    """A document's chunks, sized in characters without `length_fn` (default 1200, overlap 150) or
+    in its unit, tokens, with it (default `DEFAULT_MAX_TOKENS`/`DEFAULT_OVERLAP_TOKENS`)."""
+    if length_fn is None or length_fn is len:
+        length_fn, limit, overlap = len, max_chars or 1200, 150 if overlap_chars is None else overlap_chars
+    else:
+        limit = max_tokens or max_chars or DEFAULT_MAX_TOKENS
+        overlap = next((o for o in (overlap_tokens, overlap_chars) if o is not None), None)
+        overlap = min(DEFAULT_OVERLAP_TOKENS, limit // 4) if overlap is None else overlap
+    return chunk_text(
+        text, doc_id=doc_id, max_chars=limit, overlap_chars=overlap, length_fn=length_fn, pages=pages
+    )
+
+
 def make_pairs(
     text: str,
     doc_id: str,
@@ -650,14 +674,15 @@ def make_pairs(
     from services.qagen import quality
     from services.qagen.backends import ExtractiveGenerator, generate_document
 
-    if length_fn is None or length_fn is len:
-        length_fn, limit, overlap = len, max_chars or 1200, 150 if overlap_chars is None else overlap_chars
-    else:
-        limit = max_tokens or max_chars or DEFAULT_MAX_TOKENS
-        overlap = next((o for o in (overlap_tokens, overlap_chars) if o is not None), None)
-        overlap = min(DEFAULT_OVERLAP_TOKENS, limit // 4) if overlap is None else overlap
-    chunks = chunk_text(
-        text, doc_id=doc_id, max_chars=limit, overlap_chars=overlap, length_fn=length_fn, pages=pages
+    chunks = chunk_document(
+        text,
+        doc_id,
+        max_chars=max_chars,
+        overlap_chars=overlap_chars,
+        length_fn=length_fn,
+        max_tokens=max_tokens,
+        overlap_tokens=overlap_tokens,
+        pages=pages,
     )
     kept, gen_stats = generate_document(
         ExtractiveGenerator(),

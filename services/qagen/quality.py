@@ -286,6 +286,9 @@ def split_pairs(
         original = by_pair_id.get(getattr(p, "variant_of", "") or "", p)
         return "pair:" + original.pair_id
 
+    # a summary of a few chunks repeats their facts, so they stay in train; one of most of the
+    # document (the whole-document summary) would pin every chunk and leave nothing to hold out
+    pin_limit = max(3, len({p.chunk_id for p in pairs if p.chunk_id}) // 4)
     for p in pairs:
         k = find(key(p))
         original = by_pair_id.get(getattr(p, "variant_of", "") or "")
@@ -294,7 +297,7 @@ def split_pairs(
         answer = _norm(p.answer)
         if answer:
             union(k, first_by_answer.setdefault(answer, k))
-        if getattr(p, "sources", ()):
+        if getattr(p, "sources", ()) and len(p.sources) < pin_limit:
             pinned.add(k)
             pinned.update("chunk:" + c for c in p.sources)
 
@@ -317,6 +320,28 @@ def split_pairs(
     train = [p for i, p in enumerate(pairs) if i not in eval_idx]
     held_out = [p for i, p in enumerate(pairs) if i in eval_idx]
     return train, held_out
+
+
+def mark_split(pairs: list[dict], eval_fraction: float, seed: int, min_pairs: int) -> int:
+    """Set `"split"` ("train" or "eval") on stored pairs (dicts), holding out whole chunks with
+    `split_pairs`; fewer than `min_pairs` pairs are all "train" (every fact is needed). Returns
+    the number held out."""
+    from services.qagen.extractive import QAPair
+
+    for p in pairs:
+        p["split"] = "train"
+    if len(pairs) < min_pairs or eval_fraction <= 0:
+        return 0
+    views = [
+        QAPair.from_dict({"start": 0, "end": 0, "strategy": "", "chunk_id": "", "doc_id": "", **p})
+        for p in pairs
+    ]
+    _, held = split_pairs(views, eval_fraction, seed)
+    held_ids = {v.pair_id for v in held}
+    for p in pairs:
+        if p["pair_id"] in held_ids:
+            p["split"] = "eval"
+    return sum(1 for p in pairs if p["split"] == "eval")
 
 
 # --- coverage ----------------------------------------------------------------------------------

@@ -28,26 +28,43 @@ _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 
 # Strict OOXML namespace -> transitional namespace (ECMA-376 part 1, strict vs transitional)
 _STRICT = [
-    (b"http://purl.oclc.org/ooxml/wordprocessingml/main",
-     b"http://schemas.openxmlformats.org/wordprocessingml/2006/main"),
-    (b"http://purl.oclc.org/ooxml/officeDocument/relationships",
-     b"http://schemas.openxmlformats.org/officeDocument/2006/relationships"),
-    (b"http://purl.oclc.org/ooxml/officeDocument/math",
-     b"http://schemas.openxmlformats.org/officeDocument/2006/math"),
-    (b"http://purl.oclc.org/ooxml/officeDocument/extendedProperties",
-     b"http://schemas.openxmlformats.org/officeDocument/2006/extended-properties"),
-    (b"http://purl.oclc.org/ooxml/officeDocument/customProperties",
-     b"http://schemas.openxmlformats.org/officeDocument/2006/custom-properties"),
-    (b"http://purl.oclc.org/ooxml/officeDocument/docPropsVTypes",
-     b"http://schemas.openxmlformats.org/officeDocument/2006/docPropsVTypes"),
-    (b"http://purl.oclc.org/ooxml/officeDocument/sharedTypes",
-     b"http://schemas.openxmlformats.org/officeDocument/2006/sharedTypes"),
-    (b"http://purl.oclc.org/ooxml/drawingml/wordprocessingDrawing",
-     b"http://schemas.openxmlformats.org/drawingml/2006/wordprocessingDrawing"),
-    (b"http://purl.oclc.org/ooxml/drawingml/picture",
-     b"http://schemas.openxmlformats.org/drawingml/2006/picture"),
-    (b"http://purl.oclc.org/ooxml/drawingml/main",
-     b"http://schemas.openxmlformats.org/drawingml/2006/main"),
+    (
+        b"http://purl.oclc.org/ooxml/wordprocessingml/main",
+        b"http://schemas.openxmlformats.org/wordprocessingml/2006/main",
+    ),
+    (
+        b"http://purl.oclc.org/ooxml/officeDocument/relationships",
+        b"http://schemas.openxmlformats.org/officeDocument/2006/relationships",
+    ),
+    (
+        b"http://purl.oclc.org/ooxml/officeDocument/math",
+        b"http://schemas.openxmlformats.org/officeDocument/2006/math",
+    ),
+    (
+        b"http://purl.oclc.org/ooxml/officeDocument/extendedProperties",
+        b"http://schemas.openxmlformats.org/officeDocument/2006/extended-properties",
+    ),
+    (
+        b"http://purl.oclc.org/ooxml/officeDocument/customProperties",
+        b"http://schemas.openxmlformats.org/officeDocument/2006/custom-properties",
+    ),
+    (
+        b"http://purl.oclc.org/ooxml/officeDocument/docPropsVTypes",
+        b"http://schemas.openxmlformats.org/officeDocument/2006/docPropsVTypes",
+    ),
+    (
+        b"http://purl.oclc.org/ooxml/officeDocument/sharedTypes",
+        b"http://schemas.openxmlformats.org/officeDocument/2006/sharedTypes",
+    ),
+    (
+        b"http://purl.oclc.org/ooxml/drawingml/wordprocessingDrawing",
+        b"http://schemas.openxmlformats.org/drawingml/2006/wordprocessingDrawing",
+    ),
+    (
+        b"http://purl.oclc.org/ooxml/drawingml/picture",
+        b"http://schemas.openxmlformats.org/drawingml/2006/picture",
+    ),
+    (b"http://purl.oclc.org/ooxml/drawingml/main", b"http://schemas.openxmlformats.org/drawingml/2006/main"),
 ]
 _HEADING_NAME = re.compile(r"^(?:heading|überschrift|titre|título|titolo|kop)\s*(\d)$", re.I)
 
@@ -55,8 +72,10 @@ _HEADING_NAME = re.compile(r"^(?:heading|überschrift|titre|título|titolo|kop)\
 def ole_refusal(data: bytes) -> str:
     """Why an OLE (compound file) upload is refused: encrypted OOXML or a legacy binary .doc."""
     if "EncryptedPackage".encode("utf-16-le") in data or "EncryptionInfo".encode("utf-16-le") in data:
-        return ("password-protected DOCX is not supported: the file is encrypted (an OLE container, "
-                "not a zip); remove the password in Word and upload it again")
+        return (
+            "password-protected DOCX is not supported: the file is encrypted (an OLE container, "
+            "not a zip); remove the password in Word and upload it again"
+        )
     if "WordDocument".encode("utf-16-le") in data:
         return "legacy Word .doc files are not supported; save it as .docx and upload it again"
     return "old-style Office files (OLE containers) are not supported; save it as .docx"
@@ -140,7 +159,16 @@ def _run_text(el, out: list[str]) -> None:
             out.append("\n")
         elif local == "noBreakHyphen":
             out.append("-")
-        elif local in ("del", "delText", "instrText", "pPr", "rPr", "moveFrom", "fldData", "commentReference"):
+        elif local in (
+            "del",
+            "delText",
+            "instrText",
+            "pPr",
+            "rPr",
+            "moveFrom",
+            "fldData",
+            "commentReference",
+        ):
             continue
         elif local == "txbxContent":
             for p in child.iter(W + "p"):
@@ -333,7 +361,9 @@ def extract(data: bytes) -> Extracted:
         reason = str(exc).replace("<_io.BytesIO object>", "").strip() or type(exc).__name__
         raise InvalidArgument(f"the DOCX file is damaged or not a Word document ({reason[:200]})") from None
     except Exception as exc:  # python-docx's own PackageNotFoundError and friends
-        raise InvalidArgument(f"the DOCX file cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise InvalidArgument(
+            f"the DOCX file cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
 
     styles = _Styles(document)
     out: list[str] = []

@@ -15,20 +15,81 @@ from services.ingest.extract import Extracted, single_page
 from services.ingest.formats.text import decode_text
 
 # never text a reader sees
-_INVISIBLE = {"script", "style", "noscript", "template", "svg", "math", "iframe", "object", "canvas",
-              "select", "button", "head"}  # <head>: only its <title> is kept, separately
+_INVISIBLE = {
+    "script",
+    "style",
+    "noscript",
+    "template",
+    "svg",
+    "math",
+    "iframe",
+    "object",
+    "canvas",
+    "select",
+    "button",
+    "head",
+}  # <head>: only its <title> is kept, separately
 # page furniture around the content
 _BOILERPLATE = {"nav", "aside", "form", "dialog"}
 # a page's banner and footer; inside <article>/<main> they belong to the content (e.g. its title)
 _FURNITURE = {"header", "footer"}
 _BOILERPLATE_ROLES = {"navigation", "banner", "contentinfo", "complementary", "search", "menu", "menubar"}
 _MAIN = {"main", "article"}
-_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source",
-         "track", "wbr"}
-_BLOCK = {"p", "div", "section", "blockquote", "pre", "ul", "ol", "dl", "dt", "dd", "table", "tr",
-          "figure", "figcaption", "address", "details", "summary", "hr", "br", "body", "html", "li",
-          "h1", "h2", "h3", "h4", "h5", "h6", "main", "article", "header", "footer", "caption", "thead",
-          "tbody", "tfoot", "center"}
+_VOID = {
+    "area",
+    "base",
+    "br",
+    "col",
+    "embed",
+    "hr",
+    "img",
+    "input",
+    "link",
+    "meta",
+    "param",
+    "source",
+    "track",
+    "wbr",
+}
+_BLOCK = {
+    "p",
+    "div",
+    "section",
+    "blockquote",
+    "pre",
+    "ul",
+    "ol",
+    "dl",
+    "dt",
+    "dd",
+    "table",
+    "tr",
+    "figure",
+    "figcaption",
+    "address",
+    "details",
+    "summary",
+    "hr",
+    "br",
+    "body",
+    "html",
+    "li",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "main",
+    "article",
+    "header",
+    "footer",
+    "caption",
+    "thead",
+    "tbody",
+    "tfoot",
+    "center",
+}
 _HEADINGS = {f"h{i}": i for i in range(1, 7)}
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
 _SPACES = re.compile(r"[ \t\r\n\f\v\u00a0]+")

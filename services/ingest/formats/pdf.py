@@ -132,7 +132,9 @@ def _drop_furniture(pages: list[list[str]]) -> tuple[list[list[str]], int]:
     if n >= 3:
         counts: Counter[tuple[str, int, str]] = Counter()
         for lines, zone in zip(pages, zones, strict=True):
-            counts.update({(*where, _key(lines[i])) for i, where in zone.items() if len(lines[i].strip()) <= 150})
+            counts.update(
+                {(*where, _key(lines[i])) for i, where in zone.items() if len(lines[i].strip()) <= 150}
+            )
         need = max(2, math.ceil(0.4 * n), n - 1 if n <= 6 else 0)
         repeated = {key for key, count in counts.items() if count >= need and key[2]}
 
@@ -163,7 +165,7 @@ def _drop_furniture(pages: list[list[str]]) -> tuple[list[list[str]], int]:
                 (*zone[i], _key(stripped)) in repeated
                 or (n > 1 and _PAGE_LABEL.match(stripped) and not number)
                 or (number and (number[0], number[1] - index) in numbering)
-                or (zone[i][1] == 0 and (zone[i][0], (_edge_number(line) or -10**6) - index) in running)
+                or (zone[i][1] == 0 and (zone[i][0], (_edge_number(line) or -(10**6)) - index) in running)
             ):
                 dropped += 1
                 continue
@@ -215,9 +217,13 @@ def _open(data: bytes, password: str | None):
             # an owner-password-only PDF opens with the empty user password: no need to ask
             opened = reader.decrypt(password if password is not None else "")
         except DependencyError:
-            raise InvalidArgument("the PDF's encryption needs a cryptography library that is not installed") from None
+            raise InvalidArgument(
+                "the PDF's encryption needs a cryptography library that is not installed"
+            ) from None
         except NotImplementedError as exc:
-            raise InvalidArgument(f"the PDF uses an encryption method that is not supported ({exc})") from None
+            raise InvalidArgument(
+                f"the PDF uses an encryption method that is not supported ({exc})"
+            ) from None
         except (FileNotDecryptedError, ValueError, KeyError) as exc:
             raise InvalidArgument(f"{DAMAGED} (its encryption data is broken: {_reason(exc)})") from None
         if not opened:
@@ -237,7 +243,11 @@ def _title(reader) -> str | None:
         title = reader.metadata.title if reader.metadata else None
     except Exception:
         return None
-    if isinstance(title, str) and title.strip() and not title.lower().startswith(("microsoft word", "untitled")):
+    if (
+        isinstance(title, str)
+        and title.strip()
+        and not title.lower().startswith(("microsoft word", "untitled"))
+    ):
         return " ".join(title.split())
     return None
 

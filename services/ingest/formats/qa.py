@@ -59,7 +59,7 @@ def _pairs_of(obj, where: str, errors: _Errors) -> list[dict]:
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            errors.add(where, "'messages' must be a list of {\"role\", \"content\"} objects")
+            errors.add(where, '\'messages\' must be a list of {"role", "content"} objects')
             return []
         pairs, question = [], None
         for message in messages:
@@ -111,7 +111,9 @@ def extract_jsonl(data: bytes) -> Extracted:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"the question-answer file is not valid JSON: line {exc.lineno}: {exc.msg}") from None
+            raise InvalidArgument(
+                f"the question-answer file is not valid JSON: line {exc.lineno}: {exc.msg}"
+            ) from None
         if not isinstance(items, list):
             raise InvalidArgument("the question-answer file must be a JSON array or JSON lines")
         for number, item in enumerate(items, start=1):

@@ -59,9 +59,11 @@ def decode_text(data: bytes, charset: str | None = None) -> str:
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             try:
-                text = data[len(bom):].decode(encoding)
+                text = data[len(bom) :].decode(encoding)
             except UnicodeDecodeError:
-                raise InvalidArgument(f"the text starts with a {encoding} byte-order mark but is not valid {encoding}") from None
+                raise InvalidArgument(
+                    f"the text starts with a {encoding} byte-order mark but is not valid {encoding}"
+                ) from None
             if _looks_binary(text):
                 raise InvalidArgument(NOT_TEXT)
             return text
