@@ -95,7 +95,11 @@ def _env(state: Path, docs: DocsServer) -> dict:
 def _cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "services.stack.cli", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parents[1],
     )
 
 
@@ -112,7 +116,9 @@ def stack(tmp_path_factory, docs_server):
     env = _env(state, docs_server)
     up = _cli(env, "up", "--detach", "--timeout", "420")
     if up.returncode != 0:
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((state / "logs").glob("*.log")))
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((state / "logs").glob("*.log"))
+        )
         _cli(env, "down")
         pytest.fail(f"doclora up failed:\n{up.stdout}\n{up.stderr}\n{logs}")
     yield env, f"http://127.0.0.1:{env['DOCLORA_GATEWAY_PORT']}"
@@ -164,10 +170,18 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
     final = evs[-1][1]["session"]
     assert final["state"] == "SESSION_STATE_READY", final.get("error")
     states = [d["event"]["state"]["state"] for k, d in evs if k == "state"]
-    order = ["SESSION_STATE_INGESTING", "SESSION_STATE_GENERATING", "SESSION_STATE_TRAINING", "SESSION_STATE_READY"]
+    order = [
+        "SESSION_STATE_INGESTING",
+        "SESSION_STATE_GENERATING",
+        "SESSION_STATE_TRAINING",
+        "SESSION_STATE_READY",
+    ]
     assert [s for s in states if s in order] == order
-    train_progress = [d["event"]["progress"] for k, d in evs if k == "progress"
-                      and d["event"]["progress"].get("stage") == "STAGE_TRAIN"]
+    train_progress = [
+        d["event"]["progress"]
+        for k, d in evs
+        if k == "progress" and d["event"]["progress"].get("stage") == "STAGE_TRAIN"
+    ]
     assert train_progress and int(train_progress[-1]["done"]) == 12
     assert final["train"]["steps"] == 12
     assert final["qa"]["pairs"] >= 3
@@ -182,8 +196,12 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
                 assert " ".join(sentence.split()) in flat, (p["strategy"], sentence)
 
         store = ArtifactStore(
-            endpoint=env["DOCLORA_S3_ENDPOINT"], access_key="doclora", secret_key="doclora-secret",
-            secure=False, region="us-east-1", bucket="doclora",
+            endpoint=env["DOCLORA_S3_ENDPOINT"],
+            access_key="doclora",
+            secret_key="doclora-secret",
+            secure=False,
+            region="us-east-1",
+            bucket="doclora",
         )
         doc_id = final["documents"][0]["doc_id"]
         t = final["tenant"]
@@ -197,8 +215,9 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
 
         question = "When was the Lumen Orchard founded?"
         deltas, done, cites = [], None, []
-        with c.stream("POST", f"/api/v1/bots/{sid}/chat",
-                      json={"messages": [{"role": "user", "content": question}]}) as resp:
+        with c.stream(
+            "POST", f"/api/v1/bots/{sid}/chat", json={"messages": [{"role": "user", "content": question}]}
+        ) as resp:
             assert resp.status_code == 200
             kind = None
             for line in resp.iter_lines():
@@ -255,8 +274,12 @@ def test_bad_session_input_is_refused_with_a_clear_error(stack, body, status, co
 def test_malformed_json_is_a_400(stack):
     """A body that is not JSON is INVALID_ARGUMENT, not a server error."""
     _, base = stack
-    resp = httpx.post(f"{base}/api/v1/sessions", content=b"{not json", timeout=TIMEOUT,
-                      headers={"Content-Type": "application/json"})
+    resp = httpx.post(
+        f"{base}/api/v1/sessions",
+        content=b"{not json",
+        timeout=TIMEOUT,
+        headers={"Content-Type": "application/json"},
+    )
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "INVALID_ARGUMENT"
 
@@ -378,19 +401,26 @@ def test_uploads_links_and_text_are_ingested_together_and_a_bad_link_fails_alone
 def test_a_qa_file_skips_generation_and_its_pairs_are_the_training_set(stack):
     """Uploaded question-answer pairs (JSONL) go to training as they are."""
     _, base = stack
-    rows = [{"question": f"What is code {i}?", "answer": f"Code {i} opens the east gate of the orchard."}
-            for i in range(5)]
+    rows = [
+        {"question": f"What is code {i}?", "answer": f"Code {i} opens the east gate of the orchard."}
+        for i in range(5)
+    ]
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
     with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
-        resp = c.post("/api/v1/sessions/upload", files=[("files", ("codes.jsonl", data, "application/jsonl"))],
-                      data={"name": "codes"})
+        resp = c.post(
+            "/api/v1/sessions/upload",
+            files=[("files", ("codes.jsonl", data, "application/jsonl"))],
+            data={"name": "codes"},
+        )
         assert resp.status_code == 201, resp.text
         sid = resp.json()["session_id"]
         sess = wait_state(c, sid, {"TRAINING", "READY", "FAILED"})
         assert sess["state"] in ("SESSION_STATE_TRAINING", "SESSION_STATE_READY"), sess.get("error")
         pairs = c.get(f"/api/v1/sessions/{sid}/qa").json()["pairs"]
         c.post(f"/api/v1/sessions/{sid}/cancel")
-    assert sorted((p["question"], p["answer"]) for p in pairs) == sorted((r["question"], r["answer"]) for r in rows)
+    assert sorted((p["question"], p["answer"]) for p in pairs) == sorted(
+        (r["question"], r["answer"]) for r in rows
+    )
     assert {p["strategy"] for p in pairs} == {"provided"}
 
 
@@ -402,7 +432,9 @@ def test_a_qa_file_skips_generation_and_its_pairs_are_the_training_set(stack):
 def test_bad_uploads_are_refused(stack, content, status, code):
     """An empty file and one over the upload limit are refused with their status codes."""
     _, base = stack
-    resp = httpx.post(f"{base}/api/v1/uploads", files={"file": ("a.txt", content, "text/plain")}, timeout=TIMEOUT)
+    resp = httpx.post(
+        f"{base}/api/v1/uploads", files={"file": ("a.txt", content, "text/plain")}, timeout=TIMEOUT
+    )
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["code"] == code
 
@@ -417,7 +449,9 @@ def test_an_unknown_upload_id_is_not_found(stack):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); CI installs it")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); CI installs it"
+)
 def test_the_web_ui_learns_from_pasted_text_and_chats_in_a_real_browser(stack):
     """In headless Chromium: an empty form shows the server's error; pasted text shows progress
     until READY, then a question gets a streamed answer in the page."""
@@ -440,7 +474,9 @@ def test_the_web_ui_learns_from_pasted_text_and_chats_in_a_real_browser(stack):
             page.fill("#text", TEXT)
             page.fill("#steps", "6")
             page.click("#go")
-            page.wait_for_function("document.querySelector('#state').textContent === 'READY'", timeout=600_000)
+            page.wait_for_function(
+                "document.querySelector('#state').textContent === 'READY'", timeout=600_000
+            )
             assert "train" in page.text_content("#log")
             page.fill("#question", "When was the Lumen Orchard founded?")
             page.click("#send")
@@ -459,9 +495,88 @@ def test_a_document_with_almost_no_text_fails_with_not_enough_text(stack):
     'not enough text to learn from' — no pairs are invented from nothing."""
     _, base = stack
     with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
-        sid = c.post("/api/v1/sessions", json={"text": "Welcome to our website, please enable JavaScript."}).json()["session_id"]
+        sid = c.post(
+            "/api/v1/sessions", json={"text": "Welcome to our website, please enable JavaScript."}
+        ).json()["session_id"]
         sess = wait_state(c, sid, {"FAILED", "TRAINING", "READY"})
         assert sess["state"] == "SESSION_STATE_FAILED", sess
         assert sess["error"]["stage"] == "STAGE_QAGEN"
         assert "not enough text to learn from" in sess["error"]["message"]
         assert c.get(f"/api/v1/sessions/{sid}/qa").status_code == 409
+
+
+MORE_TEXT = """\
+# The Varrow Ferry
+
+The Varrow ferry crosses from the harbour of Lisk to the island of Varrow twice a day.
+It was built in 1962 at the Tallin yard and carries 120 passengers and 14 cars.
+The crossing takes 55 minutes in calm weather.
+"""
+
+
+def test_a_person_reviews_edits_exports_and_imports_pairs_then_approves(stack):
+    """review=true: the session waits in AWAITING_REVIEW; pairs are edited, added, deleted, exported
+    and imported through the gateway; a source added in review is generated without losing the
+    edits; approving starts training, after which pairs and sources are locked."""
+    _, base = stack
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
+        resp = c.post(
+            "/api/v1/sessions", json={"text": TEXT, "name": "reviewed", "review": True, "max_steps": 500}
+        )
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["session_id"]
+        sess = wait_state(c, sid, {"AWAITING_REVIEW", "FAILED"})
+        assert sess["state"] == "SESSION_STATE_AWAITING_REVIEW", sess.get("error")
+        pairs = c.get(f"/api/v1/sessions/{sid}/qa", params={"page_size": 1000}).json()["pairs"]
+        assert pairs and all(p["split"] in ("train", "eval") for p in pairs)
+
+        edited = c.patch(
+            f"/api/v1/sessions/{sid}/qa/{pairs[0]['pair_id']}", json={"answer": "In 1987, by Ilse Marrow."}
+        )
+        assert edited.status_code == 200 and edited.json()["edited"] is True
+        added = c.post(
+            f"/api/v1/sessions/{sid}/qa", json={"question": "Who picks the pears?", "answer": "Gardeners."}
+        )
+        assert added.status_code == 201, added.text
+        bad = c.post(f"/api/v1/sessions/{sid}/qa", json={"question": "", "answer": "x"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "INVALID_ARGUMENT"
+        assert c.delete(f"/api/v1/sessions/{sid}/qa/{pairs[1]['pair_id']}").status_code == 200
+        assert c.delete(f"/api/v1/sessions/{sid}/qa/{pairs[1]['pair_id']}").status_code == 404
+
+        export = c.get(f"/api/v1/sessions/{sid}/qa/export", params={"format": "sharegpt"})
+        assert export.status_code == 200 and "attachment" in export.headers["content-disposition"]
+        lines = [json.loads(x) for x in export.text.splitlines()]
+        assert len(lines) == len(pairs) and all("conversations" in x for x in lines)
+        alpaca = (
+            json.dumps({"instruction": "How many gardeners work there?", "input": "", "output": "17."}) + "\n"
+        )
+        imported = c.post(
+            f"/api/v1/sessions/{sid}/qa/import", files={"file": ("more.jsonl", alpaca.encode())}
+        )
+        assert imported.status_code == 200 and imported.json()["imported"] == 1, imported.text
+        broken = c.post(f"/api/v1/sessions/{sid}/qa/import", files={"file": ("bad.jsonl", b"{nope\n")})
+        assert broken.status_code == 400 and "line 1" in broken.json()["error"]["message"]
+
+        more = c.post(f"/api/v1/sessions/{sid}/sources", json={"text": MORE_TEXT, "name": "ferry.md"})
+        assert more.status_code == 201, more.text
+        sess = wait_state(c, sid, {"AWAITING_REVIEW", "FAILED"})
+        assert sess["state"] == "SESSION_STATE_AWAITING_REVIEW" and sess["round"] == 1, sess.get("error")
+        after = c.get(f"/api/v1/sessions/{sid}/qa", params={"page_size": 1000}).json()["pairs"]
+        by_id = {p["pair_id"]: p for p in after}
+        assert by_id[pairs[0]["pair_id"]]["answer"] == "In 1987, by Ilse Marrow."
+        assert added.json()["pair_id"] in by_id and pairs[1]["pair_id"] not in by_id
+        assert {p["doc_id"] for p in after if p["strategy"] not in ("person", "imported")} == {
+            d["doc_id"] for d in sess["documents"]
+        }
+
+        approved = c.post(f"/api/v1/sessions/{sid}/approve")
+        assert approved.status_code == 200 and approved.json()["state"] == "SESSION_STATE_TRAINING"
+        assert c.post(f"/api/v1/sessions/{sid}/approve").status_code == 409
+        locked = c.post(
+            f"/api/v1/sessions/{sid}/qa", json={"question": "Who built it?", "answer": "Tallin yard."}
+        )
+        assert locked.status_code == 409
+        assert (
+            c.post(f"/api/v1/sessions/{sid}/sources", json={"text": MORE_TEXT + "More."}).status_code == 409
+        )
+        c.post(f"/api/v1/sessions/{sid}/cancel")
