@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.ingest.fetch import arxiv_pdf_url, fetch_url
+from services.ingest.fetch import arxiv_pdf_url, fetch_url, fetch_with_retries
 
 PDF = b"%PDF-1.4\n% a tiny stand-in\n%%EOF\n"
 BIG = b"x" * 1_000_000
@@ -83,6 +83,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, b"nope")
         elif url.path == "/broken":
             self._send(503, b"down")
+        elif url.path == "/flaky":  # down for the first two requests, then up
+            fails = sum(1 for h in self.server.hits if h == "/flaky") <= 2
+            self._send(503, b"down") if fails else self._send(200, PDF, {"Content-Type": "application/pdf"})
         else:
             self._send(404)
 
@@ -250,3 +253,23 @@ def test_http_errors_say_what_the_server_answered(base):
         fetch(f"{base}/missing", allow_private=True)
     with pytest.raises(Unavailable, match="503"):
         fetch(f"{base}/broken", allow_private=True)
+
+
+def test_a_flaky_link_is_fetched_on_a_later_attempt(base, server):
+    """Two 503s then the document: fetched on the third try, after waiting 1 s then 2 s."""
+    waits = []
+    got = fetch_with_retries(f"{base}/flaky", attempts=3, sleep=waits.append, max_bytes=10_000, timeout_s=5,
+                             allow_private=True)
+    assert got.data == PDF and server.hits.count("/flaky") == 3 and waits == [1.0, 2.0]
+
+
+def test_retries_give_up_after_the_last_attempt_and_bad_links_are_not_retried(base, server):
+    waits = []
+    with pytest.raises(Unavailable, match="503"):
+        fetch_with_retries(f"{base}/broken", attempts=2, sleep=waits.append, max_bytes=10_000, timeout_s=5,
+                           allow_private=True)
+    assert server.hits.count("/broken") == 2 and waits == [1.0]
+    with pytest.raises(InvalidArgument, match="404"):
+        fetch_with_retries(f"{base}/missing", attempts=3, sleep=waits.append, max_bytes=10_000, timeout_s=5,
+                           allow_private=True)
+    assert server.hits.count("/missing") == 1

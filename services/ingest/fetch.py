@@ -267,6 +267,27 @@ def fetch_url(
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
+def fetch_with_retries(
+    url: str,
+    *,
+    attempts: int = 3,
+    backoff_s: float = 1.0,
+    sleep=time.sleep,
+    **kwargs,
+) -> Fetched:
+    """`fetch_url`, asked again after a passing failure (time-out, broken connection, 5xx) up to
+    `attempts` times in all, waiting `backoff_s`, then twice that, ...; a refused or bad link
+    (InvalidArgument) or an over-size body fails at once, since asking again cannot help."""
+    for attempt in range(attempts):
+        try:
+            return fetch_url(url, **kwargs)
+        except Unavailable:
+            if attempt + 1 >= attempts:
+                raise
+            sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 def _request(
     scheme: str,
     host: str,

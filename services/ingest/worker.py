@@ -66,10 +66,10 @@ async def _ingest_document(
     content_type = None
     try:
         if doc.kind == "url":
-            from services.ingest.fetch import fetch_url
+            from services.ingest.fetch import fetch_with_retries
 
             fetched = await rt.io(
-                fetch_url,
+                fetch_with_retries,
                 doc.final_url or doc.name,
                 max_bytes=rt.settings.max_fetch_bytes,
                 timeout_s=rt.settings.fetch_timeout_s,

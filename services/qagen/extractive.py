@@ -75,6 +75,14 @@ class QAPair:
         return cls(**values)
 
 
+def loose_pair(pair_id: str, question: str, answer: str, doc_id: str, strategy: str) -> QAPair:
+    """A pair tied to no chunk: written by a person, imported, or handed over in a QA file."""
+    return QAPair(
+        pair_id=pair_id, question=question, answer=answer, doc_id=doc_id, chunk_id="", start=0, end=0,
+        strategy=strategy,
+    )
+
+
 def pair_id_for(chunk_id: str, question: str, answer: str) -> str:
     """A stable id from where the pair comes from and what it says."""
     return hashlib.sha1(f"{chunk_id}\x1f{question}\x1f{answer}".encode()).hexdigest()[:16]

@@ -15,7 +15,7 @@ from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.jsonl import from_jsonl
 from services.qagen import quality
-from services.qagen.extractive import QAPair
+from services.qagen.extractive import QAPair, loose_pair
 from services.qagen.formats import FORMATS, export_jsonl, import_jsonl
 
 MAX_QUESTION_CHARS = quality.MAX_QUESTION_CHARS
@@ -29,18 +29,7 @@ def provided_pairs(rows: list[dict], doc_id: str) -> list[dict]:
     for row in rows:
         q, a = row["question"].strip(), row["answer"].strip()
         pid = hashlib.sha1(f"{doc_id}\0{q}\0{a}".encode()).hexdigest()[:16]
-        out.append(
-            QAPair(
-                pair_id=pid,
-                question=q,
-                answer=a,
-                doc_id=doc_id,
-                chunk_id="",
-                start=0,
-                end=0,
-                strategy="provided",
-            ).to_dict()
-        )
+        out.append(loose_pair(pid, q, a, doc_id, "provided").to_dict())
     return out
 
 
@@ -63,21 +52,16 @@ def checked(question: str, answer: str) -> tuple[str, str]:
     return q, a
 
 
+def _key(question: str, answer: str) -> tuple:
+    """Two pairs with this equal say the same thing (word order and case of the question aside)."""
+    return quality.question_tokens(question), answer.casefold()
+
+
 def add_pair(pairs: list[dict], question: str, answer: str, doc_id: str = "") -> dict:
     q, a = checked(question, answer)
-    key = (quality.question_tokens(q), a.casefold())
-    if any((quality.question_tokens(p["question"]), p["answer"].casefold()) == key for p in pairs):
+    if _key(q, a) in {_key(p["question"], p["answer"]) for p in pairs}:
         raise InvalidArgument("the same question and answer are already there")
-    pair = QAPair(
-        pair_id=keys.new_id("p"),
-        question=q,
-        answer=a,
-        doc_id=doc_id,
-        chunk_id="",
-        start=0,
-        end=0,
-        strategy="person",
-    ).to_dict()
+    pair = loose_pair(keys.new_id("p"), q, a, doc_id, "person").to_dict()
     pair.update(split="train", edited=True)
     pairs.append(pair)
     return pair
@@ -114,12 +98,12 @@ def import_pairs(pairs: list[dict], text: str, fmt: str | None, *, replace: bool
         raise InvalidArgument("the file holds no question-answer pairs")
     if replace:
         pairs.clear()
-    seen = {(quality.question_tokens(p["question"]), p["answer"].casefold()) for p in pairs}
+    seen = {_key(p["question"], p["answer"]) for p in pairs}
     ids = {p["pair_id"] for p in pairs}
     added = dupes = 0
     for pair in incoming:
         q, a = checked(pair.question, pair.answer)
-        key = (quality.question_tokens(q), a.casefold())
+        key = _key(q, a)
         if key in seen or pair.pair_id in ids:
             dupes += 1
             continue
