@@ -223,3 +223,31 @@ async def test_options_no_stage_could_follow_are_refused_at_creation(rt):
         req = session_service_pb2.CreateSessionRequest(sources=[_text_source()], options=opts)
         with pytest.raises(InvalidArgument):
             await api.CreateSession(req, None)
+
+
+async def test_sessions_waiting_for_a_trainer_show_their_place_by_priority_then_arrival(rt, queued):
+    from services.common.sessions import mark_stage
+
+    api = SessionServicer(rt)
+    ids = []
+    for priority in (0, 0, 5):
+        rec = await _session(
+            rt, S.SESSION_STATE_AWAITING_REVIEW, options=session_pb2.SessionOptions(priority=priority)
+        )
+        await rt.sessions.update(rec.session_id, lambda r: setattr(r.qa, "pairs", 5))
+        await api.ApproveSession(session_service_pb2.ApproveSessionRequest(session_id=rec.session_id), None)
+        ids.append(rec.session_id)
+
+    async def place(sid):
+        return (
+            await api.GetSession(session_service_pb2.GetSessionRequest(session_id=sid), None)
+        ).session.queue_position
+
+    assert [await place(s) for s in ids] == [2, 3, 1]
+    assert [i.priority for i in queued[-3:]] == [0, 0, 5]
+    await rt.sessions.update(ids[2], lambda r: mark_stage(r, session_pb2.STAGE_TRAIN, started=True))
+    assert [await place(s) for s in ids] == [1, 2, 0]
+    listed = await api.ListSessions(session_service_pb2.ListSessionsRequest(), None)
+    assert {s.session_id: s.queue_position for s in listed.sessions if s.session_id in ids} == dict(
+        zip(ids, [1, 2, 0], strict=True)
+    )

@@ -14,6 +14,7 @@ from services.common import events
 from services.common.bus import Bus
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition
+from services.common.queue import mark_train_queued
 from services.common.sessions import STAGE_STATE, SessionRepo, stage_name
 from services.common.store import ArtifactStore
 
@@ -72,7 +73,7 @@ class Runtime:
             sid,
             STAGE_STATE[to_stage],
             allowed_from={STAGE_STATE[from_stage], STAGE_STATE[to_stage]},
-            extra=functools.partial(check_round, round=item.round),
+            extra=functools.partial(_moved_on, round=item.round, stage=to_stage),
         )
         await self.enqueue(sid, item.tenant, to_stage, round=item.round, priority=item.priority)
 
@@ -91,6 +92,8 @@ class Runtime:
             r.round += 1
             r.queue_position = 0
             r.ClearField("error")
+            if stage == session_pb2.STAGE_TRAIN:
+                mark_train_queued(r)
             if change is not None:
                 change(r)
 
@@ -109,3 +112,11 @@ def check_round(rec: session_pb2.Session, round: int) -> None:
         raise StaleRound(
             f"session {rec.session_id} moved on to round {rec.round}; dropping work of round {round}"
         )
+
+
+def _moved_on(rec: session_pb2.Session, round: int, stage: int) -> None:
+    """The record change of a hand-off to `stage`: still the same round, and for training the time
+    it was queued (its place in the training queue)."""
+    check_round(rec, round)
+    if stage == session_pb2.STAGE_TRAIN:
+        mark_train_queued(rec)

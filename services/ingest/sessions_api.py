@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from doclora.v1 import events_pb2, session_pb2, session_service_pb2, session_service_pb2_grpc
 from services.common import events, keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.queue import mark_train_queued, queue_positions, waiting_for_training
 from services.common.runtime import Runtime
 from services.common.sessions import FINAL_STATES, stage_name, state_name
 
@@ -193,14 +194,22 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         log.info("session %s created with %d document(s)", sid, len(docs))
         return session_service_pb2.CreateSessionResponse(session=redact(session))
 
+    async def _placed(self, rec: session_pb2.Session) -> session_pb2.Session:
+        """The record with its place in the training queue, when it waits for a trainer."""
+        if waiting_for_training(rec):
+            rec.queue_position = queue_positions(await self.rt.sessions.list()).get(rec.session_id, 0)
+        return rec
+
     async def GetSession(self, request, context):
-        return session_service_pb2.GetSessionResponse(
-            session=redact(await self.rt.sessions.get(request.session_id))
-        )
+        rec = await self._placed(await self.rt.sessions.get(request.session_id))
+        return session_service_pb2.GetSessionResponse(session=redact(rec))
 
     async def ListSessions(self, request, context):
         limit = request.limit or 100
         sessions = await self.rt.sessions.list()
+        places = queue_positions(sessions)
+        for s in sessions:
+            s.queue_position = places.get(s.session_id, 0)
         return session_service_pb2.ListSessionsResponse(sessions=[redact(s) for s in sessions[:limit]])
 
     async def WatchSession(self, request, context):
@@ -213,7 +222,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         async with contextlib.aclosing(self.rt.bus.watch_events(request.session_id)) as stream:
             async for _kind, data in stream:
                 ev = events.parse(data)
-                rec = await self.rt.sessions.get(request.session_id)
+                rec = await self._placed(await self.rt.sessions.get(request.session_id))
                 yield session_service_pb2.WatchSessionResponse(event=ev, session=redact(rec))
                 if ev.WhichOneof("kind") == "state" and ev.state.state in FINAL_STATES:
                     return
@@ -238,7 +247,10 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
                 "are needed to train: add some before approving"
             )
         rec = await self.rt.sessions.transition(
-            rec.session_id, S.SESSION_STATE_TRAINING, allowed_from={S.SESSION_STATE_AWAITING_REVIEW}
+            rec.session_id,
+            S.SESSION_STATE_TRAINING,
+            allowed_from={S.SESSION_STATE_AWAITING_REVIEW},
+            extra=mark_train_queued,
         )
         await self.rt.enqueue_for(rec, session_pb2.STAGE_TRAIN)
         return session_service_pb2.ApproveSessionResponse(session=redact(rec))
