@@ -412,6 +412,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return {"documents": [to_json(d) for d in resp.documents]}
 
+    @app.get("/api/v1/sessions/{session_id}/documents/{doc_id}/text", tags=["sessions"])
+    async def document_text(session_id: str, doc_id: str, request: Request):
+        """The text extracted from one document (Markdown), as the QA generator reads it."""
+        c = clients(request)
+        resp = await c.ingest.GetDocumentText(
+            ingest_pb2.GetDocumentTextRequest(session_id=session_id, doc_id=doc_id), timeout=c.timeout
+        )
+        return {"doc_id": doc_id, "text": resp.text}
+
     @app.get("/api/v1/sessions/{session_id}/qa", tags=["qa"])
     async def list_pairs(session_id: str, request: Request, page_size: int = 100, page_token: str = ""):
         c = clients(request)

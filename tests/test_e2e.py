@@ -580,3 +580,122 @@ def test_a_person_reviews_edits_exports_and_imports_pairs_then_approves(stack):
             c.post(f"/api/v1/sessions/{sid}/sources", json={"text": MORE_TEXT + "More."}).status_code == 409
         )
         c.post(f"/api/v1/sessions/{sid}/cancel")
+
+
+def test_every_source_type_is_ingested_through_the_gateway_and_bad_files_fail_alone(stack, docs_server):
+    """Uploads of PDF (one encrypted, opened with its password), DOCX, HTML, a Latin-1 text file;
+    links to a PDF, a DOCX and a Markdown page; and a corrupt and a scanned PDF, which fail alone
+    with their reasons while the session goes on."""
+    from tests.test_extract import encrypt_pdf, make_docx, make_pdf
+
+    _, base = stack
+    # each document needs 30 words of prose before pairs are made from it
+    more = "The orchard is open to visitors from April to October, and guided walks start at the old gate."
+    pdf = make_pdf(
+        [
+            ["The Lumen Orchard was founded in 1987 by Ilse Marrow.", "It grows glowing pears."],
+            ["The orchard covers 42 hectares and employs 17 gardeners.", more],
+        ],
+        title="Orchard report",
+    )
+    locked = encrypt_pdf(
+        make_pdf([["The night ferry leaves Lisk at nine in the evening every day.", more, more]]), "s3cret"
+    )
+    html = (
+        b"<html><head><title>Bees</title><script>var x=1;</script></head><body><nav>Home | About</nav>"
+        b"<main><h1>Bees</h1><p>The orchard keeps forty hives of black bees near the river.</p><p>%s</p></main></body></html>"
+        % more.encode()
+    )
+    latin1 = f"Café Marrow serves crème brûlée made from the orchard's pears every Sunday. {more}".encode(
+        "latin-1"
+    )
+    docs_server.pages["/linked.pdf"] = (
+        "application/pdf",
+        make_pdf([["The pear press was built in 1990 by Ola Brand.", more, more]]),
+    )
+    docs_server.pages["/guide.docx"] = (
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        make_docx(),
+    )
+    docs_server.pages["/notes.md"] = (
+        "text/markdown",
+        f"# Notes\n\nThe orchard gate opens at seven in the morning. {more} {more}\n".encode(),
+    )
+    files = [
+        ("files", ("report.pdf", pdf, "application/pdf")),
+        ("files", ("locked.pdf", locked, "application/pdf")),
+        ("files", ("birds.docx", make_docx(), "application/octet-stream")),
+        ("files", ("bees.html", html, "text/html")),
+        ("files", ("cafe.txt", latin1, "text/plain")),
+        ("files", ("broken.pdf", pdf[: len(pdf) // 3], "application/pdf")),
+        ("files", ("scan.pdf", make_pdf([[], []]), "application/pdf")),
+    ]
+    urls = [docs_server.url(p) for p in ("/linked.pdf", "/guide.docx", "/notes.md")]
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
+        resp = c.post(
+            "/api/v1/sessions/upload",
+            files=files,
+            data={"urls": urls, "password": "s3cret", "review": "true", "name": "all sources"},
+        )
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["session_id"]
+        sess = wait_state(c, sid, {"AWAITING_REVIEW", "FAILED"})
+        assert sess["state"] == "SESSION_STATE_AWAITING_REVIEW", sess.get("error")
+        docs = {d["name"]: d for d in sess["documents"]}
+
+        def text(name: str) -> str:
+            got = c.get(f"/api/v1/sessions/{sid}/documents/{docs[name]['doc_id']}/text")
+            assert got.status_code == 200, got.text
+            return got.json()["text"]
+
+        ready = {n for n, d in docs.items() if d["status"] == "DOCUMENT_STATUS_READY"}
+        assert ready == {
+            "report.pdf",
+            "locked.pdf",
+            "birds.docx",
+            "bees.html",
+            "cafe.txt",
+            "linked.pdf",
+            "guide.docx",
+            "notes.md",
+        }, {n: d["error"] for n, d in docs.items()}
+        assert docs["report.pdf"]["format"] == "pdf" and docs["report.pdf"]["pages"] == 2
+        assert "founded in 1987" in text("report.pdf") and "night ferry" in text("locked.pdf")
+        assert "| Grey heron | 95 |" in text("birds.docx") and "# Herons\n" in text("guide.docx")
+        assert "forty hives" in text("bees.html") and "var x" not in text("bees.html")
+        assert "crème brûlée" in text("cafe.txt") and "Ola Brand" in text("linked.pdf")
+        assert "gate opens at seven" in text("notes.md")
+        assert "truncated" in docs["broken.pdf"]["error"] or "damaged" in docs["broken.pdf"]["error"]
+        assert "OCR is not supported" in docs["scan.pdf"]["error"]
+        failed_text = c.get(f"/api/v1/sessions/{sid}/documents/{docs['scan.pdf']['doc_id']}/text")
+        assert failed_text.status_code == 409
+        qa = c.get(f"/api/v1/sessions/{sid}/qa", params={"page_size": 1000}).json()["pairs"]
+        assert {p["doc_id"] for p in qa} >= {docs[n]["doc_id"] for n in ("report.pdf", "cafe.txt", "notes.md", "linked.pdf")}
+        c.post(f"/api/v1/sessions/{sid}/cancel")
+
+
+def test_a_csv_of_question_answer_pairs_goes_straight_to_training(stack):
+    _, base = stack
+    csv_data = (
+        'question,answer\n"What opens the gate?","The blue key opens the gate."\n'
+        '"Who keeps the bees?","Ada keeps the bees, near the river."\n'
+        '"When is the harvest?","The harvest is in October."\n'
+    )
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
+        resp = c.post(
+            "/api/v1/sessions/upload",
+            files=[("files", ("pairs.csv", csv_data.encode(), "text/csv"))],
+            data={"review": "true"},
+        )
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["session_id"]
+        sess = wait_state(c, sid, {"AWAITING_REVIEW", "FAILED"})
+        assert sess["state"] == "SESSION_STATE_AWAITING_REVIEW", sess.get("error")
+        assert sess["documents"][0]["format"] == "qa_csv"
+        pairs = c.get(f"/api/v1/sessions/{sid}/qa").json()["pairs"]
+        assert sorted(p["answer"] for p in pairs) == [
+            "Ada keeps the bees, near the river.",
+            "The blue key opens the gate.",
+            "The harvest is in October.",
+        ]
+        c.post(f"/api/v1/sessions/{sid}/cancel")
