@@ -6,7 +6,10 @@ model's tokens. For each chunk every prompt's replies are recorded and parsed st
 backend does; a chunk counts as parsable when it got a parsable reply to every prompt within the
 retries (first try, after retries), and its pairs then pass through the quality gate. Run:
 
-    .venv/bin/python bench/bench_qagen_local.py [--chunks 8] [--strategies quiz] [--threads 2]
+    .venv/bin/python bench/bench_qagen_local.py [--chunks 8] [--strategies quiz] [--threads 2] [--free]
+
+`--free` measures the unguided mode (the model writes the whole JSON reply, parsed strictly);
+the default is guided decoding (the backend writes the JSON, the model fills in the texts).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8, help="chunks to generate for, spread over the document")
     ap.add_argument("--strategies", default="quiz", help="comma-separated strategies to prompt for")
     ap.add_argument("--max-new-tokens", type=int, default=384)
+    ap.add_argument("--free", action="store_true", help="unguided: the model writes the whole JSON reply")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -69,7 +73,7 @@ def main() -> None:
                             pages=pages)
     step = max(1, len(chunks) // args.chunks)
     picked = chunks[::step][: args.chunks]
-    gen = Recording(model, tokenizer, max_new_tokens=args.max_new_tokens)
+    gen = Recording(model, tokenizer, max_new_tokens=args.max_new_tokens, guided=not args.free)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
 
     rows = []
@@ -98,6 +102,7 @@ def main() -> None:
     n = len(rows)
     out = {
         "model": settings.base_model,
+        "mode": "free" if args.free else "guided",
         "chunks": n,
         "strategies": strategies,
         "parsable_share": sum(r["ok"] for r in rows) / n,

@@ -486,7 +486,7 @@ def tiny_llama():
 def test_a_random_local_model_is_rejected_by_strict_parsing_and_the_chunk_fails(tiny_llama):
     """A tiny random Llama writes garbage: each try is malformed, retried, and the chunk fails."""
     model, tokenizer = tiny_llama
-    gen = LocalGenerator(model, tokenizer, max_new_tokens=12, format_retries=2)
+    gen = LocalGenerator(model, tokenizer, max_new_tokens=12, format_retries=2, guided=False)
     chunk = doc_chunks()[0]
     with pytest.raises(ChunkFailed, match="malformed 3 times"):
         gen.generate(chunk, doc_title="Stations", strategies=["quiz"])
@@ -496,12 +496,26 @@ def test_a_random_local_model_is_rejected_by_strict_parsing_and_the_chunk_fails(
 def test_a_document_from_a_broken_local_model_yields_failed_chunks_not_invented_pairs(tiny_llama):
     """Through the pipeline: no pairs at all, every chunk counted as failed after its retry."""
     model, tokenizer = tiny_llama
-    gen = LocalGenerator(model, tokenizer, max_new_tokens=8, format_retries=0)
+    gen = LocalGenerator(model, tokenizer, max_new_tokens=8, format_retries=0, guided=False)
     chunks = doc_chunks()[:2]
     pairs, stats = generate_document(gen, chunks, strategies=["quiz", "paraphrase"])
     assert pairs == []
     assert stats["failed"] == 2 and stats["retried"] == 2 and stats["chunk_coverage"] == 0.0
     assert gen.calls == 4
+
+
+def test_guided_decoding_always_gives_parsable_json_and_the_gate_drops_garbage(tiny_llama):
+    """In guided mode the model writes only the texts: a random model's reply still parses, and
+    its made-up pairs are dropped by the quality gate, never kept."""
+    model, tokenizer = tiny_llama
+    gen = LocalGenerator(model, tokenizer, max_field_tokens=6, pairs_per_prompt=2)
+    chunk = doc_chunks()[0]
+    reply = gen.complete(build_messages(chunk, "quiz", "Stations"))
+    parsed = json.loads(reply)
+    assert isinstance(parsed, list) and all(set(p) == {"question", "answer"} for p in parsed)
+    pairs, stats = generate_document(gen, doc_chunks()[:2], strategies=["quiz"])
+    assert stats["failed"] == 0 and pairs == []
+    assert sum(stats["dropped"].values()) == stats["generated"]
 
 
 def test_the_local_backend_needs_a_chat_template(tiny_llama):
