@@ -85,6 +85,31 @@ async def test_generation_stores_grounded_pairs_with_a_held_out_split_and_queues
     assert after.qa.eval_pairs == len(held) > 0
     eval_chunks = {p["chunk_id"] for p in held}
     assert not eval_chunks & {p["chunk_id"] for p in pairs if p["split"] == "train"}
+    progress = await _progress_events(rt, rec.session_id)
+    assert progress[0] == (0, 8) and progress[-1] == (8, 8)
+    assert all(a[0] <= b[0] for a, b in zip(progress, progress[1:], strict=False))
+
+
+async def _progress_events(rt: Runtime, sid: str) -> list[tuple[int, int]]:
+    """(done, total) of the session's qagen progress events so far, in order."""
+    import asyncio
+    import contextlib
+
+    from services.common import events
+
+    out: list[tuple[int, int]] = []
+
+    async def read():
+        async with contextlib.aclosing(rt.bus.watch_events(sid)) as stream:
+            async for _kind, data in stream:
+                ev = events.parse(data)
+                if ev.WhichOneof("kind") == "progress" and ev.progress.stage == session_pb2.STAGE_QAGEN:
+                    out.append((ev.progress.done, ev.progress.total))
+                if ev.WhichOneof("kind") == "finished":
+                    return
+
+    await asyncio.wait_for(read(), 10)
+    return out
 
 
 async def test_chunks_are_sized_in_base_model_tokens_when_its_tokenizer_loads(rt, monkeypatch):
