@@ -670,7 +670,9 @@ def test_every_source_type_is_ingested_through_the_gateway_and_bad_files_fail_al
         failed_text = c.get(f"/api/v1/sessions/{sid}/documents/{docs['scan.pdf']['doc_id']}/text")
         assert failed_text.status_code == 409
         qa = c.get(f"/api/v1/sessions/{sid}/qa", params={"page_size": 1000}).json()["pairs"]
-        assert {p["doc_id"] for p in qa} >= {docs[n]["doc_id"] for n in ("report.pdf", "cafe.txt", "notes.md", "linked.pdf")}
+        assert {p["doc_id"] for p in qa} >= {
+            docs[n]["doc_id"] for n in ("report.pdf", "cafe.txt", "notes.md", "linked.pdf")
+        }
         c.post(f"/api/v1/sessions/{sid}/cancel")
 
 
@@ -699,3 +701,22 @@ def test_a_csv_of_question_answer_pairs_goes_straight_to_training(stack):
             "The harvest is in October.",
         ]
         c.post(f"/api/v1/sessions/{sid}/cancel")
+
+
+def test_the_cli_stops_for_review_and_exports_the_pairs(stack, tmp_path):
+    """`doclora learn --review FILE` follows the session to AWAITING_REVIEW and says what to do next;
+    `doclora qa SID --export alpaca` writes every pair as Alpaca JSON lines."""
+    env, base = stack
+    doc = tmp_path / "orchard.md"
+    doc.write_text(TEXT)
+    learn = _cli(env, "learn", "--review", str(doc), timeout=300)
+    assert learn.returncode == 0, learn.stderr
+    sid = re.search(r"session ([0-9a-f]+)", learn.stdout).group(1)
+    assert f"doclora approve {sid}" in learn.stdout
+    export = _cli(env, "qa", sid, "--export", "alpaca", timeout=60)
+    assert export.returncode == 0, export.stderr
+    rows = [json.loads(line) for line in export.stdout.splitlines()]
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
+        total = c.get(f"/api/v1/sessions/{sid}/qa").json()["total"]
+        c.post(f"/api/v1/sessions/{sid}/cancel")
+    assert len(rows) == total > 0 and all({"instruction", "output"} <= set(r) for r in rows)

@@ -59,7 +59,9 @@ def cmd_up(args) -> int:
     if info and pid_alive(info.get("supervisor_pid", -1)):
         print(f"doclora is already running (pid {info['supervisor_pid']}); `doclora status` shows it")
         return 0
-    busy = [f"{name} ({host}:{port})" for name, host, port in _wanted_ports(settings) if _port_busy(host, port)]
+    busy = [
+        f"{name} ({host}:{port})" for name, host, port in _wanted_ports(settings) if _port_busy(host, port)
+    ]
     if busy:
         print("cannot start: these ports are in use: " + ", ".join(busy), file=sys.stderr)
         print("stop what holds them, or set DOCLORA_* addresses (see README)", file=sys.stderr)
@@ -71,7 +73,10 @@ def cmd_up(args) -> int:
         with open(logs / "stack.log", "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "services.stack.cli", "up", "--timeout", str(args.timeout)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         return _wait_healthy(settings, args.timeout, proc)
 
@@ -199,8 +204,10 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return "[" + "#" * fill + "-" * (width - fill) + f"] {done}/{total}"
 
 
-def follow(settings: Settings, sid: str, out=sys.stdout) -> str:
-    """Print a session's progress until it ends; returns the final state name."""
+def follow(settings: Settings, sid: str, out=sys.stdout, stop_at=None) -> str:
+    """Print a session's progress until it ends (or reaches a state in `stop_at`); returns the
+    state name it stopped at."""
+    stop_at = FINAL | set(stop_at or ())
     state = ""
     with _client(settings) as c, c.stream("GET", f"/api/v1/sessions/{sid}/events") as resp:
         if resp.status_code >= 400:
@@ -219,7 +226,7 @@ def follow(settings: Settings, sid: str, out=sys.stdout) -> str:
                 if state == "FAILED":
                     out.write(f": {sess.get('error', {}).get('message', '')}")
             out.flush()
-            if state in FINAL:
+            if state in stop_at:
                 break
     out.write("\n")
     return state
@@ -241,11 +248,18 @@ def cmd_learn(args) -> int:
         form["text"] = "\n\n".join(texts)
     if args.max_steps:
         form["max_steps"] = str(args.max_steps)
+    if args.review:
+        form["review"] = "true"
     with _client(settings) as c:
         handles = [open(p, "rb") for p in files]  # streamed by httpx, never read whole here
         try:
-            sess = _check(c.post("/api/v1/sessions/upload", data=form,
-                                 files=[("files", (p.name, h)) for p, h in zip(files, handles, strict=True)]))
+            sess = _check(
+                c.post(
+                    "/api/v1/sessions/upload",
+                    data=form,
+                    files=[("files", (p.name, h)) for p, h in zip(files, handles, strict=True)],
+                )
+            )
         finally:
             for h in handles:
                 h.close()
@@ -253,19 +267,63 @@ def cmd_learn(args) -> int:
     print(f"session {sid}")
     if args.no_wait:
         return 0
-    state = follow(settings, sid)
+    state = follow(settings, sid, stop_at={"AWAITING_REVIEW"})
     with _client(settings) as c:
         for d in _check(c.get(f"/api/v1/sessions/{sid}"))["documents"]:
             if d["status"] == "DOCUMENT_STATUS_FAILED":
                 print(f"  skipped {d['name']}: {d['error']}")
+    return _next_step(state, sid)
+
+
+def _next_step(state: str, sid: str) -> int:
+    if state == "AWAITING_REVIEW":
+        print(f"review the pairs: doclora qa {sid} (or the web UI), then: doclora approve {sid}")
+        return 0
     if state == "READY":
         print(f"ready: doclora chat {sid}")
         return 0
     return 1
 
 
+def cmd_approve(args) -> int:
+    """Approve a reviewed session's pairs and follow its training."""
+    settings = Settings.from_env()
+    with _client(settings) as c:
+        _check(c.post(f"/api/v1/sessions/{args.session}/approve"))
+    if args.no_wait:
+        return 0
+    return _next_step(follow(settings, args.session), args.session)
+
+
+def cmd_retrain(args) -> int:
+    """Train a finished session again from its stored pairs."""
+    settings = Settings.from_env()
+    body: dict = {"from_scratch": args.from_scratch}
+    if args.max_steps:
+        body["max_steps"] = args.max_steps
+    with _client(settings) as c:
+        _check(c.post(f"/api/v1/sessions/{args.session}/retrain", json=body))
+    if args.no_wait:
+        return 0
+    return _next_step(follow(settings, args.session, stop_at={"AWAITING_REVIEW"}), args.session)
+
+
 def cmd_qa(args) -> int:
     settings = Settings.from_env()
+    if args.export:
+        with (
+            _client(settings) as c,
+            c.stream(
+                "GET", f"/api/v1/sessions/{args.session}/qa/export", params={"format": args.export}
+            ) as resp,
+        ):
+            if resp.status_code >= 400:
+                resp.read()
+                _check(resp)
+            for piece in resp.iter_bytes():
+                sys.stdout.buffer.write(piece)
+        sys.stdout.flush()
+        return 0
     with _client(settings) as c:
         data = _check(c.get(f"/api/v1/sessions/{args.session}/qa", params={"page_size": args.limit}))
     for p in data["pairs"]:
@@ -344,17 +402,35 @@ def main(argv: list[str] | None = None) -> int:
     down.set_defaults(fn=cmd_down)
     sub.add_parser("status", help="health of each part").set_defaults(fn=cmd_status)
     learn = sub.add_parser("learn", help="learn a bot from files, links or text")
-    learn.add_argument("sources", nargs="+", help="file paths (PDF, DOCX, HTML, TXT, MD, QA JSONL/CSV), links, or text")
+    learn.add_argument(
+        "sources", nargs="+", help="file paths (PDF, DOCX, HTML, TXT, MD, QA JSONL/CSV), links, or text"
+    )
     learn.add_argument("--name", default="")
     learn.add_argument("--password", default="", help="password of encrypted PDFs")
     learn.add_argument("--max-steps", type=int, default=0, help="training steps (default: from the data)")
     learn.add_argument("--no-wait", action="store_true")
+    learn.add_argument("--review", action="store_true", help="stop after generation to review the pairs")
     learn.set_defaults(fn=cmd_learn)
     qa = sub.add_parser("qa", help="show a session's question-answer pairs")
     qa.add_argument("session")
     qa.add_argument("--limit", type=int, default=100)
     qa.add_argument("--json", action="store_true")
+    qa.add_argument(
+        "--export", choices=("openai", "alpaca", "sharegpt"), help="write every pair as JSON lines"
+    )
     qa.set_defaults(fn=cmd_qa)
+    approve = sub.add_parser("approve", help="approve a reviewed session's pairs; training starts")
+    approve.add_argument("session")
+    approve.add_argument("--no-wait", action="store_true")
+    approve.set_defaults(fn=cmd_approve)
+    retrain = sub.add_parser("retrain", help="train a finished session again from its pairs")
+    retrain.add_argument("session")
+    retrain.add_argument(
+        "--from-scratch", action="store_true", help="start from the base model, not the adapter"
+    )
+    retrain.add_argument("--max-steps", type=int, default=0)
+    retrain.add_argument("--no-wait", action="store_true")
+    retrain.set_defaults(fn=cmd_retrain)
     chat = sub.add_parser("chat", help="chat with a bot ('base' for the base model)")
     chat.add_argument("bot")
     chat.add_argument("-m", "--message", help="one message, then exit")
@@ -369,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except httpx.ConnectError:
         settings = Settings.from_env()
-        print(f"cannot reach the doclora gateway at {_gateway(settings)}; start it with `doclora up`",
-              file=sys.stderr)
+        print(
+            f"cannot reach the doclora gateway at {_gateway(settings)}; start it with `doclora up`",
+            file=sys.stderr,
+        )
         return 2
 
 
