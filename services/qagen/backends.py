@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("extractive", "local", "openai")
 MAX_PAIRS_PER_REPLY = 20
+# guided local generation starts the i-th question of a reply with these words, in turn
+QUESTION_STARTS = ("What", "Who", "When", "How", "Where", "Which")
 Progress = Callable[[int, int], None]
 
 
@@ -430,12 +432,16 @@ class LocalGenerator(_ModelGenerator):
             self.calls += 1
             reply, seen = "[", set()
             for i in range(self.pairs_per_prompt):
-                head = reply + (", " if i else "") + '{"question": "'
-                question = self._field(prompt + head, sample=bool(attempt or i))
-                if not question or question.casefold() in seen:
+                # a question word to start with: small models otherwise copy a sentence of the text
+                start = QUESTION_STARTS[(i + attempt) % len(QUESTION_STARTS)]
+                pair_head = reply + (", " if i else "") + '{"question": '
+                question = (
+                    start + self._field(prompt + pair_head + '"' + start, sample=bool(attempt or i))
+                ).strip()
+                if question == start or question.casefold() in seen:
                     break
-                head = head[:-1] + json.dumps(question)[1:-1] + '", "answer": "'
-                answer = self._field(prompt + head, sample=bool(attempt))
+                head = pair_head + json.dumps(question) + ', "answer": "'
+                answer = self._field(prompt + head, sample=bool(attempt)).strip()
                 if not answer:
                     break
                 seen.add(question.casefold())
@@ -467,7 +473,8 @@ class LocalGenerator(_ModelGenerator):
                 **sampling,
             )
         new = self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        return " ".join(new.split('"', 1)[0].split())
+        text = new.split('"', 1)[0]
+        return (" " if text[:1].isspace() else "") + " ".join(text.split())
 
     def _free(self, messages: list[dict[str, str]], attempt: int) -> str:
         import torch
