@@ -139,9 +139,10 @@ class Fetch:
 def make_engine(tokenizer, adapter_dirs):
     made: list[ChatEngine] = []
 
-    def make(capacity: int = 2, **kwargs) -> tuple[ChatEngine, Fetch]:
+    def make(capacity: int = 2, max_bytes: int = 0, **kwargs) -> tuple[ChatEngine, Fetch]:
         fetch = Fetch(adapter_dirs)
-        engine = ChatEngine(tiny_base(tokenizer), tokenizer, AdapterCache(fetch, capacity), "cpu", **kwargs)
+        cache = AdapterCache(fetch, capacity, max_bytes=max_bytes)
+        engine = ChatEngine(tiny_base(tokenizer), tokenizer, cache, "cpu", **kwargs)
         made.append(engine)
         return engine, fetch
 

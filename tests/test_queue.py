@@ -28,7 +28,10 @@ def _session(
     train_started: int | None = None,
 ) -> session_pb2.Session:
     rec = session_pb2.Session(
-        session_id=sid, state=state, created_at=_ts(created), options=session_pb2.SessionOptions(priority=priority)
+        session_id=sid,
+        state=state,
+        created_at=_ts(created),
+        options=session_pb2.SessionOptions(priority=priority),
     )
     if queued is not None:
         mark_train_queued(rec, _ts(queued))

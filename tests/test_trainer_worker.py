@@ -1,10 +1,13 @@
 """The train stage (services/trainer/worker.py) against a real nats-server and SeaweedFS, with the
 tiny Llama standing in for the base model: a crashed job resumes from its stored checkpoint, a
-held-out split is evaluated, and a cancelled session stops within seconds."""
+held-out split is evaluated and written to the session, per-session LoRA settings and qagen's
+split marks are honoured, a later round continues from the earlier adapter, and a cancelled
+session stops within seconds."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -13,6 +16,7 @@ import torch
 
 from doclora.v1 import session_pb2
 from services.common import keys
+from services.common.errors import InvalidArgument
 from services.common.jsonl import to_jsonl
 from services.common.runtime import Runtime
 from services.common.sessions import SessionRepo
@@ -50,31 +54,49 @@ def rt(bus, store, s3_settings, tokenizer, monkeypatch):
     import services.common.model as model_module
 
     monkeypatch.setattr(
-        model_module, "load_base_model", lambda settings, for_training=False: (tiny_llama(len(tokenizer)), tokenizer)
+        model_module,
+        "load_base_model",
+        lambda settings, for_training=False: (tiny_llama(len(tokenizer)), tokenizer),
     )
     monkeypatch.setattr(worker, "CHECKPOINT_EVERY_STEPS", 2)
     monkeypatch.setattr(worker, "EVAL_MIN_PAIRS", 8)
     monkeypatch.setattr(worker, "EVAL_FRACTION", 0.2)
     monkeypatch.setattr(worker, "EVAL_MAX_NEW_TOKENS", 4)
     monkeypatch.setattr(worker, "CANCEL_POLL_S", 0.2)
-    return Runtime(settings=s3_settings, bus=bus, store=store, sessions=SessionRepo(bus))
+    # the precision "auto" picks depends on the CPU; these tests check what gets reported
+    settings = dataclasses.replace(s3_settings, train_precision="fp32")
+    return Runtime(settings=settings, bus=bus, store=store, sessions=SessionRepo(bus))
 
 
-async def _session(rt: Runtime, sid: str, max_steps: int) -> session_pb2.Session:
-    rt.store.put_bytes(keys.qa_pairs(TENANT, sid), to_jsonl(PAIRS))
+async def _session(
+    rt: Runtime, sid: str, max_steps: int | None, pairs=PAIRS, **options
+) -> session_pb2.Session:
+    rt.store.put_bytes(keys.qa_pairs(TENANT, sid), to_jsonl(pairs))
+    if max_steps is not None:
+        options["max_steps"] = max_steps
     rec = session_pb2.Session(
         session_id=sid,
         tenant=TENANT,
         state=S.SESSION_STATE_TRAINING,
-        options=session_pb2.SessionOptions(max_steps=max_steps),
+        options=session_pb2.SessionOptions(**options),
     )
     return await rt.sessions.create(rec)
 
 
-def _item(sid: str):
+def _item(sid: str, round: int = 0):
     from doclora.v1 import events_pb2
 
-    return events_pb2.WorkItem(session_id=sid, tenant=TENANT, stage=session_pb2.STAGE_TRAIN)
+    return events_pb2.WorkItem(session_id=sid, tenant=TENANT, stage=session_pb2.STAGE_TRAIN, round=round)
+
+
+def _adapter_files(rt: Runtime, adapter_id: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load as load_safetensors
+
+    prefix = keys.adapter_prefix(TENANT, adapter_id)
+    config = json.loads(rt.store.get_bytes(prefix + "adapter_config.json"))
+    metrics = json.loads(rt.store.get_bytes(prefix + "metrics.json"))
+    weights = load_safetensors(rt.store.get_bytes(prefix + "adapter_model.safetensors"))
+    return config, metrics, weights
 
 
 async def test_a_redelivered_job_resumes_from_the_stored_checkpoint(rt, monkeypatch):
@@ -140,3 +162,189 @@ def test_small_sessions_keep_every_pair_for_training():
     train, held = worker.split_for_eval(many, seed=1)
     assert held and len(train) + len(held) == len(many)
     assert {p["chunk_id"] for p in train}.isdisjoint({p["chunk_id"] for p in held})
+
+
+async def test_the_session_gets_the_held_out_evaluation_precision_and_device(rt):
+    """When training ends the session's TrainStats carry the held-out scores and loss of
+    metrics.json, the precision and device used, and no adapter it started from."""
+    sid = "s-stats01"
+    await _session(rt, sid, max_steps=3)
+    await worker.train_session(rt, _item(sid), await rt.sessions.get(sid))
+    final = await rt.sessions.get(sid)
+    assert final.state == S.SESSION_STATE_READY and final.adapter_id == sid
+    _, metrics, _ = _adapter_files(rt, sid)
+    stats = final.train
+    assert stats.eval_count == metrics["eval_count"] == 2
+    for key in ("eval_base_f1", "eval_adapter_f1", "eval_base_em", "eval_adapter_em", "eval_loss"):
+        assert stats.HasField(key), key
+        assert getattr(stats, key) == pytest.approx(metrics[key]), key
+    assert (stats.precision, stats.device, stats.started_from) == ("fp32", "cpu", "")
+
+
+async def test_session_lora_options_and_qagen_split_marks_shape_the_run(rt):
+    """Rank, alpha, dropout, learning rate and epochs (exactly: no minimum step count) come from the
+    session's options, and the pairs qagen marked "eval" (not the trainer's own chunk split) are
+    the held-out set."""
+    sid = "s-options01"
+    marked = [dict(p, split="eval" if i in (3, 6, 9) else "train") for i, p in enumerate(PAIRS)]
+    rec = await _session(
+        rt,
+        sid,
+        max_steps=None,
+        pairs=marked,
+        lora_rank=4,
+        lora_alpha=12.0,
+        lora_dropout=0.05,
+        learning_rate=0.004,
+        epochs=2,
+    )
+    await worker.train_session(rt, _item(sid), rec)
+    config, metrics, weights = _adapter_files(rt, sid)
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 12, 0.05)
+    assert metrics["config"]["lr"] == 0.004 and metrics["config"]["epochs"] == 2.0
+    assert metrics["total_steps"] == 4  # 2 epochs of 7 pairs in batches of 4, however few
+    assert all(w.shape[0] == 4 or w.shape[1] == 4 for w in weights.values())
+    assert metrics["examples"] == 7 and metrics["eval_count"] == 3
+    held = {s["question"] for s in metrics["eval_samples"]}
+    assert held == {PAIRS[i]["question"] for i in (3, 6, 9)}
+    assert (await rt.sessions.get(sid)).train.eval_count == 3
+
+
+def test_session_lora_options_out_of_range_are_refused():
+    """A rank of 0 or a dropout of 1 is a bad request, said before any training starts."""
+    assert worker.lora_overrides(session_pb2.SessionOptions()) == {}
+    with pytest.raises(InvalidArgument, match="lora_rank"):
+        worker.lora_overrides(session_pb2.SessionOptions(lora_rank=0))
+    with pytest.raises(InvalidArgument, match="lora_dropout"):
+        worker.lora_overrides(session_pb2.SessionOptions(lora_dropout=1.0))
+
+
+async def test_a_later_round_continues_from_the_earlier_adapter(rt):
+    """Round 1 with continue_from = round 0's adapter starts from its weights (with a learning rate
+    of 1e-9 it ends where round 0 ended; its first loss is round 0's trained loss, not the base
+    model's), keeps its LoRA shape over a rank option, is stored as `{sid}-r1`, and the session
+    switches to it."""
+    sid = "s-round01"
+    await _session(rt, sid, max_steps=8, learning_rate=0.02)
+    await worker.train_session(rt, _item(sid), await rt.sessions.get(sid))
+    first_config, first, first_weights = _adapter_files(rt, sid)
+    assert first["losses"][-1] < first["losses"][0] - 0.5
+
+    def next_round(r):
+        r.round, r.continue_from, r.state = 1, sid, S.SESSION_STATE_TRAINING
+        r.options.learning_rate, r.options.max_steps, r.options.lora_rank = 1e-9, 1, 2
+
+    rec = await rt.sessions.update(sid, next_round)
+    await worker.train_session(rt, _item(sid, round=1), rec)
+    final = await rt.sessions.get(sid)
+    assert final.state == S.SESSION_STATE_READY
+    assert final.adapter_id == f"{sid}-r1" and final.train.started_from == sid and not final.continue_from
+    config, second, weights = _adapter_files(rt, f"{sid}-r1")
+    assert config["r"] == first_config["r"] == 8
+    assert set(weights) == set(first_weights)
+    for key in weights:
+        torch.testing.assert_close(weights[key], first_weights[key], rtol=0, atol=1e-6)
+    assert second["losses"][0] < first["losses"][0] - 0.5
+    meta = json.loads(rt.store.get_bytes(keys.adapter_prefix(TENANT, f"{sid}-r1") + "doclora.json"))
+    assert meta["started_from"] == sid and meta["round"] == 1
+    assert rt.store.exists(keys.adapter_prefix(TENANT, sid) + "adapter_model.safetensors")
+
+
+async def test_continuing_from_an_adapter_that_is_gone_starts_from_the_base_model(rt):
+    """A continue_from naming no stored adapter trains from scratch and says so (started_from "")."""
+    sid = "s-round02"
+    await _session(rt, sid, max_steps=1)
+    rec = await rt.sessions.update(sid, lambda r: setattr(r, "continue_from", "s-nosuch"))
+    await worker.train_session(rt, _item(sid), rec)
+    final = await rt.sessions.get(sid)
+    assert final.state == S.SESSION_STATE_READY and final.train.started_from == ""
+
+
+async def test_a_session_with_passages_trains_on_raft_style_examples(rt):
+    """SessionOptions.passages puts the session's chunks before the training questions (counted
+    in metrics.json) with room for them in the sequence length; the held-out evaluation is run
+    closed-book and, into eval_passages_*, with retrieved passages."""
+    sid = "s-raft01"
+    chunks = [
+        {
+            "chunk_id": f"c{i}",
+            "doc_id": "d1",
+            "start": 50 * i,
+            "end": 50 * i + 40,
+            "text": f"Crates {2 * i} and {2 * i + 1} are coded.",
+        }
+        for i in range(5)
+    ]
+    rt.store.put_bytes(keys.chunks(TENANT, sid), to_jsonl(chunks))
+    rec = await _session(rt, sid, max_steps=2, passages=True)
+    await worker.train_session(rt, _item(sid), rec)
+    _, metrics, _ = _adapter_files(rt, sid)
+    assert sum(metrics["passages"].values()) == metrics["examples"] == 8
+    assert metrics["passages"]["gold"] > 0
+    assert metrics["config"]["max_seq_len"] == worker.PASSAGES_MIN_SEQ_LEN
+    assert metrics["eval_count"] == 2
+    assert all(not s["question"].startswith("Passages") for s in metrics["eval_samples"])
+    # and the held-out questions once more with retrieved passages, as chat asks them
+    assert metrics["eval_passages_count"] == 2
+    assert all(
+        s["question"].startswith("Passages from the documents:") for s in metrics["eval_passages_samples"]
+    )
+    stats = (await rt.sessions.get(sid)).train
+    assert stats.eval_passages_count == 2 and stats.HasField("eval_passages_adapter_f1")
+    assert stats.eval_passages_base_f1 == pytest.approx(metrics["eval_passages_base_f1"])
+
+
+def test_passages_follow_the_session_choice_else_the_server_setting():
+    """SessionOptions.passages wins when set; unset, the `train_passages` setting (off when the
+    server's settings do not have it)."""
+    from types import SimpleNamespace
+
+    unset = session_pb2.SessionOptions()
+    assert worker.passages_enabled(unset, SimpleNamespace()) is False
+    assert worker.passages_enabled(unset, SimpleNamespace(train_passages=True)) is True
+    assert (
+        worker.passages_enabled(
+            session_pb2.SessionOptions(passages=False), SimpleNamespace(train_passages=True)
+        )
+        is False
+    )
+    assert worker.passages_enabled(session_pb2.SessionOptions(passages=True), SimpleNamespace()) is True
+
+
+def test_the_precision_shown_names_the_compute_dtype_and_any_quantization():
+    """TrainStats.precision: bf16 autocast and bf16 weights read "bf16", fp32 "fp32", a 4-bit
+    QLoRA base "nf4+bf16"; the device drops its index."""
+    assert worker.precision_label({"precision": "bf16-autocast", "dtype": "float32"}) == "bf16"
+    assert worker.precision_label({"precision": "model-dtype", "dtype": "bfloat16"}) == "bf16"
+    assert worker.precision_label({"precision": "model-dtype", "dtype": "float32"}) == "fp32"
+    assert (
+        worker.precision_label({"precision": "model-dtype", "dtype": "bfloat16", "quantization": "nf4"})
+        == "nf4+bf16"
+    )
+    stats = worker.train_stats({"device": "cuda:1", "eval_base_f1": float("nan")}, 1.0, "")
+    assert stats.device == "cuda" and not stats.HasField("eval_base_f1")
+
+
+async def test_a_run_whose_round_was_replaced_stops_and_leaves_the_new_round_alone(rt):
+    """When the session moves on to round 1 while round 0 trains, the round-0 run stops within
+    seconds, stores no adapter, does not touch the record, and deletes its own checkpoint but not
+    round 1's."""
+    sid = "s-stale01"
+    rec = await _session(rt, sid, max_steps=100_000)
+    task = asyncio.create_task(worker.train_session(rt, _item(sid), rec))
+    deadline = time.monotonic() + 60
+    while not rt.store.exists(worker.checkpoint_key(TENANT, sid)):  # round 0 is under way
+        assert not task.done() and time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    newer = worker.checkpoint_key(TENANT, sid, 1)
+    assert newer != worker.checkpoint_key(TENANT, sid)
+    rt.store.put_bytes(newer, b"round 1 checkpoint")
+    await rt.sessions.update(sid, lambda r: setattr(r, "round", 1))
+    moved = time.monotonic()
+    await asyncio.wait_for(task, timeout=30)
+    assert time.monotonic() - moved < 5
+    after = await rt.sessions.get(sid)
+    assert after.state == S.SESSION_STATE_TRAINING and after.adapter_id == "" and not after.HasField("train")
+    assert rt.store.list(keys.adapter_prefix(TENANT, sid)) == []
+    assert not rt.store.exists(worker.checkpoint_key(TENANT, sid))
+    assert rt.store.get_bytes(newer) == b"round 1 checkpoint"

@@ -4,6 +4,9 @@
   per stage (`work-{stage}`) shared by every replica of that stage. `run_worker` fetches one message
   at a time, keeps it alive with `in_progress()` while the handler runs, acks on success, naks with
   a delay on failure, and after the last attempt (or a `PermanentError`) moves it to `work.dead`.
+  Work published with a priority above 0 goes to `work.{stage}.urgent` instead, a lane with its own
+  durable consumer (`work-{stage}-urgent`) that workers poll before the normal one: urgent work
+  jumps the queue (first come, first served among urgent work).
 - Events: stream `EVENTS` (limits retention, bounded age), subjects `events.{session}.{kind}`;
   `watch_events` replays a session's history, then follows it live.
 - Sessions: KV bucket `sessions`, written only by compare-and-swap on the revision.
@@ -39,6 +42,9 @@ WORK_STREAM = "WORK"
 EVENTS_STREAM = "EVENTS"
 SESSIONS_BUCKET = "sessions"
 DEAD_STAGE = "dead"
+URGENT_LANE = "urgent"
+# how long a worker waits on the urgent lane before it asks the normal one (both in one poll)
+URGENT_POLL_S = 0.05
 
 HDR_MSG_ID = "Nats-Msg-Id"
 HDR_SESSION = "Doclora-Session"
@@ -93,6 +99,14 @@ def _token(kind: str, value: str) -> str:
     if not _TOKEN_RE.match(value):
         raise errors.InvalidArgument(f"{kind} must be letters, digits, '-' or '_', got {value!r}")
     return value
+
+
+def _work_subject(stage: str, lane: str = "") -> str:
+    return f"work.{stage}.{lane}" if lane else f"work.{stage}"
+
+
+def _work_durable(stage: str, lane: str = "") -> str:
+    return f"work-{stage}-{lane}" if lane else f"work-{stage}"
 
 
 def _header_value(text: str, limit: int = 1000) -> str:
@@ -259,27 +273,29 @@ class Bus:
     # ------------------------------------------------------------------ work
 
     async def publish_work(
-        self, stage: str, data: bytes, msg_id: str, *, session_id: str | None = None
+        self, stage: str, data: bytes, msg_id: str, *, session_id: str | None = None, priority: int = 0
     ) -> bool:
-        """Publish to `work.{stage}` with `Nats-Msg-Id: msg_id`; True if the server dropped it as a duplicate."""
+        """Publish to `work.{stage}` (`work.{stage}.urgent` when `priority` > 0) with
+        `Nats-Msg-Id: msg_id`; True if the server dropped it as a duplicate."""
         headers = {HDR_MSG_ID: msg_id}
         if session_id:
             headers[HDR_SESSION] = session_id
-        with _unavailable_on_transport_errors(f"publish to work.{stage}"):
-            ack = await self._js.publish(f"work.{_token('stage', stage)}", data, headers=headers)
+        subject = _work_subject(_token("stage", stage), URGENT_LANE if priority > 0 else "")
+        with _unavailable_on_transport_errors(f"publish to {subject}"):
+            ack = await self._js.publish(subject, data, headers=headers)
         return bool(ack.duplicate)
 
     async def _work_consumer(
-        self, stage: str, ack_wait_s: float, max_deliver: int
+        self, stage: str, ack_wait_s: float, max_deliver: int, lane: str = ""
     ) -> JetStreamContext.PullSubscription:
-        durable = f"work-{stage}"
+        durable = _work_durable(stage, lane)
         # Creating with the same config is a no-op; with another (e.g. a new ack_wait) it updates it.
         await self._js.add_consumer(
             WORK_STREAM,
             js_api.ConsumerConfig(
                 name=durable,
                 durable_name=durable,
-                filter_subject=f"work.{stage}",
+                filter_subject=_work_subject(stage, lane),
                 ack_policy=js_api.AckPolicy.EXPLICIT,
                 deliver_policy=js_api.DeliverPolicy.ALL,
                 ack_wait=ack_wait_s,
@@ -311,37 +327,45 @@ class Bus:
         (within `poll_s`) and lets the current handler finish.
         """
         _token("stage", stage)
-        sub: JetStreamContext.PullSubscription | None = None
+        # urgent lane first: each round asks it briefly, then waits on the normal one
+        lanes = (URGENT_LANE, "") if stage != DEAD_STAGE else ("",)
+        subs: dict[str, JetStreamContext.PullSubscription] = {}
         try:
             while not stop_event.is_set():
-                if sub is None:
+                if len(subs) < len(lanes):
                     try:
-                        sub = await self._work_consumer(stage, ack_wait_s, max_deliver)
+                        for lane in lanes:
+                            if lane not in subs:
+                                subs[lane] = await self._work_consumer(stage, ack_wait_s, max_deliver, lane)
                     except (nats.errors.Error, OSError) as err:
                         log.warning("worker %s: cannot bind consumer: %s: %s", stage, type(err).__name__, err)
                         await _sleep_unless(stop_event, 1.0)
                         continue
-                try:
-                    msgs = await sub.fetch(1, timeout=poll_s)
-                except nats.errors.TimeoutError:
-                    continue
-                except nats.errors.ConnectionClosedError:
-                    log.info("worker %s: connection closed, stopping", stage)
-                    return
-                except (nats.errors.Error, OSError) as err:
-                    # e.g. the consumer or stream was deleted: bind again after a pause
-                    log.warning("worker %s: fetch failed: %s: %s", stage, type(err).__name__, err)
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-                    sub = None
-                    await _sleep_unless(stop_event, 1.0)
-                    continue
+                msgs: list[Msg] = []
+                for lane in lanes:
+                    wait = min(URGENT_POLL_S, poll_s) if lane == URGENT_LANE else poll_s
+                    try:
+                        msgs = await subs[lane].fetch(1, timeout=wait)
+                    except nats.errors.TimeoutError:
+                        continue
+                    except nats.errors.ConnectionClosedError:
+                        log.info("worker %s: connection closed, stopping", stage)
+                        return
+                    except (nats.errors.Error, OSError) as err:
+                        # e.g. the consumer or stream was deleted: bind again after a pause
+                        log.warning("worker %s: fetch failed: %s: %s", stage, type(err).__name__, err)
+                        with contextlib.suppress(Exception):
+                            await subs.pop(lane).unsubscribe()
+                        await _sleep_unless(stop_event, 1.0)
+                        break
+                    break  # got work: do it, then ask the urgent lane again
                 for msg in msgs:
                     await self._process(stage, msg, handler, ack_wait_s, max_deliver, on_dead, retry_delay_s)
         finally:
-            if sub is not None and not self._nc.is_closed:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            if not self._nc.is_closed:
+                for sub in subs.values():
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
 
     async def _process(
         self,
@@ -447,15 +471,21 @@ class Bus:
             log.warning("work.%s: term not confirmed (%s)", item.stage, term_err)
 
     async def pending_work(self, stage: str) -> int:
-        """Messages of `work.{stage}` not yet done: waiting plus being worked on (consumer lag)."""
+        """Messages of `work.{stage}` and its urgent lane not yet done: waiting plus being worked
+        on (consumer lag)."""
+        _token("stage", stage)
+        total = 0
         with _unavailable_on_transport_errors(f"pending_work({stage})"):
-            try:
-                info = await self._js.consumer_info(WORK_STREAM, f"work-{_token('stage', stage)}")
-            except nats.js.errors.NotFoundError:
-                # no worker has bound yet: everything in the stream on that subject is waiting
-                si = await self._js.stream_info(WORK_STREAM, subjects_filter=f"work.{stage}")
-                return sum((si.state.subjects or {}).values())
-        return (info.num_pending or 0) + (info.num_ack_pending or 0)
+            for lane in (URGENT_LANE, ""):
+                try:
+                    info = await self._js.consumer_info(WORK_STREAM, _work_durable(stage, lane))
+                except nats.js.errors.NotFoundError:
+                    # no worker has bound yet: everything in the stream on that subject is waiting
+                    si = await self._js.stream_info(WORK_STREAM, subjects_filter=_work_subject(stage, lane))
+                    total += sum((si.state.subjects or {}).values())
+                    continue
+                total += (info.num_pending or 0) + (info.num_ack_pending or 0)
+        return total
 
     # ------------------------------------------------------------------ events
 

@@ -231,33 +231,20 @@ class ChatEngine:
 
         req = Request(adapter_id, params, stats, post, cancel=_checker(cancel))
         self.scheduler.reserve()
-        # building the prompt and fetching the adapter block: a thread, which posts any error
+        # the chat template and tokenizer are CPU work: a thread, which posts any error
         prepare = asyncio.ensure_future(asyncio.to_thread(self._prepare, req, clean))
 
         # no timeout here (wait_for can swallow a cancellation in 3.11 and leaves orphan getters):
         # every reserved request gets exactly one "done" or "error" item, even if the scheduler dies
         get = items.get
-
-        finished = False
+        reader = _Reader(req, self.scheduler)
         try:
-            while True:
-                kind, value = await get()
-                if kind == PIECE:
-                    if req.cancelled():  # cancelled while this piece was on its way
-                        break
-                    yield value
-                    continue
-                finished = True
-                if kind == ERROR:
-                    raise value
-                return
+            while (text := reader.take(await get())) is not None:
+                yield text
         finally:
-            if not finished:
-                req.gone = True
-                self.scheduler.wake()
-                while (await get())[0] == PIECE:  # the scheduler drops the request at its next step
+            if reader.leave():
+                while not reader.drained(await get()):
                     pass
-                stats.finish_reason = "cancelled"
             await prepare
 
     # ---- internals
@@ -284,7 +271,8 @@ class ChatEngine:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _prepare(self, req: Request, messages: list[dict[str, str]]) -> None:
-        """Build the prompt, fetch the adapter, queue the request (reserved already).
+        """Build the prompt and queue the request (reserved already); the scheduler has its adapter
+        loaded off its thread.
 
         Never raises: a failure reaches the consumer as an ("error", exc) item, so every reserved
         request ends with exactly one "done" or "error" item whoever finishes it.
@@ -298,8 +286,6 @@ class ChatEngine:
                     f"exceeds the model's context of {self.context_size} tokens"
                 )
             req.prompt = prompt
-            if not req.cancelled():
-                req.folder = self.adapters.folder_for(req.adapter_id)
         except BaseException as exc:
             self.scheduler.unreserve()
             req.post((ERROR, exc))
@@ -332,26 +318,57 @@ class ChatEngine:
                     if not self.scheduler.alive():
                         raise Unavailable("the chat engine stopped") from None
 
-        finished = False
+        reader = _Reader(req, self.scheduler)
         try:
-            while True:
-                kind, value = get()
-                if kind == PIECE:
-                    if req.cancelled():
-                        break
-                    yield value
-                    continue
-                finished = True
-                if kind == ERROR:
-                    raise value
-                return
+            while (text := reader.take(get())) is not None:
+                yield text
         finally:
-            if not finished:
-                req.gone = True
-                self.scheduler.wake()
-                while get()[0] == PIECE:
+            if reader.leave():
+                while not reader.drained(get()):
                     pass
-                stats.finish_reason = "cancelled"
+
+
+class _Reader:
+    """The consuming side of a request, for `stream_chat` and `astream_chat` alike: they differ
+    only in how they wait for the next item (blocking or awaiting), so the rules live here.
+
+    `take` turns each item into text to hand on, or None when the stream is over. A consumer that
+    stops early (closed, cancelled, or `cancel` set) calls `leave`, which takes the request out of
+    the batch at the next step, then reads items until `drained`: every request ends with exactly
+    one "done" or "error" item, after which its adapter is unpinned.
+    """
+
+    def __init__(self, req: Request, scheduler: Scheduler):
+        self.req = req
+        self.scheduler = scheduler
+        self.finished = False
+
+    def take(self, item: tuple[str, Any]) -> str | None:
+        """The text of a piece; None at the end (raising the request's error, if it failed)."""
+        kind, value = item
+        if kind == PIECE:
+            # cancelled while this piece was on its way: no text after `cancel` is seen
+            return None if self.req.cancelled() else value
+        self.finished = True
+        if kind == ERROR:
+            raise value
+        return None
+
+    def leave(self) -> bool:
+        """Called when the consumer stops; True when the request was still running and its
+        remaining items must be read until `drained`."""
+        if self.finished:
+            return False
+        self.req.gone = True
+        self.scheduler.wake()
+        return True
+
+    def drained(self, item: tuple[str, Any]) -> bool:
+        """Whether `item` is the request's last; the request then counts as cancelled."""
+        if item[0] == PIECE:
+            return False
+        self.req.stats.finish_reason = "cancelled"
+        return True
 
 
 def _checker(cancel: threading.Event | None) -> Callable[[], bool]:

@@ -2,8 +2,10 @@
 
 Requests wait in a bounded queue (full: ResourceExhausted at once, not a pile-up). Between steps
 the scheduler drops cancelled requests, admits waiting ones up to `max_batch` (pinning their
-adapters, which may load them), runs one prefill chunk of a newcomer, then one decode step for all
-running requests together, whatever their adapters (`AdapterCache.run` gives each row its own).
+adapters), runs one prefill chunk of a newcomer, then one decode step for all running requests
+together, whatever their adapters (`AdapterCache.run` gives each row its own). A request whose
+adapter isn't loaded waits in the queue while the adapter cache's loader thread fetches and prepares
+it, and joins at the first step after; requests behind it go ahead meanwhile.
 Each request keeps its own KV cache (`kv.RequestKV`), so joining and leaving never touch the other
 rows, and every request computes what it would alone.
 
@@ -19,7 +21,6 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,7 +48,6 @@ class Request:
     post: Callable[[tuple[str, Any]], None]
     cancel: Callable[[], bool] = lambda: False
     prompt: list[int] = field(default_factory=list)
-    folder: Path | None = None
     gone: bool = False  # the consumer left: stop as if cancelled
     # the scheduler's state
     name: str | None = None
@@ -93,6 +93,8 @@ class Scheduler:
         self._running: list[Request] = []
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._wakeups = 0  # bumped by anything the loop may be waiting for
+        adapters.on_staged = self.wake
         self.steps = 0  # decode steps run, for tests and metrics
         self.max_rows_seen = 0
 
@@ -120,14 +122,16 @@ class Scheduler:
                 self._finish(req, None, Unavailable("the chat engine is shut down"))
                 return
             self._ready.append(req)
+            self._wakeups += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="doclora-scheduler", daemon=True)
                 self._thread.start()
             self._cond.notify()
 
     def wake(self) -> None:
-        """Have the loop look at cancellations now (a consumer left)."""
+        """Have the loop look again now (a consumer left, an adapter finished loading)."""
         with self._cond:
+            self._wakeups += 1
             self._cond.notify()
 
     def alive(self) -> bool:
@@ -174,24 +178,34 @@ class Scheduler:
                     self._cond.wait()
                 if self._closed:
                     return
+                seen = self._wakeups
             try:
-                self._step()
+                busy = self._step()
             except Exception as exc:  # a bug or an OOM: fail the batch, keep serving
                 log.exception("chat batch failed")
                 for req in self._prefilling + self._running:
                     self._finish(req, None, exc)
                 self._prefilling, self._running = [], []
+                busy = True
+            if not busy:  # only requests whose adapters are loading: sleep until something changes
+                with self._cond:
+                    if self._wakeups == seen and not self._closed:
+                        self._cond.wait(timeout=1.0)
 
     def _has_work(self) -> bool:
         return bool(self._running or self._prefilling or self._ready)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One round of the loop; False when there was nothing it could do."""
         self._reap()
-        self._admit()
+        busy = self._admit()
         if self._prefilling:
             self._prefill(self._prefilling[0])
+            busy = True
         if self._running:
             self._decode(self._running)
+            busy = True
+        return busy
 
     def _reap(self) -> None:
         """Drop cancelled requests wherever they are."""
@@ -207,33 +221,71 @@ class Scheduler:
         for req in gone:
             self._finish(req, "cancelled")
 
-    def _admit(self) -> None:
-        """Move waiting requests into the batch, first come first served, while there is room."""
-        while len(self._prefilling) + len(self._running) < self.max_batch:
-            with self._cond:
-                if not self._ready:
-                    return
-                req = self._ready[0]
-                # the head waits for an adapter slot rather than letting later requests pass it forever
-                if not self.adapters.can_pin(req.adapter_id):
-                    return
-                self._ready.popleft()
+    def _admit(self) -> bool:
+        """Move waiting requests into the batch, first come first served, while there is room.
+
+        A request whose adapter is still loading (off this thread) is passed over until it is
+        ready; one that waits for an adapter slot holds back those behind it, so it isn't passed
+        forever. Returns whether any request was admitted or failed.
+        """
+        with self._cond:
+            waiting = list(self._ready)
+        # the next few requests' adapters load in the background while they wait
+        cold = [r.adapter_id for r in waiting[: self.max_batch] if r.adapter_id not in self.adapters]
+        for adapter_id in dict.fromkeys(a for a in cold if a is not None):
+            self.adapters.prefetch(adapter_id)
+        room = self.max_batch - len(self._prefilling) - len(self._running)
+        busy = False
+        failed: dict[str, BaseException] = {}
+        for req in waiting:
+            if room <= 0:
+                break
+            adapter_id, staged = req.adapter_id, None
+            if adapter_id is not None and adapter_id not in self.adapters:
+                error = failed.get(adapter_id)
+                if error is None:
+                    try:
+                        staged = self.adapters.staged(adapter_id)
+                    except Exception as exc:  # NotFound and the like: every request for it fails
+                        error = failed[adapter_id] = exc
+                if error is not None:
+                    self._dequeue(req)
+                    self._finish(req, None, error)
+                    busy = True
+                    continue
+                if staged is None:
+                    continue  # still loading
+            if not self.adapters.can_pin(adapter_id, staged.nbytes if staged is not None else 0):
+                break
+            self._dequeue(req)
+            busy = True
             try:
-                req.name = self.adapters.pin(req.adapter_id, req.folder)
+                req.name = self.adapters.pin(adapter_id, staged)
             except Exception as exc:
                 self._finish(req, None, exc)
                 continue
-            params = req.params
-            req.cache = kv.RequestKV(len(req.prompt) + params.max_new_tokens)
-            req.rng = torch.Generator(device=self.device)
-            if params.seed is None:
-                req.rng.seed()  # a fresh Generator has a fixed default seed; unseeded requests must differ
-            else:
-                req.rng.manual_seed(params.seed)
-            req.detok = IncrementalDecoder(self.tokenizer)
-            req.stops = StopScanner(params.stop)
-            req.stats.finish_reason = None
-            self._prefilling.append(req)
+            room -= 1
+            self._start(req)
+        self.adapters.forget_staged(set(cold))
+        return busy
+
+    def _dequeue(self, req: Request) -> None:
+        with self._cond:
+            self._ready.remove(req)
+
+    def _start(self, req: Request) -> None:
+        """Give an admitted request its cache, sampler and text state; it prefills next."""
+        params = req.params
+        req.cache = kv.RequestKV(len(req.prompt) + params.max_new_tokens)
+        req.rng = torch.Generator(device=self.device)
+        if params.seed is None:
+            req.rng.seed()  # a fresh Generator has a fixed default seed; unseeded requests must differ
+        else:
+            req.rng.manual_seed(params.seed)
+        req.detok = IncrementalDecoder(self.tokenizer)
+        req.stops = StopScanner(params.stop)
+        req.stats.finish_reason = None
+        self._prefilling.append(req)
 
     def _prefill(self, req: Request) -> None:
         """Run the next chunk of a newcomer's prompt; after the last one it picks its first token."""

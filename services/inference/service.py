@@ -13,7 +13,16 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.jsonl import from_jsonl
 from services.common.runtime import Runtime
 from services.common.sessions import state_name
-from services.inference.retrieve import BM25, Hit, IndexCache, build_passages, with_passages
+from services.inference.retrieve import (
+    Embedder,
+    Hit,
+    Index,
+    IndexCache,
+    build_index,
+    build_passages,
+    default_embedder,
+    with_passages,
+)
 
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
@@ -58,22 +67,44 @@ def citation(index: int, hit: Hit) -> inference_pb2.Citation:
                                   start=p.start, end=p.end, text=text, score=hit.score)
 
 
+def can_chat(rec: session_pb2.Session) -> bool:
+    """READY, or retraining (any state but CANCELLED) with the adapter of an earlier round still set:
+    a bot keeps chatting with its last adapter until the next one is READY."""
+    return rec.state == S.SESSION_STATE_READY or (
+        bool(rec.adapter_id) and rec.state != S.SESSION_STATE_CANCELLED
+    )
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, rt: Runtime, engine):
+    def __init__(self, rt: Runtime, engine, embedder: Embedder | None | str = "auto"):
         self.rt = rt
         self.engine = engine
+        # passages ranked by BM25 and, when the embedding model is installed, by meaning too
+        if embedder == "auto":
+            # DOCLORA_RETRIEVAL_EMBEDDINGS=0 turns the embeddings off (BM25 alone)
+            use = getattr(rt.settings, "retrieval_embeddings", True)
+            embedder = default_embedder() if use else None
+        self.embedder = embedder
         self.indexes = IndexCache()
 
     async def _bot(self, bot_id: str) -> session_pb2.Session | None:
-        """The bot's session record (None for the base model alone); it must be READY."""
+        """The bot's session record (None for the base model alone); it must be able to chat."""
         if bot_id in ("", BASE_BOT):
             return None
         rec = await self.rt.sessions.get(bot_id)
-        if rec.state != S.SESSION_STATE_READY:
+        if not can_chat(rec):
             raise FailedPrecondition(f"bot {bot_id} is not ready to chat yet; it is {state_name(rec.state)}")
         return rec
 
-    def _load_index(self, rec: session_pb2.Session) -> BM25:
+    def _chunks_version(self, rec: session_pb2.Session) -> str:
+        """Blocking: the ETag of the bot's chunks.jsonl ("" when it has none), so an index built from
+        an older copy (the session was given more documents since) is not used."""
+        try:
+            return self.rt.store.stat(keys.chunks(rec.tenant, rec.session_id)).etag
+        except NotFound:
+            return ""
+
+    def _load_index(self, rec: session_pb2.Session) -> Index:
         """Blocking: the bot's chunks and page maps from the store, indexed."""
         try:
             chunks = from_jsonl(self.rt.store.get_bytes(keys.chunks(rec.tenant, rec.session_id)))
@@ -87,14 +118,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             except NotFound:
                 pages[doc_id] = []
         names = {d.doc_id: d.name for d in rec.documents}
-        return BM25(build_passages(chunks, pages, names))
+        return build_index(build_passages(chunks, pages, names), self.embedder)
 
     async def _retrieve(self, rec: session_pb2.Session, question: str) -> list[Hit]:
-        index = self.indexes.get(rec.session_id)
+        # the chunks as stored now: while a session retrains on more documents, qagen rewrites them
+        key = (rec.session_id, await self.rt.io(self._chunks_version, rec))
+        index = self.indexes.get(key)
         if index is None:
             index = await self.rt.io(self._load_index, rec)
-            self.indexes.put(rec.session_id, index)
-        return index.search(question, k=self.rt.settings.retrieval_top_k)
+            self.indexes.put(key, index)
+        return await self.rt.io(index.search, question, k=self.rt.settings.retrieval_top_k)
 
     async def Chat(self, request, context):
         from services.inference.engine import ChatStats, GenerationParams, check_messages
@@ -135,6 +168,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         bots = [
             inference_pb2.Bot(bot_id=s.session_id, name=s.name, adapter_id=s.adapter_id)
             for s in await self.rt.sessions.list()
-            if s.state == S.SESSION_STATE_READY
+            if can_chat(s)
         ]
         return inference_pb2.ListBotsResponse(bots=bots)

@@ -81,7 +81,9 @@ def generate_answers(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos
+    )
     answers: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -121,7 +123,10 @@ def evaluate_adapter(
     questions = [str(p["question"]).strip() for p in usable]
     references = [str(p["answer"]).strip() for p in usable]
     kwargs = dict(
-        system_prompt=system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size, should_stop=should_stop
+        system_prompt=system_prompt,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        should_stop=should_stop,
     )
     was_training = peft_model.training
     peft_model.eval()
@@ -160,6 +165,7 @@ def split_by_chunk(
     as their own chunk (keyed by pair_id, else question). At least one chunk stays for training;
     nothing is held out when there is only one chunk or the fraction is 0.
     """
+
     def chunk_of(p: Mapping[str, Any]) -> str:
         return str(p.get("chunk_id") or p.get("pair_id") or p.get("question") or "")
 

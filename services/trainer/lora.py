@@ -82,6 +82,9 @@ class LoraTrainConfig:
     # on_checkpoint is called every this many steps / seconds (0 = never on that count)
     checkpoint_every_steps: int = 0
     checkpoint_every_s: float = 0.0
+    # recompute activations in the backward pass instead of keeping them: "auto" = on CUDA for
+    # models of at least GRADIENT_CHECKPOINTING_MIN_PARAMS parameters; "on"; "off"
+    gradient_checkpointing: str = "auto"
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> LoraTrainConfig:
@@ -104,6 +107,9 @@ class LoraTrainConfig:
         precision = settings.train_precision
         if precision:
             values["precision"] = precision
+        checkpointing = getattr(settings, "train_gradient_checkpointing", "")
+        if checkpointing:
+            values["gradient_checkpointing"] = checkpointing
         values.update(overrides)
         return cls(**values)
 
@@ -132,6 +138,23 @@ def auto_config(cfg: LoraTrainConfig, n_examples: int) -> LoraTrainConfig:
         epochs=cfg.epochs if cfg.epochs is not None else epochs,
         min_steps=cfg.min_steps if cfg.min_steps is not None else AUTO_MIN_STEPS,
     )
+
+
+# a model this large on a GPU keeps enough activations to be worth recomputing (about 1B and up)
+GRADIENT_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
+CHECKPOINTING_CHOICES = ("auto", "on", "off")
+
+
+def use_gradient_checkpointing(choice: str, device: torch.device, n_params: int) -> bool:
+    """Whether to recompute activations in backward: forced on/off, or "auto" (CUDA, large model)."""
+    choice = (choice or "auto").strip().lower()
+    if choice not in CHECKPOINTING_CHOICES:
+        raise InvalidArgument(
+            f"unknown gradient checkpointing choice {choice!r}: use one of {', '.join(CHECKPOINTING_CHOICES)}"
+        )
+    if choice != "auto":
+        return choice == "on"
+    return device.type == "cuda" and n_params >= GRADIENT_CHECKPOINTING_MIN_PARAMS
 
 
 def cpu_has_native_bf16() -> bool:
@@ -323,6 +346,62 @@ class _Plan:
     kind: str  # how packed examples are kept apart (packing.attention_kind)
     run_id: str  # checkpoint fingerprint
     rng_devices: list[int]
+    world_size: int = 1  # processes of a torch.distributed run, each taking a share of every batch
+    rank: int = 0
+    gradient_checkpointing: bool = False
+    init_digest: str | None = None  # sha256 of the adapter the run started from
+
+    @property
+    def main(self) -> bool:
+        """The process that reports, checkpoints, evaluates and writes the adapter."""
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class InitAdapter:
+    """A stored PEFT adapter a run starts from instead of freshly initialised LoRA weights."""
+
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    weights: dict[str, torch.Tensor]
+    digest: str  # sha256 of the weights file: part of the checkpoint fingerprint
+
+
+def read_adapter(folder: str | Path) -> InitAdapter:
+    """Read a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) to continue from."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        data = (folder / "adapter_model.safetensors").read_bytes()
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"not a PEFT adapter folder: {exc}") from exc
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise InvalidArgument(f"can only continue from a LoRA adapter, not {config.get('peft_type')}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    return InitAdapter(
+        rank=int(config["r"]),
+        alpha=float(config.get("lora_alpha") or config["r"]),
+        target_modules=sorted(targets or []),
+        weights=weights,
+        digest=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def _distributed() -> tuple[int, int]:
+    """(world size, rank) of the torch.distributed group this process is in, (1, 0) when none."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def train_lora(
@@ -337,6 +416,8 @@ def train_lora(
     eval_pairs: Sequence[Mapping[str, Any]] | None = None,
     resume: Mapping[str, Any] | None = None,
     on_checkpoint: OnCheckpoint | None = None,
+    init_adapter: InitAdapter | None = None,
+    extra_evals: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA adapter on `pairs` and save it as a PEFT folder in `out_dir`; return the metrics.
 
@@ -346,6 +427,8 @@ def train_lora(
     step. `should_stop` is polled before every step (and between evaluation batches); True raises
     `TrainingCancelled`. `eval_pairs`, when given, get a validation loss and are answered by the
     base model and by the adapter (greedy), scored by token-F1 and exact match (eval_* metrics).
+    `extra_evals` {name: pairs} are answered and scored the same way (no loss), as eval_{name}_*
+    metrics: e.g. the held-out questions with retrieved passages before them.
 
     Checkpoints: every `cfg.checkpoint_every_steps` steps or `cfg.checkpoint_every_s` seconds,
     `on_checkpoint(state)` gets a state dict (see checkpoint.py; serialise it with
@@ -358,6 +441,15 @@ def train_lora(
     train/eval mode as they were, ready for the next adapter. The global RNG state is untouched.
     One run at a time per model object; cancelling takes effect within one step (2-5 s for the
     135M default on two CPU cores, batches of 4).
+
+    `init_adapter` (see `read_adapter`): start from that adapter's weights, with its rank, alpha
+    and target modules, rather than from a fresh LoRA initialisation (continued training).
+
+    Under torch.distributed (e.g. launched by torchrun, see ddp.py) every process calls this with
+    the same pairs and config and a model on its own device: each step's batch is
+    `cfg.batch_size` examples per process, split between them, and the summed gradients are
+    all-reduced, so N processes take the step one process would take on the N-times larger batch.
+    Only rank 0 reports progress, checkpoints, evaluates and writes `out_dir`.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -368,12 +460,20 @@ def train_lora(
     examples = build_examples(tokenizer, pairs, cfg.system_prompt, cfg.max_seq_len)
     if not examples:
         raise InvalidArgument("no usable QA pairs to train on")
+    if init_adapter is not None:  # continued training keeps the adapter's shape
+        cfg = replace(
+            cfg,
+            rank=init_adapter.rank,
+            alpha=init_adapter.alpha,
+            target_modules=list(init_adapter.target_modules),
+        )
     cfg = auto_config(cfg, len(examples))
     eval_examples = (
         build_examples(tokenizer, eval_pairs, cfg.system_prompt, cfg.max_seq_len) if eval_pairs else []
     )
 
-    batch_size = max(1, cfg.batch_size)
+    world_size, rank = _distributed()
+    batch_size = max(1, cfg.batch_size) * world_size
     batches_per_epoch = math.ceil(len(examples) / batch_size)
     if cfg.max_steps > 0:
         total_steps = cfg.max_steps
@@ -382,6 +482,15 @@ def train_lora(
     device = next(model.parameters()).device
     model_id = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     amp = autocast_dtype(cfg.precision, device)
+    # "auto" precision may resolve differently on another replica: the resolved one counts
+    run_key = f"{model_id}|{amp}"
+    if init_adapter is not None:
+        run_key += f"|from:{init_adapter.digest}"
+    if world_size > 1:
+        run_key += f"|world:{world_size}"
+    checkpointing = use_gradient_checkpointing(
+        cfg.gradient_checkpointing, device, sum(p.numel() for p in model.parameters())
+    )
     plan = _Plan(
         batch_size=batch_size,
         total_steps=total_steps,
@@ -390,14 +499,19 @@ def train_lora(
         device=device,
         amp=amp,
         kind=attention_kind(model),
-        # "auto" precision may resolve differently on another replica: the resolved one counts
-        run_id=ckpt.fingerprint(examples, asdict(cfg), total_steps, f"{model_id}|{amp}"),
+        run_id=ckpt.fingerprint(examples, asdict(cfg), total_steps, run_key),
         rng_devices=[device.index if device.index is not None else torch.cuda.current_device()]
         if device.type == "cuda"
         else [],
+        world_size=world_size,
+        rank=rank,
+        gradient_checkpointing=checkpointing,
+        init_digest=init_adapter.digest if init_adapter is not None else None,
     )
     if resume is not None and resume.get("fingerprint") != plan.run_id:
-        log.warning("ignoring a checkpoint of another run (other data, settings or model): starting at step 0")
+        log.warning(
+            "ignoring a checkpoint of another run (other data, settings or model): starting at step 0"
+        )
         resume = None
 
     restore = _Restore(
@@ -415,10 +529,17 @@ def train_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
+    was_checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     with torch.random.fork_rng(devices=plan.rng_devices):
         torch.manual_seed(cfg.seed)  # LoRA init and dropout draw from the global generator
         peft_model = get_peft_model(model, lora_config)  # injects into `model` in place
         try:
+            if init_adapter is not None:
+                _load_init_adapter(peft_model, init_adapter)
+            if plan.world_size > 1:
+                torch.manual_seed(cfg.seed + plan.rank)  # same init everywhere, own dropout masks
+            if checkpointing and not was_checkpointing:
+                _set_checkpointing(model, True)
             metrics = _run(
                 peft_model,
                 tokenizer,
@@ -432,8 +553,11 @@ def train_lora(
                 should_stop=should_stop,
                 resume=resume,
                 on_checkpoint=on_checkpoint,
+                extra_evals=extra_evals,
             )
         finally:
+            if checkpointing and not was_checkpointing:
+                _set_checkpointing(model, False)
             peft_model.unload()  # removes the LoRA layers without merging them
             if not restore.had_peft_config and hasattr(model, "peft_config"):
                 del model.peft_config
@@ -441,6 +565,40 @@ def train_lora(
                 param.requires_grad_(restore.requires_grad.get(name, param.requires_grad))
             model.train(restore.training)
     return metrics
+
+
+def _set_checkpointing(model: Any, on: bool) -> None:
+    """Turn activation (gradient) checkpointing of a transformers model on or off, non-reentrant,
+    by the name this transformers version has for it (activation_* since 5.x)."""
+    if on:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    if getattr(model, "_require_grads_hook", None) is not None:  # added by enable for the embeddings
+        model.disable_input_require_grads()
+
+
+def _load_init_adapter(peft_model: Any, init: InitAdapter) -> None:
+    """Copy a stored adapter's weights into the freshly injected LoRA layers (same shape)."""
+    from peft import set_peft_model_state_dict
+
+    expected = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    try:
+        result = set_peft_model_state_dict(peft_model, init.weights)
+    except RuntimeError as exc:  # a size mismatch: another base model, or another rank
+        raise InvalidArgument(f"the adapter to continue from does not fit this model: {exc}") from exc
+    missing = expected & set(getattr(result, "missing_keys", ()) or ())
+    if missing or getattr(result, "unexpected_keys", None):
+        raise InvalidArgument(
+            "the adapter to continue from does not fit this model: "
+            f"{len(missing)} LoRA weights missing, {len(result.unexpected_keys or ())} unknown"
+        )
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -454,6 +612,75 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(_to_cpu(v) for v in obj)
     return obj
+
+
+def _distributed_step(
+    peft_model: Any, examples: list[Example], params: list[torch.Tensor], plan: _Plan
+) -> tuple[float, int, int, int]:
+    """This process's share of one step under torch.distributed: backward of its summed answer
+    loss, then one all-reduce of every trainable gradient together with the loss sum and token
+    counts, and the gradients divided by the step's label tokens over all processes. The result
+    is the token-weighted mean loss's gradient of the whole batch, as one process would compute
+    it. Returns (mean loss, example tokens, computed tokens, label tokens) of the whole step."""
+    import torch.distributed as dist
+
+    local_sum = torch.zeros((), device=plan.device)
+    counts = [0, 0, 0]
+    if examples:  # a short last batch may leave a process nothing to do this step
+        batch = pack(examples, kind=plan.kind, device=plan.device)
+        if batch.label_tokens:
+            with _forward_context(plan.device, plan.amp):
+                loss = packed_loss(peft_model, batch, reduction="sum")
+            loss.backward()
+            local_sum = loss.detach().float()
+        counts = [batch.label_tokens, batch.example_tokens, batch.tokens]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat(
+        [g.reshape(-1).float() for g in grads]
+        + [local_sum.reshape(1), torch.tensor(counts, dtype=torch.float32, device=plan.device)]
+    )
+    dist.all_reduce(flat)
+    total_sum, labels, example_tokens, computed = (float(x) for x in flat[-4:])
+    scale = 1.0 / max(labels, 1.0)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = (flat[offset : offset + n] * scale).view_as(p).to(p.dtype)
+        offset += n
+    return total_sum / max(labels, 1.0), int(example_tokens), int(computed), int(labels)
+
+
+def _quant_config(peft_model: Any) -> Callable[[str], Any] | None:
+    """A getter over the model's quantization config (a dict or an object), None when it has none."""
+    config = getattr(getattr(peft_model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config.get
+    return lambda key: getattr(config, key, None)
+
+
+def _base_dtype(peft_model: Any) -> str:
+    """The dtype the frozen base weights compute in (the adapter's own are fp32): the compute
+    dtype of a 4-bit model, else the weights' own."""
+    get = _quant_config(peft_model)
+    if get is not None and get("bnb_4bit_compute_dtype") is not None:
+        return str(get("bnb_4bit_compute_dtype")).removeprefix("torch.")
+    frozen = next((p for p in peft_model.parameters() if not p.requires_grad), None)
+    param = frozen if frozen is not None else next(peft_model.parameters())
+    return str(param.dtype).removeprefix("torch.")
+
+
+def _quantization(peft_model: Any) -> str | None:
+    """ "nf4" / "fp4" for a bitsandbytes 4-bit base model, "int8" for 8-bit, else None."""
+    get = _quant_config(peft_model)
+    if get is None:
+        return None
+    if get("load_in_4bit"):
+        return str(get("bnb_4bit_quant_type") or "4bit")
+    if get("load_in_8bit"):
+        return "int8"
+    return str(get("quant_method") or "quantized")
 
 
 def _sort_target_modules(path: Path) -> None:
@@ -479,6 +706,7 @@ def _run(
     should_stop: Callable[[], bool] | None,
     resume: Mapping[str, Any] | None,
     on_checkpoint: OnCheckpoint | None,
+    extra_evals: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     from services.trainer.evaluate import evaluate_adapter
 
@@ -553,10 +781,18 @@ def _run(
     for step in range(start_step, total_steps):
         if should_stop is not None and should_stop():
             raise TrainingCancelled(step, total_steps)
-        batch = pack([examples[i] for i in next(batch_iter)], kind=plan.kind, device=plan.device)
-        with _forward_context(plan.device, plan.amp):
-            loss = packed_loss(peft_model, batch)
-        loss.backward()
+        indices = next(batch_iter)
+        if plan.world_size == 1:
+            batch = pack([examples[i] for i in indices], kind=plan.kind, device=plan.device)
+            with _forward_context(plan.device, plan.amp):
+                loss = packed_loss(peft_model, batch)
+            loss.backward()
+            value = float(loss.detach())
+            step_tokens, step_computed, step_labels = batch.example_tokens, batch.tokens, batch.label_tokens
+        else:
+            value, step_tokens, step_computed, step_labels = _distributed_step(
+                peft_model, [examples[i] for i in indices[plan.rank :: plan.world_size]], params, plan
+            )
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
@@ -564,15 +800,16 @@ def _run(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        value = float(loss.detach())
         losses.append(value)
         since_report.append(value)
-        tokens += batch.example_tokens
-        run_tokens += batch.example_tokens
-        computed_tokens += batch.tokens
-        label_tokens += batch.label_tokens
+        tokens += step_tokens
+        run_tokens += step_tokens
+        computed_tokens += step_computed
+        label_tokens += step_labels
         now = time.monotonic()
         done = step + 1
+        if not plan.main:
+            continue
         if progress is not None and (
             done == start_step + 1 or done == total_steps or now - last_report >= cfg.progress_interval_s
         ):
@@ -599,6 +836,8 @@ def _run(
                 last_checkpoint_step, last_checkpoint = done, time.monotonic()
     run_seconds = time.monotonic() - started
     seconds = prior_seconds + run_seconds
+    if not plan.main:  # rank 0 evaluates and writes the adapter; the others are done
+        return {"steps": len(losses), "total_steps": total_steps, "losses": losses, "rank": plan.rank}
 
     peft_model.eval()
     eval_loss = base_eval_loss = None
@@ -607,13 +846,16 @@ def _run(
         with peft_model.disable_adapter():
             base_eval_loss = _mean_loss(peft_model, eval_examples, cfg.eval_batch_size, plan.kind, plan.amp)
     answers: dict[str, Any] = {}
-    if eval_pairs and cfg.eval_generate:
-        eval_started = time.monotonic()
+    eval_started = time.monotonic()
+    sets = {"": eval_pairs, **{name: list(ps) for name, ps in (extra_evals or {}).items()}}
+    for name, set_pairs in sets.items():
+        if not set_pairs or not cfg.eval_generate:
+            continue
         # fp32 like the inference service on a CPU, whatever precision trained the adapter
-        answers = evaluate_adapter(
+        scored = evaluate_adapter(
             peft_model,
             tokenizer,
-            eval_pairs,
+            set_pairs,
             system_prompt=cfg.system_prompt,
             max_pairs=cfg.eval_max_pairs,
             max_new_tokens=cfg.eval_max_new_tokens,
@@ -622,6 +864,7 @@ def _run(
         )
         if should_stop is not None and should_stop():
             raise TrainingCancelled(total_steps, total_steps)
+        answers.update({k.replace("eval_", f"eval_{name}_", 1) if name else k: v for k, v in scored.items()})
         answers["eval_seconds"] = time.monotonic() - eval_started
 
     out.mkdir(parents=True, exist_ok=True)
@@ -650,9 +893,13 @@ def _run(
         "eval_examples": len(eval_examples),
         **answers,
         "device": str(plan.device),
-        "dtype": str(next(peft_model.parameters()).dtype).removeprefix("torch."),
+        "dtype": _base_dtype(peft_model),
         "precision": "bf16-autocast" if plan.amp is not None else "model-dtype",
+        "quantization": _quantization(peft_model),
         "packing": plan.kind,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "world_size": plan.world_size,
+        "started_from_adapter": plan.init_digest,
         "config": asdict(cfg),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -191,10 +191,11 @@ def answer_logits(model: Any, batch: PackedBatch) -> torch.Tensor:
     return out.logits[0, batch.loss_positions]
 
 
-def packed_loss(model: Any, batch: PackedBatch) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of the packed row (fp32 softmax)."""
+def packed_loss(model: Any, batch: PackedBatch, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the answer tokens of the packed row (fp32 softmax), their mean or
+    (`reduction="sum"`, for batches split between processes) their sum."""
     logits = answer_logits(model, batch)
-    return F.cross_entropy(logits.float(), batch.targets, reduction="mean")
+    return F.cross_entropy(logits.float(), batch.targets, reduction=reduction)
 
 
 def per_example_losses(model: Any, batch: PackedBatch) -> list[float]:

@@ -1,0 +1,184 @@
+"""InferenceServicer without a server: which bots may chat, with which adapter, and which passages
+they retrieve, while their session retrains. A fake store, session repo and engine stand in for
+NATS, S3 and the model; the servicer's own code is what runs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import pytest
+
+from doclora.v1 import inference_pb2, session_pb2
+from services.common import keys
+from services.common.config import Settings
+from services.common.errors import FailedPrecondition, NotFound
+from services.common.store import ObjectInfo
+from services.inference.service import InferenceServicer
+
+S = session_pb2.SessionState
+RETRAINING = [
+    S.SESSION_STATE_QUEUED,
+    S.SESSION_STATE_INGESTING,
+    S.SESSION_STATE_GENERATING,
+    S.SESSION_STATE_AWAITING_REVIEW,
+    S.SESSION_STATE_TRAINING,
+]
+
+
+class FakeStore:
+    def __init__(self):
+        self.objects: dict[str, bytes] = {}
+        self.reads: list[str] = []
+
+    def put(self, key: str, data: bytes) -> None:
+        self.objects[key] = data
+
+    def stat(self, key: str) -> ObjectInfo:
+        if key not in self.objects:
+            raise NotFound(key)
+        data = self.objects[key]
+        return ObjectInfo(key, len(data), hashlib.md5(data).hexdigest(), "application/octet-stream")
+
+    def get_bytes(self, key: str) -> bytes:
+        if key not in self.objects:
+            raise NotFound(key)
+        self.reads.append(key)
+        return self.objects[key]
+
+    def get_json(self, key: str):
+        return json.loads(self.get_bytes(key))
+
+
+class FakeSessions:
+    def __init__(self):
+        self.records: dict[str, session_pb2.Session] = {}
+
+    def add(self, sid: str, state: int, adapter_id: str = "", **kwargs) -> session_pb2.Session:
+        rec = session_pb2.Session(session_id=sid, tenant="default", name=f"bot {sid}", state=state,
+                                  adapter_id=adapter_id, **kwargs)  # fmt: skip
+        self.records[sid] = rec
+        return rec
+
+    async def get(self, sid: str) -> session_pb2.Session:
+        if sid not in self.records:
+            raise NotFound(f"session {sid} not found")
+        return self.records[sid]
+
+    async def list(self) -> list[session_pb2.Session]:
+        return list(self.records.values())
+
+
+class FakeRuntime:
+    def __init__(self):
+        self.settings = Settings()
+        self.store = FakeStore()
+        self.sessions = FakeSessions()
+
+    async def io(self, fn, /, *args, **kwargs):
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+class FakeEngine:
+    """Records what each chat asked the engine for and answers "ok"."""
+
+    def __init__(self):
+        self.calls: list[tuple[str | None, list[dict]]] = []
+
+    async def astream_chat(self, messages, adapter_id=None, params=None, cancel=None, stats=None):
+        self.calls.append((adapter_id, messages))
+        stats.completion_tokens = 1
+        stats.finish_reason = "stop"
+        yield "ok"
+
+
+@pytest.fixture
+def service():
+    rt = FakeRuntime()
+    return InferenceServicer(rt, FakeEngine(), embedder=None)
+
+
+async def chat(service: InferenceServicer, bot_id: str, question: str = "hello?", mode: int = 0):
+    request = inference_pb2.ChatRequest(
+        bot_id=bot_id, messages=[inference_pb2.ChatMessage(role="user", content=question)], mode=mode
+    )
+    return [r async for r in service.Chat(request, None)]
+
+
+def store_chunks(rt: FakeRuntime, sid: str, texts: list[str]) -> None:
+    chunks = [
+        {"chunk_id": f"c{i}", "doc_id": "d1", "start": i * 100, "end": i * 100 + len(t), "text": t}
+        for i, t in enumerate(texts)
+    ]
+    rt.store.put(keys.chunks("default", sid), "\n".join(json.dumps(c) for c in chunks).encode())
+
+
+@pytest.mark.parametrize("state", RETRAINING)
+async def test_a_retraining_bot_keeps_chatting_with_the_adapter_it_has(service, state):
+    """While its session runs again (any state but READY), a bot with an adapter chats with that
+    adapter, not the one being trained."""
+    service.rt.sessions.add("s1", state, adapter_id="s1")
+    out = await chat(service, "s1", mode=inference_pb2.ANSWER_MODE_ADAPTER)
+    assert [r.delta for r in out if r.delta] == ["ok"]
+    assert service.engine.calls[0][0] == "s1"
+
+
+async def test_a_ready_bot_uses_its_latest_round_adapter(service):
+    """After a retrain the record names the new round's adapter, and chat switches to it."""
+    service.rt.sessions.add("s1", S.SESSION_STATE_READY, adapter_id="s1-r2", round=2)
+    await chat(service, "s1", mode=inference_pb2.ANSWER_MODE_ADAPTER)
+    assert service.engine.calls[0][0] == "s1-r2"
+
+
+@pytest.mark.parametrize("state", [*RETRAINING, S.SESSION_STATE_FAILED])
+async def test_a_bot_with_no_adapter_yet_is_not_ready(service, state):
+    """A first round still running (or failed) has no adapter: FAILED_PRECONDITION, nothing generated."""
+    service.rt.sessions.add("s1", state)
+    with pytest.raises(FailedPrecondition, match="not ready"):
+        await chat(service, "s1")
+    assert service.engine.calls == []
+
+
+async def test_a_cancelled_bot_does_not_chat_even_with_an_adapter(service):
+    """CANCELLED stops the bot, whatever adapter its record still names."""
+    service.rt.sessions.add("s1", S.SESSION_STATE_CANCELLED, adapter_id="s1")
+    with pytest.raises(FailedPrecondition, match="not ready"):
+        await chat(service, "s1")
+
+
+async def test_list_bots_lists_every_bot_with_an_adapter(service):
+    """ListBots shows ready and retraining bots that have an adapter, not new or cancelled ones."""
+    sessions = service.rt.sessions
+    sessions.add("ready", S.SESSION_STATE_READY, adapter_id="ready-r1")
+    sessions.add("retrain", S.SESSION_STATE_TRAINING, adapter_id="retrain")
+    sessions.add("review", S.SESSION_STATE_AWAITING_REVIEW, adapter_id="review")
+    sessions.add("fresh", S.SESSION_STATE_TRAINING)
+    sessions.add("gone", S.SESSION_STATE_CANCELLED, adapter_id="gone")
+    resp = await service.ListBots(inference_pb2.ListBotsRequest(), None)
+    assert {(b.bot_id, b.adapter_id) for b in resp.bots} == {
+        ("ready", "ready-r1"),
+        ("retrain", "retrain"),
+        ("review", "review"),
+    }
+
+
+async def test_retrieval_while_retraining_reads_the_chunks_as_stored_now(service):
+    """A retraining bot retrieves from its chunks.jsonl; when qagen rewrites it (more documents),
+    the next chat uses the new chunks, and an unchanged file is not read again."""
+    rt = service.rt
+    rt.sessions.add("s1", S.SESSION_STATE_GENERATING, adapter_id="s1")
+    store_chunks(rt, "s1", ["The Lumen Orchard was founded in 1987 by Ilse Marrow."])
+    out = await chat(service, "s1", "Who founded the Lumen Orchard?")
+    assert [c.text for c in out[0].citations] == ["The Lumen Orchard was founded in 1987 by Ilse Marrow."]
+    adapter_id, messages = service.engine.calls[0]
+    assert adapter_id == "s1" and "Ilse Marrow" in messages[-1]["content"]
+
+    await chat(service, "s1", "When was the Lumen Orchard founded?")
+    assert rt.store.reads.count(keys.chunks("default", "s1")) == 1  # the index was kept
+
+    store_chunks(rt, "s1", ["The Lumen Orchard was founded in 1987 by Ilse Marrow.",
+                            "Glowing pears are harvested every October."])  # fmt: skip
+    out = await chat(service, "s1", "When are glowing pears harvested?")
+    assert out[0].citations[0].text == "Glowing pears are harvested every October."
+    assert rt.store.reads.count(keys.chunks("default", "s1")) == 2
