@@ -110,3 +110,27 @@ def test_two_gloo_processes_train_the_adapter_one_process_trains_on_the_same_bat
     assert set(ref) == set(ddp)
     for key in ref:
         torch.testing.assert_close(ddp[key], ref[key], rtol=1e-3, atol=1e-4)
+
+
+def test_the_launcher_reads_stored_pairs_and_exports_in_any_format(tmp_path):
+    """`--pairs` takes doclora's own pair lines or an OpenAI/Alpaca/ShareGPT export alike."""
+    import json
+
+    from services.trainer.ddp import _read_jsonl
+
+    stored = tmp_path / "pairs.jsonl"
+    stored.write_text(json.dumps({"question": "Q one?", "answer": "A one.", "split": "eval"}) + "\n")
+    exported = tmp_path / "export.jsonl"
+    exported.write_text(
+        json.dumps({"instruction": "Q two?", "input": "", "output": "A two."})
+        + "\n"
+        + json.dumps(
+            {"conversations": [{"from": "human", "value": "Q three?"}, {"from": "gpt", "value": "A three."}]}
+        )
+        + "\n"
+    )
+    assert _read_jsonl(stored) == [{"question": "Q one?", "answer": "A one.", "split": "eval"}]
+    assert [(p["question"], p["answer"]) for p in _read_jsonl(exported)] == [
+        ("Q two?", "A two."),
+        ("Q three?", "A three."),
+    ]

@@ -115,6 +115,8 @@ def test_held_out_questions_get_what_retrieval_finds_as_chat_would():
     asked = [PAIRS[2], {"question": "Zzyzx?", "answer": "No."}]
     out = passages.retrieved_pairs(asked, CHUNKS, PAGES, NAMES, k=3)
     index = retrieve.BM25(retrieve.build_passages(CHUNKS, PAGES, NAMES))
-    assert out[0]["question"] == retrieve.with_passages(PAIRS[2]["question"], index.search(PAIRS[2]["question"], k=3))
+    assert out[0]["question"] == retrieve.with_passages(
+        PAIRS[2]["question"], index.search(PAIRS[2]["question"], k=3)
+    )
     assert CHUNKS[2]["text"] in out[0]["question"].split("\n")[1]
     assert out[1] == asked[1]

@@ -113,6 +113,9 @@ class Settings:
     train_lora_rank: int = 8
     train_seed: int = 1234
     train_precision: str = "auto"  # auto (bf16 where the CPU multiplies it natively, CUDA bf16) | fp32 | bf16
+    train_passages: bool = False  # RAFT-style passages before questions (several times longer examples)
+    train_gradient_checkpointing: str = "auto"  # auto (CUDA, models of 1B+ parameters) | on | off
+    train_quantization: str = "auto"  # auto (4-bit QLoRA on CUDA with bitsandbytes for large models) | 4bit | off
 
     # inference
     inference_max_new_tokens: int = 128

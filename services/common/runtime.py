@@ -52,6 +52,7 @@ class Runtime:
             item.SerializeToString(),
             msg_id=f"{sid}:{stage_name(stage)}:{round}",
             session_id=sid,
+            priority=priority,
         )
 
     async def enqueue_for(self, rec: session_pb2.Session, stage: int) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from services.common.errors import FailedPrecondition
-from services.inference import lora
+from services.inference import fastpath, lora
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class AdapterCache:
         self._loads_lock = threading.Lock()
         self._base: torch.nn.Module | None = None
         self._peft: Any = None  # the PeftModel around the base, made when the first adapter loads
+        self._step: fastpath.DecodeStep | None = None  # the lean decode forward, for Llama layouts
+        self.fast_decode = True  # use it (False: the model's own forward, e.g. to compare)
 
     def attach(self, model: torch.nn.Module) -> None:
         """Bind the cache to its base model (once; the engine does this)."""
@@ -108,6 +110,7 @@ class AdapterCache:
         if self._base is not None and self._base is not base:
             raise ValueError("this adapter cache is already attached to another model")
         self._base = base
+        self._step = fastpath.DecodeStep.of(base)
         if isinstance(model, PeftModel):
             from peft.tuners.lora.layer import LoraLayer
 
@@ -140,6 +143,7 @@ class AdapterCache:
             self._orphan = None
             self._peft = None
             self._base = None
+            self._step = None
             return base
 
     # ---- what is loaded
@@ -193,13 +197,13 @@ class AdapterCache:
         with self.lock:
             model = self.forward_model()
             if self._peft is None:
-                return model(input_ids=input_ids, cache=cache, **inputs).logits
+                return self._forward(model, input_ids, cache, inputs)
             if set(self._peft.peft_config) <= self._vanilla:
                 holder = self._holder
                 holder.plan = lora.Plan.of(names, input_ids.device)
                 holder.base_only = holder.plan is None
                 try:
-                    return model(input_ids=input_ids, cache=cache, **inputs).logits
+                    return self._forward(model, input_ids, cache, inputs)
                 finally:
                     holder.plan, holder.base_only = None, False
             groups: dict[str, list[int]] = {}
@@ -224,6 +228,13 @@ class AdapterCache:
                     logits = out.new_empty((len(names), *out.shape[1:]))
                 logits.index_copy_(0, idx, out)
             return logits
+
+    def _forward(self, model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, inputs: dict) -> torch.Tensor:
+        """Logits of the lean decode step for one-token rows where the model has one, else of its
+        own forward (prefill chunks, other layouts)."""
+        if self._step is not None and self.fast_decode and input_ids.shape[1] == 1:
+            return self._step(input_ids, inputs["position_ids"], cache)
+        return model(input_ids=input_ids, cache=cache, **inputs).logits
 
     # ---- loading off the lock
 

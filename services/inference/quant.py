@@ -30,19 +30,33 @@ class Int8Linear(nn.Linear):
     """`nn.Linear` whose forward reads an int8 copy of the weight (see the module docstring)."""
 
     _packed: Any
-    _sentinels: torch.Tensor
+    _inputs: dict[int, torch.Tensor]  # rows -> input buffer [rows, in + 2], sentinel columns set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        rows, width = flat.shape
         # per-token scales, and two sentinel columns (+1, -1; their weights are zero) so the range
         # fbgemm quantizes over is [-1, 1] whatever else is in the batch
         scale = torch.linalg.vector_norm(flat, ord=math.inf, dim=1, keepdim=True).clamp_min_(1e-12)
-        inputs = torch.cat([flat / scale, self._sentinels.expand(flat.shape[0], 2)], dim=1)
-        out = torch.ops.quantized.linear_dynamic(inputs, self._packed, True).mul_(scale)
+        inputs = self._inputs.get(rows)
+        if inputs is None or inputs.dtype != flat.dtype or inputs.device != flat.device:
+            inputs = flat.new_empty((rows, width + 2))
+            inputs[:, width] = 1.0
+            inputs[:, width + 1] = -1.0
+            if rows <= _KEEP_ROWS:  # decode steps reuse theirs; a long prefill chunk's goes
+                self._inputs[rows] = inputs
+        # written in place of a cat: this layer's forwards run one at a time (the model lock)
+        torch.div(flat, scale, out=inputs[:, :width])
+        out = _linear_dynamic(inputs, self._packed, True).mul_(scale)
         if self.bias is not None:
             out += self.bias
         return out.reshape(*shape[:-1], out.shape[-1])
+
+
+# the op's overload, resolved once: calling through torch.ops' packet costs a lookup per call
+_linear_dynamic = torch.ops.quantized.linear_dynamic.default
+_KEEP_ROWS = 64
 
 
 def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ("lora_",)) -> int:
@@ -65,7 +79,7 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = ("lora_",)) -> int:
             packed = torch.ops.quantized.linear_prepack(qweight, None)
         module.__class__ = Int8Linear
         module._packed = packed
-        module._sentinels = torch.tensor([[1.0, -1.0]], device=module.weight.device)
+        module._inputs = {}
         count += 1
     return count
 
@@ -74,5 +88,5 @@ def dequantize(model: nn.Module) -> None:
     """Undo `quantize_int8`: plain fp32 linear layers again."""
     for module in model.modules():
         if type(module) is Int8Linear:
-            del module._packed, module._sentinels
+            del module._packed, module._inputs
             module.__class__ = nn.Linear

@@ -25,7 +25,7 @@ log = logging.getLogger("services.trainer.ddp")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.trainer.ddp", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pairs", required=True, type=Path, help="QA pairs, JSON lines with question and answer")
+    p.add_argument("--pairs", required=True, type=Path, help="QA pairs: JSON lines with question and answer, or an OpenAI/Alpaca/ShareGPT export")
     p.add_argument("--out", required=True, type=Path, help="folder for the adapter (written by rank 0)")
     p.add_argument("--eval-pairs", type=Path, help="held-out pairs; default: the pairs marked split=eval")
     p.add_argument("--base-model", help="HF id or local folder (default: DOCLORA_BASE_MODEL)")
@@ -47,7 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Pairs as stored by doclora (`question`/`answer`), or an export in the OpenAI, Alpaca or
+    ShareGPT format (`doclora qa SID --export openai`)."""
+    text = path.read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if rows and all("question" in r and "answer" in r for r in rows):
+        return rows
+    from services.qagen.formats import import_jsonl
+
+    return [p.to_dict() for p in import_jsonl(text)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,7 @@ class LoraTrainConfig:
         precision = settings.train_precision
         if precision:
             values["precision"] = precision
-        checkpointing = getattr(settings, "train_gradient_checkpointing", "")
+        checkpointing = settings.train_gradient_checkpointing
         if checkpointing:
             values["gradient_checkpointing"] = checkpointing
         values.update(overrides)

@@ -67,7 +67,7 @@ def load_training_model(settings: Any) -> tuple[Any, Any]:
     from services.common import model as model_module
 
     device, _ = model_module.pick_device(settings)
-    choice = getattr(settings, "train_quantization", "auto")
+    choice = settings.train_quantization
     quant = None
     if device.type == "cuda" or str(choice).strip().lower() == "4bit":
         has_bnb = bitsandbytes_available()
