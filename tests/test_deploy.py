@@ -161,14 +161,22 @@ def test_keda_scaled_objects_target_deployments_and_work_consumers():
         target = obj["spec"]["scaleTargetRef"]["name"]
         assert target in deployments
         assert obj["spec"]["minReplicaCount"] >= 1, "stages also serve gRPC and must not scale to zero"
-        (trigger,) = obj["spec"]["triggers"]
-        meta = trigger["metadata"]
-        assert trigger["type"] == "nats-jetstream"
-        assert meta["stream"] == "WORK"
-        assert re.fullmatch(r"work-(ingest|qagen|train)", meta["consumer"])
-        assert meta["consumer"] == f"work-{STAGE_OF[target]}"
-        assert meta["natsServerMonitoringEndpoint"].endswith(":8222")
-        assert meta["account"] == "$G"
+        triggers = obj["spec"]["triggers"]
+        # the normal lane and the urgent lane (priority > 0) of the stage, as bus.py names them
+        from services.common.bus import URGENT_LANE, _work_durable
+
+        stage = STAGE_OF[target]
+        assert [t["metadata"]["consumer"] for t in triggers] == [
+            _work_durable(stage),
+            _work_durable(stage, URGENT_LANE),
+        ]
+        for trigger in triggers:
+            meta = trigger["metadata"]
+            assert trigger["type"] == "nats-jetstream"
+            assert meta["stream"] == "WORK"
+            assert re.fullmatch(r"work-(ingest|qagen|train)(-urgent)?", meta["consumer"])
+            assert meta["natsServerMonitoringEndpoint"].endswith(":8222")
+            assert meta["account"] == "$G"
 
 
 def test_nats_runs_jetstream_and_exposes_its_monitoring_port():
