@@ -221,6 +221,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--child", default="")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also train with bf16 autocast even where the CPU has no native bf16 (slow), "
+                             "to compare its loss curve with fp32")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.steps, args.pairs, args.threads)
@@ -237,8 +240,10 @@ def main() -> None:
     runs = {"hf-trainer padded fp32": spawn("hf", args), "doclora packed fp32": spawn("doclora-fp32", args)}
     if auto_bf16:
         runs["doclora packed auto (bf16)"] = spawn("doclora-auto", args)
+    elif args.bf16:
+        runs["doclora packed bf16"] = spawn("doclora-bf16", args)
     peaks = {"fp32": matmul_peak("float32")}
-    if auto_bf16:
+    if auto_bf16 or args.bf16:
         peaks["bf16"] = matmul_peak("bfloat16")
 
     base = runs["hf-trainer padded fp32"]
@@ -257,9 +262,14 @@ def main() -> None:
     for name, r in runs.items():
         if "computed_tokens" in r:
             print(f"{name}: ran {r['computed_tokens']} tokens for {r['tokens']} data tokens (shared prompt prefix)")
-    print("\nloss per step (different example order, so only the trend compares):")
+    print("\nloss per step (the baseline sees another example order, so only its trend compares):")
     for name, r in runs.items():
         print(f"  {name:<28} " + " ".join(f"{x:.2f}" for x in r["losses"]))
+    fp32 = runs["doclora packed fp32"]["losses"]
+    for name, r in runs.items():
+        if "bf16" in name:  # same data, same order: the curves compare step by step
+            gap = max(abs(a - b) for a, b in zip(fp32, r["losses"], strict=False))
+            print(f"  largest |fp32 - bf16| loss gap over the steps: {gap:.3f} (fp32 loss {fp32[0]:.2f} -> {fp32[-1]:.2f})")
 
 
 if __name__ == "__main__":
