@@ -32,7 +32,9 @@ def file_bytes(folder) -> int:
     return sum(t.numel() * t.element_size() for t in load_file(folder / "adapter_model.safetensors").values())
 
 
-def test_the_cache_evicts_least_recently_used_adapters_to_stay_within_its_bytes(make_engine, adapter_dirs, reference):
+def test_the_cache_evicts_least_recently_used_adapters_to_stay_within_its_bytes(
+    make_engine, adapter_dirs, reference
+):
     """With room for eight adapters but bytes for only b and c, loading a third evicts the least
     recently used until the tensors fit; the cache counts each adapter's bytes exactly."""
     size = {k: file_bytes(adapter_dirs[k]) for k in "abc"}
@@ -52,7 +54,9 @@ def test_the_cache_evicts_least_recently_used_adapters_to_stay_within_its_bytes(
     assert fetch.calls == ["a", "b", "c", "a"] and idle(engine)
 
 
-def test_a_running_chats_adapter_is_never_evicted_for_bytes_the_newcomer_waits(make_engine, adapter_dirs, reference):
+def test_a_running_chats_adapter_is_never_evicted_for_bytes_the_newcomer_waits(
+    make_engine, adapter_dirs, reference
+):
     """Bytes for b + a only: while a chat with b runs, a (fits) loads beside it, c (doesn't fit
     beside b) waits in the queue rather than evicting b; when b's chat ends, c loads."""
     size = {k: file_bytes(adapter_dirs[k]) for k in "abc"}

@@ -17,12 +17,27 @@ from services.inference.retrieve import (
 )
 
 CHUNKS = [
-    {"chunk_id": "c1", "doc_id": "d1", "start": 0, "end": 90,
-     "text": "The Lumen Orchard was founded in 1987 by the botanist Ilse Marrow on Varrow."},
-    {"chunk_id": "c2", "doc_id": "d1", "start": 90, "end": 200,
-     "text": "Glowing pears are harvested every October by hand; each tree yields 300 pears."},
-    {"chunk_id": "c3", "doc_id": "d2", "start": 0, "end": 80,
-     "text": "Brightmoss is a luminous fungus living on pear skin."},
+    {
+        "chunk_id": "c1",
+        "doc_id": "d1",
+        "start": 0,
+        "end": 90,
+        "text": "The Lumen Orchard was founded in 1987 by the botanist Ilse Marrow on Varrow.",
+    },
+    {
+        "chunk_id": "c2",
+        "doc_id": "d1",
+        "start": 90,
+        "end": 200,
+        "text": "Glowing pears are harvested every October by hand; each tree yields 300 pears.",
+    },
+    {
+        "chunk_id": "c3",
+        "doc_id": "d2",
+        "start": 0,
+        "end": 80,
+        "text": "Brightmoss is a luminous fungus living on pear skin.",
+    },
     {"chunk_id": "c4", "doc_id": "d2", "start": 80, "end": 90, "text": "   "},
 ]
 PAGES = {"d1": [{"page": 1, "start": 0, "end": 100}, {"page": 2, "start": 100, "end": 200}]}

@@ -16,9 +16,16 @@ async def setup(rt):
     device, _ = pick_device(rt.settings)
     cache_dir = Path(rt.settings.state_dir).resolve() / "adapter-cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    adapters = AdapterCache(adapter_fetcher(rt, cache_dir), capacity=rt.settings.adapter_cache_size)
+    # DOCLORA_ADAPTER_CACHE_MB bounds the bytes of loaded adapters' tensors (0: count only)
+    cache_mb = getattr(rt.settings, "adapter_cache_mb", 1024)
+    adapters = AdapterCache(
+        adapter_fetcher(rt, cache_dir), capacity=rt.settings.adapter_cache_size, max_bytes=cache_mb * 2**20
+    )
     engine = ChatEngine(
-        model, tokenizer, adapters, device,
+        model,
+        tokenizer,
+        adapters,
+        device,
         max_batch=rt.settings.inference_max_batch,
         max_queue=rt.settings.inference_max_queue,
         int8=rt.settings.inference_int8,

@@ -229,7 +229,13 @@ class AdapterCache:
                 logits.index_copy_(0, idx, out)
             return logits
 
-    def _forward(self, model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, inputs: dict) -> torch.Tensor:
+    def fuse_int8(self) -> int:
+        """Fuse the int8 projections that share an input, for the lean decode step (if any)."""
+        return self._step.fuse_int8() if self._step is not None else 0
+
+    def _forward(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, inputs: dict
+    ) -> torch.Tensor:
         """Logits of the lean decode step for one-token rows where the model has one, else of its
         own forward (prefill chunks, other layouts)."""
         if self._step is not None and self.fast_decode and input_ids.shape[1] == 1:
@@ -565,4 +571,6 @@ def _special(config: Any) -> bool:
                "target_parameters", "lora_bias", "alora_invocation_tokens", "use_qalora", "arrow_config")  # fmt: skip
     # initializations that rewrite the base weights (PiSSA, OLoRA, LoftQ, ...) need the real model
     init = getattr(config, "init_lora_weights", True)
-    return any(getattr(config, o, None) for o in options) or not (isinstance(init, bool) or init == "gaussian")
+    return any(getattr(config, o, None) for o in options) or not (
+        isinstance(init, bool) or init == "gaussian"
+    )

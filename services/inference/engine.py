@@ -164,6 +164,8 @@ class ChatEngine:
         self.adapters = adapters
         # int8 reads a quarter of the weight bytes per token (quant.py); answers differ from fp32's
         self.int8 = int8 and quant.quantize_int8(model) > 0
+        if self.int8:
+            adapters.fuse_int8()
         # int8 turns tiny float differences into different roundings, so LoRA goes row by row there
         adapters.row_exact = self.int8
         config = model.config

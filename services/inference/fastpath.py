@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from services.inference import kv
+from services.inference import kv, lora
 
 
 class DecodeStep:
@@ -40,6 +40,20 @@ class DecodeStep:
             )
             for layer in inner.layers[: model.config.num_hidden_layers]
         ]  # fmt: skip
+        # per layer: (fused q/k/v, their int8 layers, fused gate/up, theirs), after `fuse_int8`
+        self.fused: list[tuple[Any, list, Any, list]] = []
+
+    def fuse_int8(self) -> int:
+        """With int8 weights, run q/k/v and gate/up as one matmul each (quant.FusedInt8: the same
+        outputs, three and two calls fewer per layer); returns how many groups were fused."""
+        from services.inference.quant import FusedInt8
+
+        self.fused = []
+        for _, _, attn, _, _, mlp in self.layers:
+            qkv = [_base(attn.q_proj), _base(attn.k_proj), _base(attn.v_proj)]
+            gate_up = [_base(mlp.gate_proj), _base(mlp.up_proj)]
+            self.fused.append((FusedInt8.of(qkv), qkv, FusedInt8.of(gate_up), gate_up))
+        return sum((f[0] is not None) + (f[2] is not None) for f in self.fused)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> DecodeStep | None:
@@ -51,7 +65,10 @@ class DecodeStep:
         if type(model) is not llama.LlamaForCausalLM or type(model.model) is not llama.LlamaModel:
             return None
         inner = model.model
-        if type(inner.norm) is not llama.LlamaRMSNorm or type(inner.rotary_emb) is not llama.LlamaRotaryEmbedding:
+        if (
+            type(inner.norm) is not llama.LlamaRMSNorm
+            or type(inner.rotary_emb) is not llama.LlamaRotaryEmbedding
+        ):
             return None
         for layer in inner.layers:
             if (
@@ -73,9 +90,15 @@ class DecodeStep:
             residual = hidden
             h = _rms_norm(hidden, w_in, eps_in)
             shape = (rows, 1, -1, attn.head_dim)
-            q = attn.q_proj(h).view(shape).transpose(1, 2)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            fused = self.fused[idx] if self.fused else None
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            if fused is not None and fused[0] is not None and _same(fused[1], projections):
+                q, k, v = (lora.project(m, h, b) for m, b in zip(projections, fused[0](h), strict=True))
+            else:
+                q, k, v = (m(h) for m in projections)
+            q = q.view(shape).transpose(1, 2)
+            k = k.view(shape).transpose(1, 2)
+            v = v.view(shape).transpose(1, 2)
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             keys, values = cache.update(k, v, idx)
@@ -83,8 +106,23 @@ class DecodeStep:
             hidden = residual + attn.o_proj(out.reshape(rows, 1, -1).contiguous())
             residual = hidden
             h = _rms_norm(hidden, w_post, eps_post)
-            hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+            pair = (mlp.gate_proj, mlp.up_proj)
+            if fused is not None and fused[2] is not None and _same(fused[3], pair):
+                gate, up = (lora.project(m, h, b) for m, b in zip(pair, fused[2](h), strict=True))
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)
         return self.model.lm_head(_rms_norm(hidden, self.norm.weight, self.norm.variance_epsilon))
+
+
+def _base(module: Any) -> Any:
+    """The linear layer under a LoRA wrapper (or the module itself)."""
+    return getattr(module, "base_layer", module)
+
+
+def _same(layers: list, modules: tuple) -> bool:
+    """Whether `modules` still wrap (or are) the layers a fused group was built from."""
+    return all(_base(m) is layer for m, layer in zip(modules, layers, strict=True))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -33,6 +33,7 @@ class Plan:
     # when rows differ: (adapter, its rows) as a slice when they are contiguous (the scheduler sorts
     # its batch by adapter), else as an index tensor
     groups: tuple[tuple[str, slice | torch.Tensor], ...] = ()
+    names: tuple[str, ...] = ()  # each row's adapter, when rows differ
 
     @classmethod
     def of(cls, names: Sequence[str], device: torch.device) -> Plan | None:
@@ -50,7 +51,7 @@ class Plan:
                 groups.append((name, slice(idx[0], idx[-1] + 1)))
             else:
                 groups.append((name, torch.tensor(idx, device=device)))
-        return cls(None, tuple(groups))
+        return cls(None, tuple(groups), tuple(names))
 
 
 class PlanHolder:
@@ -97,14 +98,41 @@ def patch(peft_model: Any, holder: PlanHolder) -> int:
 
 
 def _forward(layer: Any, peft_forward: Callable, holder: PlanHolder, x: torch.Tensor, *args, **kwargs):
+    if not _lean(layer, holder) or kwargs.get("adapter_names") is not None:
+        return peft_forward(x, *args, **kwargs)
+    return add_terms(layer, holder, x, layer.base_layer(x, *args, **kwargs))
+
+
+def _lean(layer: Any, holder: PlanHolder) -> bool:
+    """Whether the lean forward applies now (a plan is set, the layer's adapters are on and unmerged)."""
+    if holder.plan is None and not holder.base_only:
+        return False
+    return not (layer.disable_adapters or layer.merged)
+
+
+def project(module: Any, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, given `base`, the output of the module's base linear layer for `x` (computed
+    elsewhere, e.g. fused with its neighbours): the LoRA terms of the step's plan are added to it,
+    or the module runs in full when the lean forward doesn't apply."""
+    holder = getattr(module, "_doclora_holder", None)
+    if holder is None:
+        return base if isinstance(module, torch.nn.Linear) else module(x)
+    if not _lean(module, holder):
+        return module(x)
+    return add_terms(module, holder, x, base)
+
+
+def add_terms(layer: Any, holder: PlanHolder, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """`result` (the base layer's output) plus each row's LoRA term under the current plan."""
     plan = holder.plan
-    if (plan is None and not holder.base_only) or kwargs.get("adapter_names") is not None:
-        return peft_forward(x, *args, **kwargs)
-    if layer.disable_adapters or layer.merged:
-        return peft_forward(x, *args, **kwargs)
-    result = layer.base_layer(x, *args, **kwargs)
     if plan is None:
         return result
+    if holder.row_exact and x.dim() == 3 and x.shape[1] == 1:
+        stacked = _stacked(layer, plan.names or (plan.uniform,) * x.shape[0], x)
+        if stacked is not None:  # every row's LoRA term in one batched matmul pair
+            a, b, scale = stacked
+            delta = torch.bmm(torch.bmm(x if x.dtype == a.dtype else x.to(a.dtype), a), b) * scale
+            return result.add_(delta if delta.dtype == result.dtype else delta.to(result.dtype))
     if plan.uniform is not None:
         if plan.uniform in layer.lora_A:
             result = result + _delta(layer, plan.uniform, x, result.dtype, holder.row_exact)
@@ -131,3 +159,46 @@ def _delta(layer: Any, name: str, x: torch.Tensor, dtype: torch.dtype, row_exact
     else:
         delta = F.linear(F.linear(x, a.weight, a.bias), b.weight, b.bias) * layer.scaling[name]
     return delta if delta.dtype == dtype else delta.to(dtype)
+
+
+# stacked per-row LoRA weights kept per layer for the current plan, up to this many bytes a layer
+_STACK_BYTES = 2**20
+
+
+def _stacked(layer: Any, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Per-row A [rows, in, r], B [rows, r, out] and scales [rows, 1, 1] for a row-exact decode step, so
+    `bmm(bmm(x, A), B) * scale` gives every row its own adapter's term (zeros for rows without
+    one here), each row computed alone as in `_delta`'s row-exact path. Cached for the last plan
+    seen: a running batch keeps its plan from step to step. None when the adapters' ranks differ or
+    a LoRA layer has a bias (then the groups go one by one).
+    """
+    cached = layer.__dict__.get("_doclora_stack")
+    if cached is not None and cached[0] == names:
+        return cached[1]
+    present = [n for n in dict.fromkeys(names) if n in layer.lora_A]
+    if not present:
+        return None
+    first = layer.lora_A[present[0]]
+    rank = first.weight.shape[0]
+    if any(
+        layer.lora_A[n].weight.shape[0] != rank
+        or layer.lora_A[n].bias is not None
+        or layer.lora_B[n].bias is not None
+        for n in present
+    ):
+        return None
+    out_features = layer.lora_B[present[0]].weight.shape[0]
+    nbytes = len(names) * rank * (first.weight.shape[1] + out_features) * first.weight.element_size()
+    if nbytes > _STACK_BYTES:
+        return None
+    zero_a = first.weight.new_zeros(rank, first.weight.shape[1])
+    zero_b = first.weight.new_zeros(out_features, rank)
+    # stacked as stored and transposed after, the layout `_delta`'s `weight.t()` has: the matmul
+    # kernels (and so the rounding) are the ones a row gets alone
+    a = torch.stack([layer.lora_A[n].weight if n in layer.lora_A else zero_a for n in names]).transpose(1, 2)
+    b = torch.stack([layer.lora_B[n].weight if n in layer.lora_A else zero_b for n in names]).transpose(1, 2)
+    scale = torch.tensor(
+        [float(layer.scaling[n]) if n in layer.lora_A else 0.0 for n in names], dtype=a.dtype, device=a.device
+    ).view(-1, 1, 1)
+    layer._doclora_stack = (names, (a, b, scale))
+    return a, b, scale

@@ -102,7 +102,9 @@ def page_of(pages: list[dict], offset: int) -> int:
     return int(pages[i].get("page", i + 1))
 
 
-def build_passages(chunks: list[dict], pages_by_doc: dict[str, list[dict]], names: dict[str, str]) -> list[Passage]:
+def build_passages(
+    chunks: list[dict], pages_by_doc: dict[str, list[dict]], names: dict[str, str]
+) -> list[Passage]:
     return [
         Passage(
             chunk_id=c.get("chunk_id", ""),
@@ -234,7 +236,9 @@ class Hybrid:
         pool = max(k * 4, 20)  # candidates per ranking
         by_words = self.bm25.ranked(query)[:pool]
         sims = (self.vectors @ self.embedder.encode([query])[0]).tolist()
-        by_meaning = sorted((i for i, s in enumerate(sims) if s >= self.min_similarity), key=lambda i: -sims[i])
+        by_meaning = sorted(
+            (i for i, s in enumerate(sims) if s >= self.min_similarity), key=lambda i: -sims[i]
+        )
         fused: dict[int, float] = {}
         for ranking in (by_words, by_meaning[:pool]):
             for rank, i in enumerate(ranking, 1):
@@ -263,7 +267,9 @@ class IndexCache:
 
     def put(self, key: Hashable, index: Index) -> None:
         # an older version of the same session's index is of no further use
-        for old in [o for o in self._items if isinstance(o, tuple) and isinstance(key, tuple) and o[0] == key[0]]:
+        for old in [
+            o for o in self._items if isinstance(o, tuple) and isinstance(key, tuple) and o[0] == key[0]
+        ]:
             del self._items[old]
         self._items[key] = index
         self._items.move_to_end(key)

@@ -63,8 +63,16 @@ MODE_BY_NAME = {"": "both", "both": "both", "adapter": "adapter", "retrieval": "
 def citation(index: int, hit: Hit) -> inference_pb2.Citation:
     p = hit.passage
     text = p.text if len(p.text) <= 500 else p.text[:500].rsplit(" ", 1)[0] + " …"
-    return inference_pb2.Citation(index=index, doc_id=p.doc_id, doc_name=p.doc_name, page=p.page,
-                                  start=p.start, end=p.end, text=text, score=hit.score)
+    return inference_pb2.Citation(
+        index=index,
+        doc_id=p.doc_id,
+        doc_name=p.doc_name,
+        page=p.page,
+        start=p.start,
+        end=p.end,
+        text=text,
+        score=hit.score,
+    )
 
 
 def can_chat(rec: session_pb2.Session) -> bool:
@@ -144,7 +152,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             seed=opts.seed if opts.HasField("seed") else None,
         )
         rec = await self._bot(request.bot_id)
-        mode = MODES.get(request.mode) or (MODE_BY_NAME.get(rec.options.answer_mode, "both") if rec else "adapter")
+        mode = MODES.get(request.mode) or (
+            MODE_BY_NAME.get(rec.options.answer_mode, "both") if rec else "adapter"
+        )
         adapter_id = rec.adapter_id if rec is not None and mode != "retrieval" else None
         if rec is not None and rec.options.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": rec.options.system_prompt})
@@ -155,7 +165,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             if hits:
                 yield inference_pb2.ChatResponse(citations=[citation(i, h) for i, h in enumerate(hits, 1)])
         stats = ChatStats()
-        async with contextlib.aclosing(self.engine.astream_chat(messages, adapter_id, params, stats=stats)) as pieces:
+        async with contextlib.aclosing(
+            self.engine.astream_chat(messages, adapter_id, params, stats=stats)
+        ) as pieces:
             async for piece in pieces:
                 yield inference_pb2.ChatResponse(delta=piece)
         yield inference_pb2.ChatResponse(
