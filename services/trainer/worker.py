@@ -71,7 +71,7 @@ def passages_enabled(options: session_pb2.SessionOptions, settings) -> bool:
     """The session's choice when it made one, else the server's `train_passages` setting."""
     if options.HasField("passages"):
         return options.passages
-    return settings.train_passages
+    return bool(getattr(settings, "train_passages", False))
 
 
 def _passage_sources(rt: Runtime, rec: session_pb2.Session) -> tuple[list[dict], dict, dict]:
