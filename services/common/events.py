@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from doclora.v1 import events_pb2
+
+log = logging.getLogger(__name__)
 
 
 async def publish(bus, sid: str, event: events_pb2.Event) -> None:
@@ -28,3 +33,19 @@ async def progress(bus, sid: str, stage: int, done: int, total: int, message: st
             progress=events_pb2.Progress(stage=stage, done=done, total=total, message=message, **fields)
         ),
     )
+
+
+def progress_from_thread(
+    loop: asyncio.AbstractEventLoop,
+    bus,
+    sid: str,
+    stage: int,
+    done: int,
+    total: int,
+    message: str = "",
+    **extra,
+) -> None:
+    """`progress` from a worker thread (training, generation): scheduled on `loop`, not waited for;
+    a lost event is logged, never raised into the thread's work."""
+    fut = asyncio.run_coroutine_threadsafe(progress(bus, sid, stage, done, total, message, **extra), loop)
+    fut.add_done_callback(lambda f: f.exception() and log.warning("progress event lost: %s", f.exception()))

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from doclora.v1 import events_pb2, session_pb2
 from services.common.errors import DocloraError, Unavailable
 from services.common.logging import session_context
-from services.common.runtime import Runtime, StaleRound
+from services.common.runtime import Runtime
 from services.common.sessions import FINAL_STATES, STAGE_STATE, mark_stage, stage_name, state_name
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,6 @@ class StageWorker:
                 await self.handler(item, rec)
             except Unavailable:
                 raise  # transient: let redelivery retry it
-            except StaleRound as exc:
-                log.info("%s", exc.message)
             except DocloraError as exc:
                 if await self._round_moved_on(item):
                     log.info(

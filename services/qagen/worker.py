@@ -112,14 +112,14 @@ class _Progress:
         if n < self.total and now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
-        fut = asyncio.run_coroutine_threadsafe(
-            events.progress(
-                self.rt.bus, self.sid, session_pb2.STAGE_QAGEN, n, self.total, f"{n}/{self.total} chunks"
-            ),
+        events.progress_from_thread(
             self.loop,
-        )
-        fut.add_done_callback(
-            lambda f: f.exception() and log.warning("progress event lost: %s", f.exception())
+            self.rt.bus,
+            self.sid,
+            session_pb2.STAGE_QAGEN,
+            n,
+            self.total,
+            f"{n}/{self.total} chunks",
         )
 
 

@@ -320,24 +320,19 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
 
     def progress(p: dict) -> None:  # called from the training thread
         last_progress.update(p)
-        fut = asyncio.run_coroutine_threadsafe(
-            events.progress(
-                rt.bus,
-                sid,
-                session_pb2.STAGE_TRAIN,
-                int(p.get("step", 0)),
-                int(p.get("total_steps", 0)),
-                f"step {p.get('step')}/{p.get('total_steps')} loss {p.get('loss', float('nan')):.4f}",
-                loss=p.get("loss"),
-                eta_s=p.get("eta_s"),
-                learning_rate=p.get("lr"),
-                tokens_per_s=p.get("tokens_per_s"),
-                epoch=p.get("epoch"),
-            ),
+        events.progress_from_thread(
             loop,
-        )
-        fut.add_done_callback(
-            lambda f: f.exception() and log.warning("progress event lost: %s", f.exception())
+            rt.bus,
+            sid,
+            session_pb2.STAGE_TRAIN,
+            int(p.get("step", 0)),
+            int(p.get("total_steps", 0)),
+            f"step {p.get('step')}/{p.get('total_steps')} loss {p.get('loss', float('nan')):.4f}",
+            loss=p.get("loss"),
+            eta_s=p.get("eta_s"),
+            learning_rate=p.get("lr"),
+            tokens_per_s=p.get("tokens_per_s"),
+            epoch=p.get("epoch"),
         )
 
     def save_checkpoint(state: dict) -> None:  # called from the training thread; the store blocks
