@@ -2,13 +2,16 @@
 tiny Llama standing in for the base model: a crashed job resumes from its stored checkpoint, a
 held-out split is evaluated and written to the session, per-session LoRA settings and qagen's
 split marks are honoured, a later round continues from the earlier adapter, and a cancelled
-session stops within seconds."""
+session stops within seconds; the same with train_processes = 2 (torchrun's gloo processes)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
+import os
+import signal
+import sys
 import time
 
 import pytest
@@ -136,19 +139,30 @@ async def test_cancelling_a_running_training_stops_it_within_seconds(rt):
     """A session set CANCELLED mid-run ends its training thread soon after, stores no adapter,
     keeps its CANCELLED state and leaves no checkpoints behind."""
     sid = "s-cancel01"
-    rec = await _session(rt, sid, max_steps=100_000)
-    task = asyncio.create_task(worker.train_session(rt, _item(sid), rec))
-    deadline = time.monotonic() + 60
-    while not rt.store.list(keys.checkpoints(TENANT, sid)):  # training is under way
-        assert not task.done() and time.monotonic() < deadline
-        await asyncio.sleep(0.2)
-    await rt.sessions.transition(sid, S.SESSION_STATE_CANCELLED)
-    cancelled_at = time.monotonic()
-    await asyncio.wait_for(task, timeout=30)
-    assert time.monotonic() - cancelled_at < 5
+    task = await _train_until_a_checkpoint(rt, sid)
+    assert await _cancel(rt, sid, task) < 5
     assert (await rt.sessions.get(sid)).state == S.SESSION_STATE_CANCELLED
     assert rt.store.list(keys.adapter_prefix(TENANT, sid)) == []
     assert rt.store.list(keys.checkpoints(TENANT, sid)) == []
+
+
+async def _train_until_a_checkpoint(rt: Runtime, sid: str) -> asyncio.Task:
+    """A 100 000-step training of a new session, running as a task, once its first checkpoint is stored."""
+    rec = await _session(rt, sid, max_steps=100_000)
+    task = asyncio.create_task(worker.train_session(rt, _item(sid), rec))
+    deadline = time.monotonic() + 90
+    while not rt.store.list(keys.checkpoints(TENANT, sid)):  # training is under way
+        assert not task.done() and time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    return task
+
+
+async def _cancel(rt: Runtime, sid: str, task: asyncio.Task) -> float:
+    """Set the session CANCELLED; the seconds until its training task has ended."""
+    await rt.sessions.transition(sid, S.SESSION_STATE_CANCELLED)
+    cancelled_at = time.monotonic()
+    await asyncio.wait_for(task, timeout=30)
+    return time.monotonic() - cancelled_at
 
 
 def test_small_sessions_keep_every_pair_for_training():
@@ -348,3 +362,138 @@ async def test_a_run_whose_round_was_replaced_stops_and_leaves_the_new_round_alo
     assert rt.store.list(keys.adapter_prefix(TENANT, sid)) == []
     assert not rt.store.exists(worker.checkpoint_key(TENANT, sid))
     assert rt.store.get_bytes(newer) == b"round 1 checkpoint"
+
+
+# --- several processes: train_processes = 2 runs the job as torchrun's gloo processes (launch.py) ---
+
+
+@pytest.fixture
+def rt2(rt, tokenizer, tmp_path) -> Runtime:
+    """`rt` with train_processes = 2: the tiny Llama saved to a folder as the base model (the
+    processes load it themselves), CPU."""
+    folder = tmp_path / "tiny-model"
+    tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = dataclasses.replace(
+        rt.settings,
+        base_model=str(folder),
+        model_cache=str(tmp_path / "cache"),
+        device="cpu",
+        train_processes="2",
+    )
+    return dataclasses.replace(rt, settings=settings)
+
+
+def _job_processes() -> dict[int, str]:
+    """{pid: command line} of this test's torchrun agent and its workers."""
+    from services.trainer.launch import _descendants
+
+    out = {}
+    for pid in _descendants(os.getpid()):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "torch.distributed.run" in cmdline or "services.trainer.ddp" in cmdline:
+            out[pid] = cmdline
+    return out
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = open(f"/proc/{pid}/stat", "rb").read()
+    except OSError:
+        return False
+    return stat.rsplit(b")", 1)[1].split()[0] != b"Z"
+
+
+async def _left_running(pids, within_s: float = 2.0) -> list[int]:
+    """Those of `pids` still running after up to `within_s` seconds (a killed process takes a moment)."""
+    deadline = time.monotonic() + within_s
+    while (left := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return left
+
+
+async def _train_progress(rt: Runtime, sid: str, *, from_start: bool = True) -> list[tuple[int, int]]:
+    """(done, total) of the session's train progress events, until its train stage finishes."""
+    import contextlib
+
+    from services.common import events
+
+    out: list[tuple[int, int]] = []
+    async with contextlib.aclosing(rt.bus.watch_events(sid, from_start=from_start)) as stream:
+        async for _kind, data in stream:
+            ev = events.parse(data)
+            if ev.WhichOneof("kind") == "progress" and ev.progress.stage == session_pb2.STAGE_TRAIN:
+                out.append((ev.progress.done, ev.progress.total))
+            if ev.WhichOneof("kind") == "finished":
+                return out
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+async def test_two_processes_train_the_session_and_a_killed_job_resumes_from_its_checkpoint(rt2, monkeypatch):
+    """With train_processes = 2 the job runs as two gloo processes. SIGKILL of its torchrun group
+    after a checkpoint reached the store fails the attempt with the exit in the message and leaves
+    no process; the redelivered job resumes from the stored checkpoint (its first progress event is
+    past it), publishes progress, and ends READY with all the steps, falling loss and an adapter of
+    the right shape trained by two processes. (One test for both: each launch costs ~15 s here.)"""
+    from services.trainer.launch import TrainingProcessFailed
+
+    sid = "s-ddpkill01"
+    rec = await _session(rt2, sid, max_steps=40, learning_rate=0.02)
+    real_put = rt2.store.put_bytes
+    ckpt_key = worker.checkpoint_key(TENANT, sid)
+    seen: dict[int, str] = {}
+
+    def kill_after_a_checkpoint(key, data, **kwargs):
+        result = real_put(key, data, **kwargs)
+        if key == ckpt_key and not seen:
+            seen.update(_job_processes())
+            agent = next(pid for pid, cmd in seen.items() if "torch.distributed.run" in cmd)
+            os.killpg(agent, signal.SIGKILL)
+        return result
+
+    monkeypatch.setattr(rt2.store, "put_bytes", kill_after_a_checkpoint)
+    with pytest.raises(TrainingProcessFailed, match="SIGKILL"):
+        await worker.train_session(rt2, _item(sid), rec)
+    assert len(seen) == 3  # torchrun's agent and two workers
+    assert await _left_running(seen) == []
+    stored = checkpoint.from_bytes(rt2.store.get_bytes(ckpt_key))["step"]
+    assert 2 <= stored < 40
+    assert (await rt2.sessions.get(sid)).state == S.SESSION_STATE_TRAINING
+
+    monkeypatch.setattr(rt2.store, "put_bytes", real_put)
+    watch = asyncio.create_task(_train_progress(rt2, sid, from_start=False))
+    await asyncio.sleep(0.5)  # the watch is subscribed
+    await worker.train_session(rt2, _item(sid), await rt2.sessions.get(sid))
+    progress = await asyncio.wait_for(watch, 10)
+    assert progress[0][0] == stored + 1 and progress[-1] == (40, 40)
+    final = await rt2.sessions.get(sid)
+    assert final.state == S.SESSION_STATE_READY and final.adapter_id == sid
+    assert final.train.steps == final.train.total_steps == 40
+    config, metrics, weights = _adapter_files(rt2, sid)
+    assert metrics["resumed_from_step"] == stored and len(metrics["losses"]) == 40
+    assert metrics["world_size"] == 2 and metrics["examples"] == 8 and metrics["eval_count"] == 2
+    assert metrics["losses"][-1] < metrics["losses"][0] - 0.3, metrics["losses"]
+    assert config["r"] == 8 and weights and all(8 in w.shape for w in weights.values())
+    assert rt2.store.list(keys.checkpoints(TENANT, sid)) == []
+    assert not _job_processes()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+async def test_cancelling_a_two_process_training_stops_every_process_within_seconds(rt2):
+    """A session set CANCELLED while its 2-process job trains: the torchrun agent and both workers
+    are gone within seconds, no adapter is stored and the session stays CANCELLED."""
+    sid = "s-ddpcancel01"
+    task = await _train_until_a_checkpoint(rt2, sid)
+    procs = _job_processes()
+    assert len(procs) == 3
+    stopped_after = await _cancel(rt2, sid, task)
+    assert stopped_after < 5, stopped_after
+    assert await _left_running(procs) == []
+    assert (await rt2.sessions.get(sid)).state == S.SESSION_STATE_CANCELLED
+    assert rt2.store.list(keys.adapter_prefix(TENANT, sid)) == []
+    assert rt2.store.list(keys.checkpoints(TENANT, sid)) == []

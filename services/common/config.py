@@ -116,6 +116,9 @@ class Settings:
     train_passages: bool = False  # RAFT-style passages before questions (several times longer examples)
     train_gradient_checkpointing: str = "auto"  # auto (CUDA, models of 1B+ parameters) | on | off
     train_quantization: str = "auto"  # auto (4-bit QLoRA on CUDA with bitsandbytes for large models) | 4bit | off
+    # processes (GPUs) per training job: a number, or "auto" = one per CUDA device (1 without CUDA);
+    # more than 1 runs each job as torchrun's processes (services/trainer/launch.py)
+    train_processes: str = "1"
 
     # inference
     inference_max_new_tokens: int = 128

@@ -5,12 +5,18 @@ from services.common.app import run_service
 
 async def setup(rt):
     import asyncio
+    import logging
 
     from doclora.v1 import session_pb2, trainer_pb2, trainer_pb2_grpc
     from services.common.model import resolve_base_model
     from services.common.stage import StageWorker
+    from services.trainer.launch import process_count
     from services.trainer.worker import TrainerServicer, train_session
 
+    # A bad DOCLORA_TRAIN_PROCESSES stops the service here rather than failing every session.
+    processes = await asyncio.to_thread(process_count, rt.settings)
+    if processes > 1:
+        logging.getLogger("services.trainer").info("training jobs run as %d processes (torchrun)", processes)
     # Convert/locate the base model before taking work, so the first job does not pay for it.
     await asyncio.to_thread(resolve_base_model, rt.settings)
 

@@ -4,8 +4,12 @@ A checkpoint is one dict: the adapter's trainable tensors, the optimizer and sch
 step reached, the RNG states, the losses and token counts so far, and a fingerprint of the run
 (tokenized examples + every setting that shapes the schedule). `train_lora` resumes only from a
 state whose fingerprint matches its own run, so a checkpoint left by a run on other data or other
-settings is ignored rather than mixed in. It travels as one object (one atomic write: a reader
-never sees half of one), loaded with `torch.load(weights_only=True)`, which runs no pickled code.
+settings is ignored rather than mixed in. Under torch.distributed the number of processes is
+part of the fingerprint (each step's batch is `batch_size` examples per process), so a job resumes
+only on as many processes as it ran on and starts over on any other number; one state (rank 0's)
+resumes every process, as they hold the same weights and draw their dropout per step. It travels
+as one object (one atomic write: a reader never sees half of one), loaded with
+`torch.load(weights_only=True)`, which runs no pickled code.
 """
 
 from __future__ import annotations

@@ -449,7 +449,11 @@ def train_lora(
     the same pairs and config and a model on its own device: each step's batch is
     `cfg.batch_size` examples per process, split between them, and the summed gradients are
     all-reduced, so N processes take the step one process would take on the N-times larger batch.
-    Only rank 0 reports progress, checkpoints, evaluates and writes `out_dir`.
+    Only rank 0 reports progress, checkpoints, evaluates and writes `out_dir`. `should_stop` is
+    agreed between the processes before every step (any one True stops them all at that step).
+    To resume, every process passes the same `resume` state (rank 0's checkpoint: the processes
+    hold the same weights, optimizer and counts, and draw dropout per step, see `_step_seed`); it
+    matches only a run with the same number of processes (the global batch depends on it).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -536,8 +540,6 @@ def train_lora(
         try:
             if init_adapter is not None:
                 _load_init_adapter(peft_model, init_adapter)
-            if plan.world_size > 1:
-                torch.manual_seed(cfg.seed + plan.rank)  # same init everywhere, own dropout masks
             if checkpointing and not was_checkpointing:
                 _set_checkpointing(model, True)
             metrics = _run(
@@ -648,6 +650,25 @@ def _distributed_step(
         p.grad = (flat[offset : offset + n] * scale).view_as(p).to(p.dtype)
         offset += n
     return total_sum / max(labels, 1.0), int(example_tokens), int(computed), int(labels)
+
+
+def _stop_agreed(should_stop: Callable[[], bool] | None, plan: _Plan) -> bool:
+    """`should_stop()`; under torch.distributed, True on every process when it is True on any
+    (one all-reduce of the flags each step), so all stop before the same step and none is left
+    waiting in a collective for a process that has gone."""
+    stop = should_stop is not None and bool(should_stop())
+    if plan.world_size == 1:
+        return stop
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if stop else 0.0], device=plan.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one process's random draws (dropout) in one step of a distributed run."""
+    return random.Random(f"{seed}:{rank}:{step}").getrandbits(63)
 
 
 def _quant_config(peft_model: Any) -> Callable[[str], Any] | None:
@@ -779,8 +800,12 @@ def _run(
         " bf16 autocast" if plan.amp is not None else "",
     )
     for step in range(start_step, total_steps):
-        if should_stop is not None and should_stop():
+        if _stop_agreed(should_stop, plan):
             raise TrainingCancelled(step, total_steps)
+        if plan.world_size > 1:
+            # each process's dropout masks come from its own (seed, rank, step) stream, not from a
+            # generator carried over from step 0: so rank 0's checkpoint resumes every process
+            torch.manual_seed(_step_seed(cfg.seed, plan.rank, step))
         indices = next(batch_iter)
         if plan.world_size == 1:
             batch = pack([examples[i] for i in indices], kind=plan.kind, device=plan.device)

@@ -13,11 +13,16 @@ Rounds: each round of a session trains its own adapter (`adapter_id_for`), start
 otherwise; the session switches to it when READY. A run whose round was replaced while it trained
 stops and leaves the record to the newer round. Per-session options set the LoRA settings; qagen's
 `split` marks choose the held-out pairs; `passages` trains RAFT-style (see passages.py).
+
+Processes: the run trains in a thread of this process, or with `train_processes` > 1 as torchrun's
+processes (launch.py, ddp.py): the same inputs, progress events, checkpoints and cancellation,
+from the same code here; only the call that trains differs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import tempfile
@@ -153,37 +158,46 @@ def split_for_eval(pairs: list[dict], seed: int) -> tuple[list[dict], list[dict]
     return [v.raw for v in train], [v.raw for v in held]
 
 
+def train_config(
+    max_steps: int, system_prompt: str, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The LoraTrainConfig fields a session's run sets over the server settings (one place for the
+    in-thread run and the several-process one, which gets them as ddp.py's `--config`)."""
+    config: dict[str, Any] = {
+        "system_prompt": system_prompt or None,
+        "checkpoint_every_steps": CHECKPOINT_EVERY_STEPS,
+        "checkpoint_every_s": CHECKPOINT_EVERY_S,
+        "eval_max_pairs": EVAL_MAX_PAIRS,
+        "eval_max_new_tokens": EVAL_MAX_NEW_TOKENS,
+        **(overrides or {}),
+    }
+    if max_steps:
+        config["max_steps"] = max_steps
+    return config
+
+
 def _train_blocking(
     settings,
     pairs,
     out_dir: Path,
-    max_steps: int,
-    system_prompt: str,
+    config: dict[str, Any],
     progress,
     should_stop,
     *,
     eval_pairs=None,
     resume=None,
     on_checkpoint=None,
-    overrides=None,
     init_dir: Path | None = None,
     extra_evals=None,
 ):
+    """One run in this process (call it in a thread); launch.train_in_processes takes the same
+    arguments. `on_checkpoint(data, step)` gets each checkpoint serialised."""
+    from services.trainer import checkpoint
     from services.trainer.lora import LoraTrainConfig, read_adapter, train_lora
     from services.trainer.quant import load_training_model
 
     model, tokenizer = load_training_model(settings)
-    cfg = LoraTrainConfig.from_settings(
-        settings,
-        system_prompt=system_prompt or None,
-        checkpoint_every_steps=CHECKPOINT_EVERY_STEPS,
-        checkpoint_every_s=CHECKPOINT_EVERY_S,
-        eval_max_pairs=EVAL_MAX_PAIRS,
-        eval_max_new_tokens=EVAL_MAX_NEW_TOKENS,
-        **(overrides or {}),
-    )
-    if max_steps:
-        cfg.max_steps = max_steps
+    cfg = LoraTrainConfig.from_settings(settings, **config)
     init = read_adapter(init_dir) if init_dir is not None else None
     return train_lora(
         model,
@@ -195,7 +209,9 @@ def _train_blocking(
         should_stop=should_stop,
         eval_pairs=eval_pairs,
         resume=resume,
-        on_checkpoint=on_checkpoint,
+        on_checkpoint=(lambda state: on_checkpoint(checkpoint.to_bytes(state), state["step"]))
+        if on_checkpoint is not None
+        else None,
         init_adapter=init,
         extra_evals=extra_evals,
     )
@@ -287,7 +303,7 @@ def _load_checkpoint(rt: Runtime, tenant: str, sid: str, round: int = 0) -> dict
 
 
 async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
-    from services.trainer import checkpoint
+    from services.trainer.launch import process_count, train_in_processes
     from services.trainer.lora import TrainingCancelled
 
     started = time.monotonic()
@@ -335,12 +351,12 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
             epoch=p.get("epoch"),
         )
 
-    def save_checkpoint(state: dict) -> None:  # called from the training thread; the store blocks
+    def save_checkpoint(data: bytes, step: int) -> None:  # called from the training thread; the store blocks
         try:
-            rt.store.put_bytes(checkpoint_key(tenant, sid, this_round), checkpoint.to_bytes(state))
-            log.info("checkpoint saved at step %d", state["step"])
+            rt.store.put_bytes(checkpoint_key(tenant, sid, this_round), data)
+            log.info("checkpoint saved at step %d", step)
         except DocloraError as exc:  # training goes on; the next checkpoint may get through
-            log.warning("checkpoint at step %d not saved: %s", state["step"], exc)
+            log.warning("checkpoint at step %d not saved: %s", step, exc)
 
     async def watch_cancel() -> None:
         while not cancelled.is_set():
@@ -370,6 +386,10 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
             log.warning("could not delete the checkpoints: %s", exc)
 
     max_steps = rec.options.max_steps if rec.options.HasField("max_steps") else rt.settings.train_max_steps
+    config = train_config(max_steps, rec.options.system_prompt, overrides)
+    processes = process_count(rt.settings)
+    # one process: in a thread here; more: torchrun's processes, watched from a thread (launch.py)
+    trainer = _train_blocking if processes == 1 else functools.partial(train_in_processes, processes)
     watcher = asyncio.create_task(watch_cancel())
     try:
         with tempfile.TemporaryDirectory(prefix="doclora-train-") as tmp:
@@ -380,18 +400,16 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
             started_from = rec.continue_from if init_dir is not None else ""
             try:
                 metrics = await asyncio.to_thread(
-                    _train_blocking,
+                    trainer,
                     rt.settings,
                     train_pairs,
                     out_dir,
-                    max_steps,
-                    rec.options.system_prompt,
+                    config,
                     progress,
                     cancelled.is_set,
                     eval_pairs=eval_pairs,
                     resume=resume,
                     on_checkpoint=save_checkpoint,
-                    overrides=overrides,
                     init_dir=init_dir,
                     extra_evals=extra_evals,
                 )
