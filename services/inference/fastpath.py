@@ -84,6 +84,10 @@ class DecodeStep:
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
         hidden = self.embed(input_ids)
         cos, sin = self.rotary(hidden, position_ids)
+        # rotate_half(x) * sin == x.roll(half) * sin with the first half of sin negated: bit for bit
+        # the same (negating is exact), in two ops where rotate_half takes five
+        half = cos.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         rows = hidden.shape[0]
         for idx, (w_in, eps_in, attn, w_post, eps_post, mlp) in enumerate(self.layers):
@@ -93,14 +97,14 @@ class DecodeStep:
             fused = self.fused[idx] if self.fused else None
             projections = (attn.q_proj, attn.k_proj, attn.v_proj)
             if fused is not None and fused[0] is not None and _same(fused[1], projections):
-                q, k, v = (lora.project(m, h, b) for m, b in zip(projections, fused[0](h), strict=True))
+                q, k, v = lora.project_group(projections, h, fused[0].whole(h), fused[0].sizes)
             else:
                 q, k, v = (m(h) for m in projections)
             q = q.view(shape).transpose(1, 2)
             k = k.view(shape).transpose(1, 2)
             v = v.view(shape).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
             keys, values = cache.update(k, v, idx)
             out, _ = kv.rows_attention(attn, q, keys, values, None, scaling=attn.scaling)
             hidden = residual + attn.o_proj(out.reshape(rows, 1, -1).contiguous())
@@ -108,7 +112,7 @@ class DecodeStep:
             h = _rms_norm(hidden, w_post, eps_post)
             pair = (mlp.gate_proj, mlp.up_proj)
             if fused is not None and fused[2] is not None and _same(fused[3], pair):
-                gate, up = (lora.project(m, h, b) for m, b in zip(pair, fused[2](h), strict=True))
+                gate, up = lora.project_group(pair, h, fused[2].whole(h), fused[2].sizes)
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)
@@ -126,7 +130,10 @@ def _same(layers: list, modules: tuple) -> bool:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm.forward, op for op."""
+    """LlamaRMSNorm.forward: for fp32 torch's fused kernel (the same values, one op instead of
+    six; fastpath's tests compare them bit for bit), else op for op."""
+    if x.dtype == weight.dtype == torch.float32 and _fused_rms_norm is not None:
+        return _fused_rms_norm(x, (x.shape[-1],), weight, eps)
     dtype = x.dtype
     x = x.to(torch.float32)
     variance = x.pow(2).mean(-1, keepdim=True)
@@ -134,6 +141,4 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+_fused_rms_norm = getattr(torch, "rms_norm", None)
