@@ -122,12 +122,14 @@ def project(module: Any, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return add_terms(module, holder, x, base)
 
 
-def project_group(modules: Sequence[Any], x: torch.Tensor, base: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+def project_group(
+    modules: Sequence[Any], x: torch.Tensor, parts: Sequence[torch.Tensor], whole: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """`[m(x) for m in modules]` for layers that read the same `x` (q, k, v; gate, up), given
-    `base`: their base layers' outputs side by side on the last dim (`sizes` wide each), as a fused
-    matmul gives them. In a row-exact decode step all their LoRA terms come from one batched matmul
+    `parts`, their base layers' outputs for `x` (views of `whole` when a fused matmul gave them
+    side by side). In a row-exact decode step all their LoRA terms come from one batched matmul
     pair (A side by side, B block-diagonal: the zero blocks add exact zeros, so each layer's term
-    is the one it gets alone) added into `base` in place; otherwise layer by layer (`project`)."""
+    is the one it gets alone), added in place; otherwise layer by layer (`project`)."""
     holder = getattr(modules[0], "_doclora_holder", None)
     if (
         holder is not None
@@ -142,10 +144,21 @@ def project_group(modules: Sequence[Any], x: torch.Tensor, base: torch.Tensor, s
         if stacked is not None:
             a, b, scale = stacked
             delta = torch.bmm(torch.bmm(x if x.dtype == a.dtype else x.to(a.dtype), a), b).mul_(scale)
-            base.add_(delta if delta.dtype == base.dtype else delta.to(base.dtype))
-            return list(base.split(list(sizes), dim=-1))
-    parts = base.split(list(sizes), dim=-1)
+            if whole is not None and delta.dtype == whole.dtype:
+                whole.add_(delta)
+            else:
+                for part, term in zip(parts, delta.split([p.shape[-1] for p in parts], dim=-1), strict=True):
+                    part.add_(term if term.dtype == part.dtype else term.to(part.dtype))
+            return list(parts)
     return [project(m, x, part) for m, part in zip(modules, parts, strict=True)]
+
+
+def base_output(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """The output of `module`'s base linear layer (the module itself when it has no LoRA) for `x`."""
+    layer = getattr(module, "base_layer", module)
+    if type(layer) is torch.nn.Linear:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 def add_terms(layer: Any, holder: PlanHolder, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
