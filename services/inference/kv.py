@@ -49,9 +49,10 @@ class RequestKV:
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {end} tokens in a cache for {self.capacity}")
         k, v = self._keys[layer], self._values[layer]
-        k[:, :, self.length : end] = keys
-        v[:, :, self.length : end] = values
-        return k[:, :, :end], v[:, :, :end]
+        new = keys.shape[2]  # narrow: one view op each, where slicing three dims takes three
+        k.narrow(2, self.length, new).copy_(keys)
+        v.narrow(2, self.length, new).copy_(values)
+        return k.narrow(2, 0, end), v.narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         """Count `n` tokens as stored, after a forward wrote them into every layer."""

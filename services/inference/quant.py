@@ -59,8 +59,11 @@ class Int8Linear(nn.Linear):
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
-# the op's overload, resolved once: calling through torch.ops' packet costs a lookup per call
-_linear_dynamic = torch.ops.quantized.linear_dynamic.default
+# the op's overload, resolved once: calling through torch.ops' packet costs a lookup per call, and
+# the overload's Python __call__ scans the arguments for fake script objects (tracing only) before
+# reaching the C++ operator, which is what `_op` is
+_overload = torch.ops.quantized.linear_dynamic.default
+_linear_dynamic = getattr(_overload, "_op", _overload)
 _KEEP_ROWS = 64
 
 
