@@ -237,7 +237,7 @@ async def test_a_later_round_continues_from_the_earlier_adapter(rt):
     """Round 1 with continue_from = round 0's adapter starts from its weights (with a learning rate
     of 1e-9 it ends where round 0 ended; its first loss is round 0's trained loss, not the base
     model's), keeps its LoRA shape over a rank option, is stored as `{sid}-r1`, and the session
-    switches to it."""
+    switches to it. When round 2 is ready, round 0's adapter is deleted and round 1's kept."""
     sid = "s-round01"
     await _session(rt, sid, max_steps=8, learning_rate=0.02)
     await worker.train_session(rt, _item(sid), await rt.sessions.get(sid))
@@ -262,6 +262,17 @@ async def test_a_later_round_continues_from_the_earlier_adapter(rt):
     meta = json.loads(rt.store.get_bytes(keys.adapter_prefix(TENANT, f"{sid}-r1") + "doclora.json"))
     assert meta["started_from"] == sid and meta["round"] == 1
     assert rt.store.exists(keys.adapter_prefix(TENANT, sid) + "adapter_model.safetensors")
+
+    # round 2 ready: round 0's adapter is deleted, the previous round's (1) kept, its own stored
+    def third_round(r):
+        r.round, r.continue_from, r.state = 2, f"{sid}-r1", S.SESSION_STATE_TRAINING
+
+    rec = await rt.sessions.update(sid, third_round)
+    await worker.train_session(rt, _item(sid, round=2), rec)
+    assert (await rt.sessions.get(sid)).adapter_id == f"{sid}-r2"
+    assert not rt.store.list(keys.adapter_prefix(TENANT, sid))
+    for kept in (f"{sid}-r1", f"{sid}-r2"):
+        assert rt.store.exists(keys.adapter_prefix(TENANT, kept) + "adapter_model.safetensors")
 
 
 async def test_continuing_from_an_adapter_that_is_gone_starts_from_the_base_model(rt):

@@ -473,6 +473,7 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
         return
     # after READY (a crash before it still finds them and resumes); older rounds' are stale too
     await drop_checkpoints(keys.checkpoints(tenant, sid))
+    await drop_old_adapters(rt, tenant, sid, this_round)
     if metrics.get("eval_count"):
         log.info(
             "held-out eval on %d pairs: token-F1 base %.3f -> adapter %.3f, exact match %.3f -> %.3f",
@@ -483,6 +484,22 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
             metrics["eval_adapter_em"],
         )
     log.info("adapter %s ready after %.1f s (%d steps)", adapter_id, seconds, stats.steps)
+
+
+async def drop_old_adapters(rt: Runtime, tenant: str, sid: str, this_round: int) -> None:
+    """Delete the adapters of a session's rounds before the previous one, once `this_round` is READY:
+    chats and continued training read only the session's current adapter. The previous round's
+    stays (an inference replica that read the record just before this READY may still be loading
+    it); it goes when the next round is ready. Idempotent: rounds without an adapter cost a listing."""
+    for old_round in range(this_round - 1):
+        prefix = keys.adapter_prefix(tenant, adapter_id_for(sid, old_round))
+        try:
+            removed = await rt.io(rt.store.delete_prefix, prefix)
+        except DocloraError as exc:  # left for the next round's clean-up
+            log.warning("could not delete the old adapter %s: %s", prefix, exc)
+            continue
+        if removed:
+            log.info("deleted the adapter of round %d (%d objects)", old_round, removed)
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
