@@ -91,7 +91,7 @@ def test_staggered_requests_over_two_adapters_and_the_base_each_get_their_answer
 def test_a_mixed_batch_matches_each_model_alone_and_pefts_own_mixed_batch(make_engine, tokenizer, int8):
     """One decode forward over rows for a, b and the base (the lean LoRA layers) gives each row the
     logits it gets alone (bit for bit with int8 weights; fp32 matmul kernels vary with the row
-    count), and in fp32 the logits PEFT's own `adapter_names` path gives (to float rounding)."""
+    count), and in fp32 the logits PEFT's own `adapter_names` path gives."""
     engine, _ = make_engine(capacity=2, int8=int8)
     for adapter in ("a", "b"):  # load both adapters
         list(engine.stream_chat(CHAT, adapter, GenerationParams(max_new_tokens=1)))
@@ -122,9 +122,7 @@ def test_a_mixed_batch_matches_each_model_alone_and_pefts_own_mixed_batch(make_e
     together = decode([0, 2, 1, 0])
     if not int8:
         ref = decode([0, 2, 1, 0], peft=True)
-        # PEFT sums each layer's LoRA term on its own; the lean step groups q/k/v and gate/up
-        torch.testing.assert_close(together, ref, rtol=1e-4, atol=1e-4)
-        assert torch.equal(together.argmax(-1), ref.argmax(-1))
+        assert torch.equal(together, ref), (together - ref).abs().amax(dim=1)
     for row, i in enumerate([0, 2, 1, 0]):
         alone = decode([i])[0]
         if int8:

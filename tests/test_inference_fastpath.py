@@ -1,6 +1,5 @@
-"""The lean decode step (fastpath.py) against the model's own forward: the same logits (bit for bit
-without adapters, to float rounding with them), with int8 weights (fused projections) too; other
-layouts keep the model's forward."""
+"""The lean decode step (fastpath.py) against the model's own forward: the same logits bit for bit,
+with adapters and int8 weights (fused projections) too; other layouts keep the model's forward."""
 
 from __future__ import annotations
 
@@ -50,13 +49,7 @@ def test_a_decode_step_gives_the_logits_of_the_models_own_forward(make_engine, t
                              logits_to_keep=1)  # fmt: skip
 
     fast, own = step(True), step(False)
-    assert fast.shape == own.shape
-    # the base row bit for bit; adapter rows sum their grouped LoRA terms (q/k/v, gate/up in one
-    # matmul pair) in another order than one layer at a time: equal to float rounding
-    base_row = names.index("__base__")
-    assert torch.equal(fast[base_row], own[base_row])
-    torch.testing.assert_close(fast, own, rtol=1e-4, atol=1e-4)
-    assert torch.equal(fast.argmax(-1), own.argmax(-1))
+    assert fast.shape == own.shape and torch.equal(fast, own)
     assert not torch.equal(fast[0], fast[1])
 
 

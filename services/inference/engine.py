@@ -168,9 +168,8 @@ class ChatEngine:
         self.int8 = int8 and quant.quantize_int8(model) > 0
         if self.int8:
             adapters.fuse_int8()
-        # LoRA terms of decode steps go row by row (one batched matmul), so a row's term never
-        # depends on its batch: int8 would turn such tiny differences into different roundings
-        adapters.row_exact = True
+        # int8 turns tiny float differences into different roundings, so LoRA goes row by row there
+        adapters.row_exact = self.int8
         config = model.config
         self.context_size: int | None = getattr(config, "max_position_embeddings", None)
         self.eos_ids = _eos_ids(model, tokenizer)

@@ -4,11 +4,9 @@ less Python around it.
 In a decode step each row adds one token, and on a CPU a 135M model spends about as long in
 transformers' module machinery (nn.Module calls, kwargs plumbing, decorators, mask and output
 bookkeeping) as in the attention and norms themselves. This walks the decoder layers directly,
-calling the model's own linear layers (int8 ones too) and repeating transformers' operations in
-their order. The LoRA terms of layers that read the same input (q, k, v; gate, up) come from one
-batched matmul pair per group (lora.project_group): without adapters the logits are bit for bit
-the model's own forward's, with them equal to float rounding (the group sums in another order),
-and a row's result still never depends on its batch. Prefill chunks go through the model's forward.
+calling the model's own linear modules (so int8 layers and the LoRA layers of lora.py apply
+unchanged) and repeating transformers' operations in their order, so logits are bit for bit the
+ones the model's own forward gives. Prefill chunks still go through the model's forward.
 
 `DecodeStep.of(model)` returns None for any other layout (it checks module types, not just the
 config), and the caller falls back to the model's forward.
@@ -98,7 +96,10 @@ class DecodeStep:
             shape = (rows, 1, -1, attn.head_dim)
             fused = self.fused[idx] if self.fused else None
             projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-            q, k, v = _group(projections, h, fused[:2] if fused is not None else None)
+            if fused is not None and fused[0] is not None and _same(fused[1], projections):
+                q, k, v = (lora.project(m, h, b) for m, b in zip(projections, fused[0](h), strict=True))
+            else:
+                q, k, v = (m(h) for m in projections)
             q = q.view(shape).transpose(1, 2)
             k = k.view(shape).transpose(1, 2)
             v = v.view(shape).transpose(1, 2)
@@ -109,19 +110,13 @@ class DecodeStep:
             hidden = residual + attn.o_proj(out.reshape(rows, 1, -1).contiguous())
             residual = hidden
             h = _rms_norm(hidden, w_post, eps_post)
-            gate, up = _group((mlp.gate_proj, mlp.up_proj), h, fused[2:] if fused is not None else None)
+            pair = (mlp.gate_proj, mlp.up_proj)
+            if fused is not None and fused[2] is not None and _same(fused[3], pair):
+                gate, up = (lora.project(m, h, b) for m, b in zip(pair, fused[2](h), strict=True))
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)
         return self.model.lm_head(_rms_norm(hidden, self.norm.weight, self.norm.variance_epsilon))
-
-
-def _group(modules: tuple, h: torch.Tensor, fused: tuple | None) -> list[torch.Tensor]:
-    """The outputs of layers that read `h`: their base layers as one int8 matmul when `fused`
-    (FusedInt8, the layers it was built from) still matches them, else one by one; then their
-    LoRA terms (lora.project_group)."""
-    if fused is not None and fused[0] is not None and _same(fused[1], modules):
-        whole = fused[0].whole(h)
-        return lora.project_group(modules, h, whole.split(fused[0].sizes, dim=-1), whole)
-    return lora.project_group(modules, h, [lora.base_output(m, h) for m in modules])
 
 
 def _base(module: Any) -> Any:

@@ -122,45 +122,6 @@ def project(module: Any, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return add_terms(module, holder, x, base)
 
 
-def project_group(
-    modules: Sequence[Any], x: torch.Tensor, parts: Sequence[torch.Tensor], whole: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    """`[m(x) for m in modules]` for layers that read the same `x` (q, k, v; gate, up), given
-    `parts`, their base layers' outputs for `x` (views of `whole` when a fused matmul gave them
-    side by side). In a row-exact decode step all their LoRA terms come from one batched matmul
-    pair (A side by side, B block-diagonal: the zero blocks add exact zeros, so each layer's term
-    is the one it gets alone), added in place; otherwise layer by layer (`project`)."""
-    holder = getattr(modules[0], "_doclora_holder", None)
-    if (
-        holder is not None
-        and holder.row_exact
-        and holder.plan is not None
-        and x.dim() == 3
-        and x.shape[1] == 1
-        and all(getattr(m, "_doclora_holder", None) is holder and _lean(m, holder) for m in modules)
-    ):
-        plan = holder.plan
-        stacked = _group_stacked(modules, plan.names or (plan.uniform,) * x.shape[0], x)
-        if stacked is not None:
-            a, b, scale = stacked
-            delta = torch.bmm(torch.bmm(x if x.dtype == a.dtype else x.to(a.dtype), a), b).mul_(scale)
-            if whole is not None and delta.dtype == whole.dtype:
-                whole.add_(delta)
-            else:
-                for part, term in zip(parts, delta.split([p.shape[-1] for p in parts], dim=-1), strict=True):
-                    part.add_(term if term.dtype == part.dtype else term.to(part.dtype))
-            return list(parts)
-    return [project(m, x, part) for m, part in zip(modules, parts, strict=True)]
-
-
-def base_output(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """The output of `module`'s base linear layer (the module itself when it has no LoRA) for `x`."""
-    layer = getattr(module, "base_layer", module)
-    if type(layer) is torch.nn.Linear:
-        return F.linear(x, layer.weight, layer.bias)
-    return layer(x)
-
-
 def add_terms(layer: Any, holder: PlanHolder, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """`result` (the base layer's output) plus each row's LoRA term under the current plan."""
     plan = holder.plan
@@ -241,46 +202,3 @@ def _stacked(layer: Any, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch
     ).view(-1, 1, 1)
     layer._doclora_stack = (names, (a, b, scale))
     return a, b, scale
-
-
-# the same for a group of layers (project_group), up to this many bytes a group and layer
-_GROUP_STACK_BYTES = 4 * 2**20
-
-
-def _group_stacked(modules: Sequence[Any], names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """Per-row A [rows, in, n*r] (the layers' A side by side), B [rows, n*r, sum(out)] (their B on
-    the block diagonal) and per-column scales [rows, 1, sum(out)] for `project_group`; zeros where
-    a row's adapter doesn't cover a layer. Cached on the first layer for the last plan seen. None
-    when ranks differ, a LoRA layer has a bias, or the stack would be too large."""
-    key = (names, tuple(id(m) for m in modules))
-    cached = modules[0].__dict__.get("_doclora_group_stack")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    present = [(m, n) for n in dict.fromkeys(names) for m in modules if n in m.lora_A]
-    if not present:
-        return None
-    first = present[0][0].lora_A[present[0][1]].weight
-    rank, width = first.shape
-    if any(
-        m.lora_A[n].weight.shape != (rank, width) or m.lora_A[n].bias is not None or m.lora_B[n].bias is not None
-        for m, n in present
-    ):
-        return None
-    outs = [m.base_layer.out_features for m in modules]
-    total, inner = sum(outs), rank * len(modules)
-    if len(names) * (width * inner + inner * total) * first.element_size() > _GROUP_STACK_BYTES:
-        return None
-    a = first.new_zeros(len(names), inner, width)  # as stored ([r, in] blocks), transposed below
-    b = first.new_zeros(len(names), total, inner)
-    scale = first.new_zeros(len(names), 1, total)
-    for row, name in enumerate(names):
-        col = 0
-        for i, (m, out) in enumerate(zip(modules, outs, strict=True)):
-            if name in m.lora_A:
-                a[row, i * rank : (i + 1) * rank] = m.lora_A[name].weight
-                b[row, col : col + out, i * rank : (i + 1) * rank] = m.lora_B[name].weight
-                scale[row, 0, col : col + out] = float(m.scaling[name])
-            col += out
-    stacked = (a.transpose(1, 2), b.transpose(1, 2), scale)
-    modules[0]._doclora_group_stack = (key, stacked)
-    return stacked

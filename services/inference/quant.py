@@ -129,11 +129,8 @@ class FusedInt8:
         return cls(layers)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.whole(x).split(self.sizes, dim=-1))
-
-    def whole(self, x: torch.Tensor) -> torch.Tensor:
-        """The layers' outputs side by side on the last dim (`sizes` wide each)."""
-        return Int8Linear.forward(self, x)  # type: ignore[arg-type]  # the same steps, this packed weight
+        out = Int8Linear.forward(self, x)  # type: ignore[arg-type]  # the same steps, this packed weight
+        return list(out.split(self.sizes, dim=-1))
 
 
 def dequantize(model: nn.Module) -> None:
