@@ -146,11 +146,12 @@ async def test_cancelling_a_running_training_stops_it_within_seconds(rt):
     assert rt.store.list(keys.checkpoints(TENANT, sid)) == []
 
 
-async def _train_until_a_checkpoint(rt: Runtime, sid: str) -> asyncio.Task:
-    """A 100 000-step training of a new session, running as a task, once its first checkpoint is stored."""
+async def _train_until_a_checkpoint(rt: Runtime, sid: str, within_s: float = 60) -> asyncio.Task:
+    """A 100 000-step training of a new session, running as a task, once its first checkpoint is
+    stored (within `within_s`: a job of several processes takes longer to start)."""
     rec = await _session(rt, sid, max_steps=100_000)
     task = asyncio.create_task(worker.train_session(rt, _item(sid), rec))
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + within_s
     while not rt.store.list(keys.checkpoints(TENANT, sid)):  # training is under way
         assert not task.done() and time.monotonic() < deadline
         await asyncio.sleep(0.2)
@@ -499,7 +500,7 @@ async def test_cancelling_a_two_process_training_stops_every_process_within_seco
     """A session set CANCELLED while its 2-process job trains: the torchrun agent and both workers
     are gone within seconds, no adapter is stored and the session stays CANCELLED."""
     sid = "s-ddpcancel01"
-    task = await _train_until_a_checkpoint(rt2, sid)
+    task = await _train_until_a_checkpoint(rt2, sid, within_s=90)
     procs = _job_processes()
     assert len(procs) == 3
     stopped_after = await _cancel(rt2, sid, task)
