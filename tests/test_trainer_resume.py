@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.trainer import checkpoint
-from services.trainer.lora import LoraTrainConfig, TrainingCancelled, train_lora
+from services.trainer.lora import LoraTrainConfig, TrainingCancelled, autocast_dtype, train_lora
 from tests.test_lora import PAIRS
 from tests.test_model import real_tokenizer, tiny_llama
 
@@ -166,7 +166,8 @@ _CHILD = textwrap.dedent(
         os.replace(tmp, os.path.join(folder, checkpoint.STATE_FILE))  # atomic, like one S3 object
 
     tok = real_tokenizer()
-    train_lora(tiny_llama(len(tok)), tok, PAIRS, os.path.join(folder, "never"), LoraTrainConfig(**KILL_RUN),
+    cfg = LoraTrainConfig(**KILL_RUN, precision=sys.argv[2])
+    train_lora(tiny_llama(len(tok)), tok, PAIRS, os.path.join(folder, "never"), cfg,
                progress=lambda p: time.sleep(1.0), on_checkpoint=save)
     """
 )
@@ -178,7 +179,9 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tokenizer, t
     step 0, ends with the same number of steps and the adapter of an uninterrupted run."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root))
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)], cwd=root, env=env)
+    # "auto" as this process resolves it (the suite may force it: tests/conftest.py), so both agree
+    precision = "bf16" if autocast_dtype("auto", torch.device("cpu")) is not None else "fp32"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path), precision], cwd=root, env=env)
     state_file = tmp_path / checkpoint.STATE_FILE
     deadline = time.monotonic() + 120
     try:
@@ -195,7 +198,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tokenizer, t
     assert not (tmp_path / "never" / "metrics.json").exists()
 
     state = checkpoint.from_bytes(state_file.read_bytes())
-    cfg = LoraTrainConfig(**KILL_RUN)
+    cfg = LoraTrainConfig(**KILL_RUN, precision=precision)
     resumed = train_lora(
         tiny_llama(len(tokenizer)), tokenizer, PAIRS, tmp_path / "resumed", cfg, resume=state
     )

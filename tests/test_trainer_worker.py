@@ -240,10 +240,14 @@ async def test_a_later_round_continues_from_the_earlier_adapter(rt):
     model's), keeps its LoRA shape over a rank option, is stored as `{sid}-r1`, and the session
     switches to it. When round 2 is ready, round 0's adapter is deleted and round 1's kept."""
     sid = "s-round01"
-    await _session(rt, sid, max_steps=8, learning_rate=0.02)
+    # 16 steps at lr 0.005: over every held-out chunk and two seeds the mean loss of the last two
+    # steps (one epoch) is 0.62-0.66 below the first two's. Before, 8 steps at lr 0.02 bounced
+    # (one step's loss against another's: 0.29-0.71 by data and seed) and held on one CPU only.
+    await _session(rt, sid, max_steps=16, learning_rate=0.005)
     await worker.train_session(rt, _item(sid), await rt.sessions.get(sid))
     first_config, first, first_weights = _adapter_files(rt, sid)
-    assert first["losses"][-1] < first["losses"][0] - 0.5
+    losses = first["losses"]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.4, losses
 
     def next_round(r):
         r.round, r.continue_from, r.state = 1, sid, S.SESSION_STATE_TRAINING
@@ -259,7 +263,7 @@ async def test_a_later_round_continues_from_the_earlier_adapter(rt):
     assert set(weights) == set(first_weights)
     for key in weights:
         torch.testing.assert_close(weights[key], first_weights[key], rtol=0, atol=1e-6)
-    assert second["losses"][0] < first["losses"][0] - 0.5
+    assert second["losses"][0] < first["losses"][0] - 0.4  # the same first batch: 0.65-0.72 lower
     meta = json.loads(rt.store.get_bytes(keys.adapter_prefix(TENANT, f"{sid}-r1") + "doclora.json"))
     assert meta["started_from"] == sid and meta["round"] == 1
     assert rt.store.exists(keys.adapter_prefix(TENANT, sid) + "adapter_model.safetensors")
@@ -455,7 +459,9 @@ async def test_two_processes_train_the_session_and_a_killed_job_resumes_from_its
     from services.trainer.launch import TrainingProcessFailed
 
     sid = "s-ddpkill01"
-    rec = await _session(rt2, sid, max_steps=40, learning_rate=0.02)
+    # lr 0.01: 40 steps drop the loss by 0.8-0.9 on every seed tried, fp32 or bf16; at 0.02 the
+    # step that reaches the peak lr can throw the tiny model off (an AVX-512 CPU: +0.7, then stuck)
+    rec = await _session(rt2, sid, max_steps=40, learning_rate=0.01)
     real_put = rt2.store.put_bytes
     ckpt_key = worker.checkpoint_key(TENANT, sid)
     seen: dict[int, str] = {}
@@ -489,7 +495,8 @@ async def test_two_processes_train_the_session_and_a_killed_job_resumes_from_its
     config, metrics, weights = _adapter_files(rt2, sid)
     assert metrics["resumed_from_step"] == stored and len(metrics["losses"]) == 40
     assert metrics["world_size"] == 2 and metrics["examples"] == 8 and metrics["eval_count"] == 2
-    assert metrics["losses"][-1] < metrics["losses"][0] - 0.3, metrics["losses"]
+    assert metrics["losses"][-1] < metrics["losses"][0] - 0.4, metrics["losses"]
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
     assert config["r"] == 8 and weights and all(8 in w.shape for w in weights.values())
     assert rt2.store.list(keys.checkpoints(TENANT, sid)) == []
     assert not _job_processes()
