@@ -7,8 +7,9 @@ import json
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.qagen.extractive import QAPair, make_pairs
-from services.qagen.formats import FORMATS, FormatError, detect_format, export_jsonl, import_jsonl
+from services.common.pair_formats import FORMATS, FormatError, detect_format, export_jsonl, import_jsonl
+from services.common.qapair import QAPair
+from services.qagen.extractive import make_pairs
 
 DOC = """# Tarn Island
 

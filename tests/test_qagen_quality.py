@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.qapair import QAPair, pair_id_for
 from services.qagen import quality
 from services.qagen.chunk import Chunk, chunk_text
-from services.qagen.extractive import QAPair, make_pairs, pair_id_for
+from services.qagen.extractive import make_pairs
 from services.qagen.quality import coverage_report, filter_pairs, split_pairs, support
 from services.qagen.strategies import paraphrase_pairs
 

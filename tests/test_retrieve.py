@@ -3,18 +3,8 @@ page map, and passages are numbered into the user turn."""
 
 import pytest
 
-from services.inference.retrieve import (
-    BM25,
-    Hybrid,
-    Passage,
-    build_index,
-    build_passages,
-    default_embedder,
-    embedding_folder,
-    page_of,
-    tokens,
-    with_passages,
-)
+from services.common.passages import BM25, Passage, build_passages, page_of, tokens, with_passages
+from services.inference.retrieve import Hybrid, build_index, default_embedder, embedding_folder
 
 CHUNKS = [
     {

@@ -3,7 +3,9 @@ distractors alone, or no passages, in inference's own prompt layout."""
 
 from __future__ import annotations
 
-from services.inference import retrieve
+from services.common import passages as layout
+from services.common.passages import build_passages
+from services.inference import service as inference_service
 from services.trainer import passages
 from services.trainer.lora import build_examples
 from tests.test_model import real_tokenizer
@@ -43,7 +45,7 @@ NAMES = {"d1": "harbour.pdf", "d2": "notes.md"}
 
 
 def _make(seed: int = 3):
-    return passages.raft_pairs(PAIRS, CHUNKS, PAGES, NAMES, k=3, seed=seed)
+    return passages.raft_pairs(PAIRS, build_passages(CHUNKS, PAGES, NAMES), k=3, seed=seed)
 
 
 def test_examples_mix_gold_with_distractors_distractors_alone_and_no_passages():
@@ -75,18 +77,17 @@ def test_examples_mix_gold_with_distractors_distractors_alone_and_no_passages():
 
 
 def test_the_layout_is_the_one_inference_builds_for_retrieved_passages():
-    """The user turn is inference's `with_passages` of inference's `build_passages` (document
+    """The user turn is the `with_passages` chat uses too, of the session's passages (document
     names and pages included), not a second copy of the format."""
-    assert passages.with_passages is retrieve.with_passages
-    assert passages.build_passages is retrieve.build_passages
+    assert passages.with_passages is layout.with_passages is inference_service.with_passages
     out, _ = _make()
-    built = {p.chunk_id: p for p in retrieve.build_passages(CHUNKS, PAGES, NAMES)}
+    built = {p.chunk_id: p for p in layout.build_passages(CHUNKS, PAGES, NAMES)}
     first = next(m for p, m in zip(PAIRS, out, strict=True) if m["question"] != p["question"])
     chunk_ids = [c["chunk_id"] for c in CHUNKS if c["text"] in first["question"]]
     order = sorted(chunk_ids, key=lambda c: first["question"].index(CHUNKS[int(c[1:])]["text"]))
     question = PAIRS[out.index(first)]["question"]
-    hits = [retrieve.Hit(built[c], 0.0) for c in order]
-    assert first["question"] == retrieve.with_passages(question, hits)
+    hits = [layout.Hit(built[c], 0.0) for c in order]
+    assert first["question"] == layout.with_passages(question, hits)
     assert "(harbour.pdf, p. 1)" in first["question"] or "(notes.md, p. 1)" in first["question"]
 
 
@@ -105,7 +106,7 @@ def test_the_same_seed_gives_the_same_examples_and_passages_reach_the_prompt():
 
 def test_without_chunks_the_pairs_stay_as_they_are():
     """A session trained only from uploaded QA files has no chunks: plain questions."""
-    out, counts = passages.raft_pairs(PAIRS[:4], [], {}, {}, k=3, seed=1)
+    out, counts = passages.raft_pairs(PAIRS[:4], [], k=3, seed=1)
     assert out == PAIRS[:4] and counts == {"gold": 0, "distractors": 0, "none": 4}
 
 
@@ -113,9 +114,9 @@ def test_held_out_questions_get_what_retrieval_finds_as_chat_would():
     """retrieved_pairs puts BM25's top passages before each question (the gold one first when
     the question names its topic); a question retrieval finds nothing for stays plain."""
     asked = [PAIRS[2], {"question": "Zzyzx?", "answer": "No."}]
-    out = passages.retrieved_pairs(asked, CHUNKS, PAGES, NAMES, k=3)
-    index = retrieve.BM25(retrieve.build_passages(CHUNKS, PAGES, NAMES))
-    assert out[0]["question"] == retrieve.with_passages(
+    out = passages.retrieved_pairs(asked, build_passages(CHUNKS, PAGES, NAMES), k=3)
+    index = layout.BM25(layout.build_passages(CHUNKS, PAGES, NAMES))
+    assert out[0]["question"] == layout.with_passages(
         PAIRS[2]["question"], index.search(PAIRS[2]["question"], k=3)
     )
     assert CHUNKS[2]["text"] in out[0]["question"].split("\n")[1]

@@ -10,19 +10,10 @@ from pathlib import Path
 from doclora.v1 import inference_pb2, inference_pb2_grpc, session_pb2
 from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.jsonl import from_jsonl
+from services.common.passages import Hit, read_session_passages, with_passages
 from services.common.runtime import Runtime
 from services.common.sessions import state_name
-from services.inference.retrieve import (
-    Embedder,
-    Hit,
-    Index,
-    IndexCache,
-    build_index,
-    build_passages,
-    default_embedder,
-    with_passages,
-)
+from services.inference.retrieve import Embedder, Index, IndexCache, build_index, default_embedder
 
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
@@ -113,20 +104,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return ""
 
     def _load_index(self, rec: session_pb2.Session) -> Index:
-        """Blocking: the bot's chunks and page maps from the store, indexed."""
-        try:
-            chunks = from_jsonl(self.rt.store.get_bytes(keys.chunks(rec.tenant, rec.session_id)))
-        except NotFound:
-            chunks = []  # a bot trained only on QA files has no passages
-        doc_ids = {c["doc_id"] for c in chunks}
-        pages = {}
-        for doc_id in doc_ids:
-            try:
-                pages[doc_id] = self.rt.store.get_json(keys.doc_pages(rec.tenant, rec.session_id, doc_id))
-            except NotFound:
-                pages[doc_id] = []
-        names = {d.doc_id: d.name for d in rec.documents}
-        return build_index(build_passages(chunks, pages, names), self.embedder)
+        """Blocking: the bot's passages from the store, indexed."""
+        return build_index(read_session_passages(self.rt.store, rec), self.embedder)
 
     async def _retrieve(self, rec: session_pb2.Session, question: str) -> list[Hit]:
         # the chunks as stored now: while a session retrains on more documents, qagen rewrites them

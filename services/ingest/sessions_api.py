@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from doclora.v1 import events_pb2, session_pb2, session_service_pb2, session_service_pb2_grpc
 from services.common import events, keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.options import check_session_options
 from services.common.queue import mark_train_queued, queue_positions, waiting_for_training
 from services.common.runtime import Runtime
 from services.common.sessions import FINAL_STATES, stage_name, state_name
@@ -111,25 +112,6 @@ async def add_source(
     raise InvalidArgument("a source needs text, a url or an upload_id")
 
 
-def check_options(options: session_pb2.SessionOptions) -> None:
-    """INVALID_ARGUMENT for options no stage could follow, before anything is stored."""
-    from services.qagen.backends import check_options as check_qa_options
-
-    check_qa_options(options.qagen_backend, list(options.strategies))
-    if options.HasField("max_steps") and not 0 < options.max_steps <= 1_000_000:
-        raise InvalidArgument("max_steps must be between 1 and 1000000")
-    if options.HasField("lora_rank") and not 1 <= options.lora_rank <= 1024:
-        raise InvalidArgument("lora_rank must be between 1 and 1024")
-    if options.HasField("lora_dropout") and not 0 <= options.lora_dropout < 1:
-        raise InvalidArgument("lora_dropout must be at least 0 and less than 1")
-    if options.HasField("learning_rate") and not 0 < options.learning_rate < 1:
-        raise InvalidArgument("learning_rate must be between 0 and 1")
-    if options.HasField("epochs") and not 0 < options.epochs <= 1000:
-        raise InvalidArgument("epochs must be between 1 and 1000")
-    if options.answer_mode not in ("", "both", "adapter", "retrieval"):
-        raise InvalidArgument("answer_mode must be both, adapter or retrieval")
-
-
 def restart_stage(rec: session_pb2.Session, has_pairs: bool) -> int:
     """Where a finished session runs again from: training when its pairs are there and generation
     did not fail, else generation when a document has text, else ingest."""
@@ -159,7 +141,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     async def CreateSession(self, request, context):
         if not request.sources:
             raise InvalidArgument("a session needs at least one source")
-        check_options(request.options)
+        check_session_options(request.options)
         tenant = self.rt.settings.tenant
         sid = keys.new_id()
         docs = []
@@ -266,7 +248,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         if override is not None:
             override = session_pb2.SessionOptions.FromString(override.SerializeToString())
             override.ClearField("passwords")
-            check_options(override)
+            check_session_options(override)
         try:
             await self.rt.io(self.rt.store.stat, keys.qa_pairs(rec.tenant, rec.session_id))
             has_pairs = True

@@ -27,14 +27,16 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol, runtime_checkable
 
+from services.common.options import QA_BACKENDS, resolve_strategies
+from services.common.qapair import QAPair, pair_id_for
 from services.qagen import quality
 from services.qagen import strategies as strategy_rules
 from services.qagen.chunk import Chunk
-from services.qagen.extractive import MIN_DOCUMENT_WORDS, QAPair, has_content, pair_id_for, prose_words
+from services.qagen.extractive import MIN_DOCUMENT_WORDS, has_content, prose_words
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("extractive", "local", "openai")
+BACKENDS = QA_BACKENDS
 MAX_PAIRS_PER_REPLY = 20
 # guided local generation starts the i-th question of a reply with these words, in turn
 QUESTION_STARTS = ("What", "Who", "When", "How", "Where", "Which")
@@ -58,18 +60,6 @@ class Generator(Protocol):
     """Makes the pairs of one chunk, or raises `ChunkFailed`."""
 
     def generate(self, chunk: Chunk, *, doc_title: str | None, strategies: Sequence[str]) -> list[QAPair]: ...
-
-
-def check_options(backend: str, strategies: Sequence[str]) -> None:
-    """INVALID_ARGUMENT for a session that names an unknown backend or strategy."""
-    from services.common.errors import InvalidArgument
-
-    if backend and backend.strip().lower() not in BACKENDS:
-        raise InvalidArgument(f"unknown QA backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    try:
-        strategy_rules.resolve(strategies or None)
-    except ValueError as exc:
-        raise InvalidArgument(str(exc)) from None
 
 
 # --- strict parsing ----------------------------------------------------------------------------
@@ -196,7 +186,7 @@ class _ModelGenerator:
     def generate(
         self, chunk: Chunk, *, doc_title: str | None = None, strategies: Sequence[str] | None = None
     ) -> list[QAPair]:
-        selected = strategy_rules.resolve(strategies)
+        selected = resolve_strategies(strategies)
         first = chunk.part == 0 and chunk.start < 600
         pairs: list[QAPair] = []
         for strategy in prompt_strategies(chunk, selected, first):
@@ -534,7 +524,7 @@ def generate_document(
     by_strategy, seconds.
     """
     started = time.monotonic()
-    selected = strategy_rules.resolve(strategies)
+    selected = resolve_strategies(strategies)
     by_id = {c.chunk_id: c for c in chunks}
     previous = [p for p in previous if p.chunk_id in by_id or not p.chunk_id]
     done_before = {p.chunk_id for p in previous} - set(retry_chunks)

@@ -12,11 +12,10 @@ import hashlib
 from collections.abc import Iterable, Iterator
 
 from services.common import keys
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.jsonl import from_jsonl
+from services.common.errors import InvalidArgument, NotFound
+from services.common.pair_formats import FORMATS, export_jsonl, import_jsonl
+from services.common.qapair import QAPair, loose_pair
 from services.qagen import quality
-from services.qagen.extractive import QAPair, loose_pair
-from services.qagen.formats import FORMATS, export_jsonl, import_jsonl
 
 MAX_QUESTION_CHARS = quality.MAX_QUESTION_CHARS
 MAX_ANSWER_CHARS = 4000
@@ -127,11 +126,3 @@ def export_pieces(
     ).encode("utf-8")
     for i in range(0, len(raw), EXPORT_PIECE):
         yield raw[i : i + EXPORT_PIECE]
-
-
-def read_pairs(store, tenant: str, sid: str) -> list[dict]:
-    """The session's pairs (blocking), or FAILED_PRECONDITION when none were generated yet."""
-    try:
-        return from_jsonl(store.get_bytes(keys.qa_pairs(tenant, sid)))
-    except NotFound:
-        raise FailedPrecondition(f"session {sid} has no question-answer pairs yet") from None

@@ -27,7 +27,7 @@ from services.qagen.chunk import Chunk
 from services.qagen.extractive import _STOPWORDS, DUPLICATE_JACCARD, MAX_ANSWER_CHARS, MIN_ANSWER_CHARS
 
 if TYPE_CHECKING:
-    from services.qagen.extractive import QAPair
+    from services.common.qapair import QAPair
 
 REASONS = ("empty", "too_short", "too_long", "malformed", "ungrounded", "duplicate_question")
 
@@ -326,7 +326,7 @@ def mark_split(pairs: list[dict], eval_fraction: float, seed: int, min_pairs: in
     """Set `"split"` ("train" or "eval") on stored pairs (dicts), holding out whole chunks with
     `split_pairs`; fewer than `min_pairs` pairs are all "train" (every fact is needed). Returns
     the number held out."""
-    from services.qagen.extractive import QAPair
+    from services.common.qapair import QAPair
 
     for p in pairs:
         p["split"] = "train"

@@ -30,6 +30,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
+from services.common.options import (
+    QA_CHUNK_STRATEGIES,
+    QA_DOCUMENT_STRATEGIES,
+    QA_STRATEGIES,
+    resolve_strategies,
+)
+from services.common.qapair import QAPair, pair_id_for
 from services.qagen.chunk import Chunk
 from services.qagen.extractive import (
     _AUTHOR_LINE,
@@ -45,7 +52,6 @@ from services.qagen.extractive import (
     MAX_ANSWER_CHARS,
     MAX_PER_RULE,
     MIN_ANSWER_CHARS,
-    QAPair,
     _fits,
     _lower_first,
     _names_in,
@@ -55,12 +61,11 @@ from services.qagen.extractive import (
     _words,
     generate_pairs,
     has_content,
-    pair_id_for,
 )
 
-CHUNK_STRATEGIES = ("quiz", "definition", "wh")
-DOCUMENT_STRATEGIES = ("summary", "section_summary", "metadata", "vague")
-ALL_STRATEGIES = (*CHUNK_STRATEGIES, *DOCUMENT_STRATEGIES, "paraphrase")
+CHUNK_STRATEGIES = QA_CHUNK_STRATEGIES
+DOCUMENT_STRATEGIES = QA_DOCUMENT_STRATEGIES
+ALL_STRATEGIES = QA_STRATEGIES
 RULES: dict[str, tuple[str, ...]] = {
     "quiz": ("heading", "date", "number", "entity", "fallback"),
     "definition": ("definition",),
@@ -74,17 +79,6 @@ RULES: dict[str, tuple[str, ...]] = {
 PARAPHRASES = 2
 # A document needs this many prose sentences before it is summarised or asked about as a whole.
 MIN_DOCUMENT_SENTENCES = 3
-
-
-def resolve(strategies: Iterable[str] | None) -> tuple[str, ...]:
-    """The named strategies in canonical order (all of them for None); unknown names are an error."""
-    if strategies is None:
-        return ALL_STRATEGIES
-    names = set(strategies)
-    unknown = sorted(names - set(ALL_STRATEGIES))
-    if unknown:
-        raise ValueError(f"unknown QA strategies: {', '.join(unknown)} (known: {', '.join(ALL_STRATEGIES)})")
-    return tuple(s for s in ALL_STRATEGIES if s in names)
 
 
 def _pair(chunk: Chunk, question: str, answer: str, strategy: str, sources: Sequence[str] = ()) -> QAPair:
@@ -108,7 +102,7 @@ def chunk_pairs(
     chunk: Chunk, *, doc_title: str | None = None, strategies: Iterable[str] | None = None
 ) -> list[QAPair]:
     """The pairs of the selected chunk-scope strategies for one chunk, in a fixed order."""
-    selected = resolve(strategies)
+    selected = resolve_strategies(strategies)
     rules = {r for s in selected for r in RULES[s]}
     pairs: list[QAPair] = []
     if "quiz" in selected or "definition" in selected:
@@ -513,7 +507,7 @@ def document_pairs(
     """The pairs of the selected document-scope strategies: summaries of the whole document at three
     lengths and one that walks every section, a summary per section, metadata, and the vague
     questions a person knowing only the title would ask."""
-    selected = resolve(strategies)
+    selected = resolve_strategies(strategies)
     if not any(s in selected for s in DOCUMENT_STRATEGIES):
         return []
     sentences = _document_sentences(chunks)

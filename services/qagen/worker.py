@@ -22,13 +22,14 @@ from services.common import events, keys
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.jsonl import from_jsonl, to_jsonl
+from services.common.qapair import QAPair, read_pairs
 from services.common.runtime import Runtime
 from services.common.sessions import mark_stage
 from services.qagen import quality
 from services.qagen.backends import BACKENDS, ExtractiveGenerator, generate_document
 from services.qagen.chunk import Chunk, token_length
-from services.qagen.extractive import QAPair, chunk_document
-from services.qagen.pairs import provided_pairs, read_pairs
+from services.qagen.extractive import chunk_document
+from services.qagen.pairs import provided_pairs
 
 log = logging.getLogger(__name__)
 D = session_pb2.DocumentStatus

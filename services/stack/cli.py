@@ -52,7 +52,8 @@ def _print_status(state: dict[str, bool]) -> None:
 
 
 def cmd_up(args) -> int:
-    from services.stack.supervisor import Stack, health, pid_alive, read_stack, state_dir
+    from services.common.procs import pid_alive
+    from services.stack.supervisor import Stack, health, read_stack, state_dir
 
     settings = Settings.from_env()
     info = read_stack(settings)
@@ -126,7 +127,8 @@ def _wait_healthy(settings: Settings, timeout: float, proc: subprocess.Popen) ->
 
 
 def cmd_down(args) -> int:
-    from services.stack.supervisor import pid_alive, read_stack, stack_file
+    from services.common.procs import pid_alive
+    from services.stack.supervisor import read_stack, stack_file
 
     settings = Settings.from_env()
     info = read_stack(settings)

@@ -98,7 +98,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     if rows and all("question" in r and "answer" in r for r in rows):
         return rows
-    from services.qagen.formats import import_jsonl
+    from services.common.pair_formats import import_jsonl
 
     return [p.to_dict() for p in import_jsonl(text)]
 
@@ -132,7 +132,7 @@ def _stop_flag() -> threading.Event:
     signal.signal(signal.SIGTERM, on_signal)
     owner = int(os.environ.get(OWNER_ENV) or 0)
     if owner > 0:
-        from services.stack.supervisor import pid_alive
+        from services.common.procs import pid_alive
 
         def watch_owner() -> None:
             while not stop.wait(OWNER_POLL_S):

@@ -10,9 +10,9 @@ Per pair, drawn from a seeded generator:
   misses;
 - the rest: the plain question, as in chat without retrieval.
 
-The user turn is built by inference's own `with_passages`, from passages built by its own
-`build_passages` (same numbering, document name, page and length cut), so training and chat see
-the same layout.
+The user turn is built by `with_passages` from the session's passages (services/common/passages.py,
+as chat reads them: same numbering, document name, page and length), so training and chat see the
+same layout.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from services.inference.retrieve import BM25, Hit, Passage, build_passages, with_passages
+from services.common.passages import BM25, Hit, Passage, with_passages
 
 GOLD_SHARE = 0.7
 DISTRACTOR_SHARE = 0.2
@@ -30,9 +30,7 @@ DISTRACTOR_SHARE = 0.2
 
 def raft_pairs(
     pairs: Sequence[Mapping[str, Any]],
-    chunks: list[dict],
-    pages_by_doc: Mapping[str, list[dict]],
-    names: Mapping[str, str],
+    passages: Sequence[Passage],
     *,
     k: int = 3,
     seed: int = 0,
@@ -44,7 +42,7 @@ def raft_pairs(
     (uploaded QA files) get what retrieval finds for them in the gold share, and nothing otherwise.
     Deterministic for a seed and the pairs' order.
     """
-    passages = build_passages(chunks, dict(pages_by_doc), dict(names))
+    passages = list(passages)
     counts: Counter = Counter({"gold": 0, "distractors": 0, "none": 0})
     if not passages or k <= 0:
         counts["none"] = len(pairs)
@@ -91,16 +89,14 @@ def _distractors(index: BM25, question: str, gold: Passage, n: int, rng: random.
 
 def retrieved_pairs(
     pairs: Sequence[Mapping[str, Any]],
-    chunks: list[dict],
-    pages_by_doc: Mapping[str, list[dict]],
-    names: Mapping[str, str],
+    passages: Sequence[Passage],
     *,
     k: int = 3,
 ) -> list[dict]:
     """Copies of `pairs` with what BM25 retrieves for each question put before it, as chat does
     (inference adds embedding ranks when it has them): held-out questions asked open-book. Pairs
     for which nothing is retrieved keep the plain question."""
-    passages = build_passages(chunks, dict(pages_by_doc), dict(names))
+    passages = list(passages)
     if not passages or k <= 0:
         return [dict(p) for p in pairs]
     index = BM25(passages)

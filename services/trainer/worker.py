@@ -29,16 +29,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from doclora.v1 import events_pb2, session_pb2, trainer_pb2, trainer_pb2_grpc
 from services.common import events, keys
 from services.common.errors import DocloraError, InvalidArgument, NotFound
-from services.common.jsonl import from_jsonl
+from services.common.passages import read_session_passages
+from services.common.qapair import read_pairs
 from services.common.runtime import Runtime, StaleRound, check_round
 from services.common.sessions import mark_stage
-from services.qagen.worker import load_pairs
 
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
@@ -77,22 +76,6 @@ def passages_enabled(options: session_pb2.SessionOptions, settings) -> bool:
     if options.HasField("passages"):
         return options.passages
     return bool(getattr(settings, "train_passages", False))
-
-
-def _passage_sources(rt: Runtime, rec: session_pb2.Session) -> tuple[list[dict], dict, dict]:
-    """(chunks, pages by document, document names) of a session, as inference indexes them."""
-    tenant, sid = rec.tenant, rec.session_id
-    try:
-        chunks = from_jsonl(rt.store.get_bytes(keys.chunks(tenant, sid)))
-    except NotFound:
-        return [], {}, {}
-    pages: dict[str, list] = {}
-    for doc_id in sorted({c.get("doc_id", "") for c in chunks} - {""}):
-        try:
-            pages[doc_id] = rt.store.get_json(keys.doc_pages(tenant, sid, doc_id))
-        except NotFound:
-            pages[doc_id] = []
-    return chunks, pages, {d.doc_id: d.name for d in rec.documents}
 
 
 def adapter_id_for(sid: str, round: int) -> str:
@@ -135,27 +118,10 @@ def split_for_eval(pairs: list[dict], seed: int) -> tuple[list[dict], list[dict]
         return (train, held) if train else (pairs, [])
     if len(pairs) < EVAL_MIN_PAIRS:
         return pairs, []
-    try:
-        from services.qagen.quality import split_pairs
-    except ImportError:
-        from services.trainer.evaluate import split_by_chunk
+    from services.trainer.evaluate import split_by_chunk
 
-        train, held = split_by_chunk(pairs, EVAL_FRACTION, seed)
-        return list(train), list(held)
-    # qagen's split reads QAPair attributes; stored pairs are dicts, some (uploaded) without ids
-    views = [
-        SimpleNamespace(
-            pair_id=str(p.get("pair_id") or f"#{i}"),
-            chunk_id=str(p.get("chunk_id") or ""),
-            answer=str(p.get("answer") or ""),
-            variant_of=str(p.get("variant_of") or ""),
-            sources=tuple(p.get("sources") or ()),
-            raw=p,
-        )
-        for i, p in enumerate(pairs)
-    ]
-    train, held = split_pairs(views, EVAL_FRACTION, seed)
-    return [v.raw for v in train], [v.raw for v in held]
+    train, held = split_by_chunk(pairs, EVAL_FRACTION, seed)
+    return list(train), list(held)
 
 
 def train_config(
@@ -309,20 +275,20 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
     started = time.monotonic()
     sid, tenant = item.session_id, item.tenant
     overrides = lora_overrides(rec.options)  # bad values fail the session before any work
-    pairs = await load_pairs(rt, tenant, sid)
+    pairs = await rt.io(read_pairs, rt.store, tenant, sid)
     train_pairs, eval_pairs = split_for_eval(pairs, rt.settings.train_seed)
     passage_counts = None
     extra_evals = {}
     if passages_enabled(rec.options, rt.settings):
         from services.trainer.passages import raft_pairs, retrieved_pairs
 
-        chunks, pages, names = await rt.io(_passage_sources, rt, rec)
+        session_passages = await rt.io(read_session_passages, rt.store, rec)
         k = rt.settings.retrieval_top_k
         train_pairs, passage_counts = raft_pairs(
-            train_pairs, chunks, pages, names, k=k, seed=rt.settings.train_seed
+            train_pairs, session_passages, k=k, seed=rt.settings.train_seed
         )
-        if chunks and eval_pairs:  # the held-out questions also as chat asks them, open-book
-            extra_evals["passages"] = retrieved_pairs(eval_pairs, chunks, pages, names, k=k)
+        if session_passages and eval_pairs:  # the held-out questions also as chat asks them, open-book
+            extra_evals["passages"] = retrieved_pairs(eval_pairs, session_passages, k=k)
         overrides["max_seq_len"] = max(overrides.get("max_seq_len", 0), PASSAGES_MIN_SEQ_LEN)
         log.info("training with passages: %s", passage_counts)
     # one adapter per round: a redelivered job rewrites the same keys, a later round gets new ones

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import fields, replace
 
 from services.common.errors import InvalidArgument
-from services.qagen.extractive import QAPair, loose_pair, pair_id_for
+from services.common.qapair import QAPair, loose_pair, pair_id_for
 
 FORMATS = ("openai", "alpaca", "sharegpt")
 META_KEY = "doclora"
@@ -131,7 +131,9 @@ def _pair_from(question: str, answer: str, meta: object, doc_id: str) -> QAPair:
             raise ValueError(f"{META_KEY!r} is not a pair's metadata") from None
         # an edited question or answer is a new pair from the same source
         return pair if pair.pair_id == pair_id_for(pair.chunk_id, question, answer) else _renamed(pair)
-    return loose_pair(pair_id_for(f"{doc_id}:imported", question, answer), question, answer, doc_id, "imported")
+    return loose_pair(
+        pair_id_for(f"{doc_id}:imported", question, answer), question, answer, doc_id, "imported"
+    )
 
 
 def _renamed(pair: QAPair) -> QAPair:
