@@ -169,7 +169,10 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
     evs = events_until_final(base, sid)
     final = evs[-1][1]["session"]
     assert final["state"] == "SESSION_STATE_READY", final.get("error")
-    states = [d["event"]["state"]["state"] for k, d in evs if k == "state"]
+    # the states the session went through, from every event's snapshot: the stream may end on the
+    # `finished` event before the READY `state` event is read (seen on a loaded machine)
+    seen = [d["session"]["state"] for _, d in evs]
+    states = [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]]
     order = [
         "SESSION_STATE_INGESTING",
         "SESSION_STATE_GENERATING",

@@ -511,7 +511,9 @@ async def test_cancelling_a_two_process_training_stops_every_process_within_seco
     procs = _job_processes()
     assert len(procs) == 3
     stopped_after = await _cancel(rt2, sid, task)
-    assert stopped_after < 5, stopped_after
+    # well inside STOP_GRACE_S (15 s, then SIGKILL): the processes stopped by agreement, not by force;
+    # 10 s leaves room for a loaded machine (5.6 s seen with two other jobs on 2 cores)
+    assert stopped_after < 10, stopped_after
     assert await _left_running(procs) == []
     assert (await rt2.sessions.get(sid)).state == S.SESSION_STATE_CANCELLED
     assert rt2.store.list(keys.adapter_prefix(TENANT, sid)) == []
