@@ -3,7 +3,7 @@ page map, and passages are numbered into the user turn."""
 
 import pytest
 
-from services.common.passages import BM25, Passage, build_passages, page_of, tokens, with_passages
+from services.common.passages import BM25, Hit, Passage, build_passages, page_of, tokens, with_passages
 from services.inference.retrieve import Hybrid, build_index, default_embedder, embedding_folder
 
 CHUNKS = [
@@ -71,12 +71,25 @@ def test_passages_are_numbered_before_the_question():
     assert with_passages("When?", []) == "When?"
 
 
-def test_long_passages_are_shortened_at_a_word():
-    """A passage longer than the limit is cut at a word boundary and marked."""
-    p = Passage("c", "d", "doc", 1, 0, 10, "word " * 400)
-    idx = BM25([p])
-    text = with_passages("word?", idx.search("word"), max_chars=50)
-    assert text.splitlines()[1].endswith("…") and len(text.splitlines()[1]) < 80
+def test_passages_are_shown_whole_and_one_that_does_not_fit_is_left_out():
+    """Passages within the budget are shown whole (the fact at a passage's end survives); a later
+    passage that would overflow it is dropped, not cut, and the numbering stays dense."""
+    fact = "The depot opens at 07:15."
+    long = Passage("a", "d", "doc", 1, 0, 10, "Filler words here. " * 30 + fact)
+    big = Passage("b", "d", "doc", 2, 0, 10, "Other text. " * 40)
+    small = Passage("c", "d", "doc", 3, 0, 10, "The gate code is 4471.")
+    hits = [Hit(long, 3.0), Hit(big, 2.0), Hit(small, 1.0)]
+    lines = with_passages("When?", hits, max_chars=len(long.text) + 40).splitlines()
+    assert lines[1].startswith("[1] (doc, p. 1)") and lines[1].endswith(fact)
+    assert lines[2] == "[2] (doc, p. 3) The gate code is 4471."
+    assert lines[3:] == ["", "Question: When?"]
+
+
+def test_a_first_passage_larger_than_the_whole_budget_is_cut_at_a_sentence_end():
+    """Only a first passage that alone overflows the budget is shortened, at a sentence, marked."""
+    p = Passage("c", "d", "doc", 1, 0, 10, "One short sentence here. " * 40)
+    line = with_passages("word?", [Hit(p, 1.0)], max_chars=120).splitlines()[1]
+    assert line.endswith("here. …") and len(line) < 160
 
 
 # --------------------------------------------------------------------------- hybrid: BM25 + embeddings

@@ -168,3 +168,40 @@ def test_on_a_cpu_the_training_model_is_the_plain_base_model(monkeypatch, caplog
     settings = SimpleNamespace(device="cpu", train_quantization="4bit")
     assert quant.load_training_model(settings) == ("m", "t") and calls == [True]
     assert "4-bit training needs CUDA" in caplog.text
+
+
+def test_a_time_budget_shortens_a_derived_run_after_timing_its_first_steps(tmp_path):
+    """With steps derived from epochs, a budget far below one step's time ends the run at the
+    minimum length, the progress reports that length, and the schedule still decays to its end."""
+    tok = real_tokenizer()
+    many = PAIRS * 10  # 60 examples, 3 epochs in batches of 3: 60 derived steps
+    reports = []
+    cfg = LoraTrainConfig(epochs=3, min_steps=0, time_budget_s=1e-6, progress_interval_s=0.0, **FAST)
+    metrics = train_lora(tiny_llama(len(tok)), tok, many, tmp_path / "a", cfg, progress=reports.append)
+    assert metrics["total_steps"] == metrics["steps"] == lora.BUDGET_MIN_STEPS
+    assert reports[-1]["step"] == reports[-1]["total_steps"] == lora.BUDGET_MIN_STEPS
+    assert reports[0]["total_steps"] == 60  # planned before the steps were timed
+    assert reports[-1]["lr"] < 0.2 * FAST["lr"]  # the cosine ran to the shortened end
+
+
+def test_a_time_budget_leaves_explicit_step_counts_and_roomy_budgets_alone(tmp_path):
+    """max_steps is taken exactly whatever the budget; a budget with room changes nothing."""
+    tok = real_tokenizer()
+    exact = LoraTrainConfig(max_steps=14, time_budget_s=1e-6, **FAST)
+    assert train_lora(tiny_llama(len(tok)), tok, PAIRS, tmp_path / "a", exact)["total_steps"] == 14
+    roomy = LoraTrainConfig(epochs=4, min_steps=0, time_budget_s=3600.0, **FAST)
+    assert train_lora(tiny_llama(len(tok)), tok, PAIRS, tmp_path / "b", roomy)["total_steps"] == 8
+    assert LoraTrainConfig.from_settings(Settings(train_time_budget_s=99.0)).time_budget_s == 99.0
+
+
+def test_a_run_shortened_by_its_budget_resumes_at_the_same_length(tmp_path):
+    """A checkpoint of a shortened run resumes to that run's end, with its losses."""
+    tok = real_tokenizer()
+    many = PAIRS * 10
+    cfg = LoraTrainConfig(epochs=3, min_steps=0, time_budget_s=1e-6, checkpoint_every_steps=6, **FAST)
+    saved = []
+    full = train_lora(tiny_llama(len(tok)), tok, many, tmp_path / "a", cfg, on_checkpoint=saved.append)
+    assert [s["step"] for s in saved] == [6]
+    resumed = train_lora(tiny_llama(len(tok)), tok, many, tmp_path / "b", cfg, resume=saved[0])
+    assert resumed["resumed_from_step"] == 6 and resumed["total_steps"] == lora.BUDGET_MIN_STEPS
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-5)

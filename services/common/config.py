@@ -107,7 +107,10 @@ class Settings:
     qagen_eval_min_pairs: int = 20  # fewer pairs than this: none held out (every fact is needed)
 
     # training
-    train_max_steps: int = 0  # 0 = derived from epochs and data size
+    train_max_steps: int = 0  # 0 = derived from epochs and data size, within train_time_budget_s
+    # seconds of training steps a derived run may take (measured on its first steps; 0 = no limit):
+    # a 10-page document is READY in about 5 minutes on 2 CPU cores; a session's max_steps wins
+    train_time_budget_s: float = 150.0
     train_epochs: float = 3.0
     train_lr: float = 1e-3
     train_lora_rank: int = 8

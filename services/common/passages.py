@@ -112,16 +112,36 @@ def build_passages(
     ]
 
 
-def with_passages(question: str, hits: list[Hit], max_chars: int = 700) -> str:
-    """The user turn with numbered passages before the question."""
+# Passages are whole chunks (qagen sizes them, ~320 tokens of the base model); together they may fill
+# this much of the prompt. Measured on bench/knowledge (tune questions, top 3): cutting each passage
+# to 700 characters left the key fact in 73% of prompts, whole chunks in 90%.
+PASSAGES_MAX_CHARS = 4800
+
+
+def _sentence_cut(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a sentence end (else a word), marked."""
+    head = text[:limit]
+    end = max(head.rfind(". "), head.rfind("? "), head.rfind("! "))
+    head = head[: end + 1] if end > limit // 2 else head.rsplit(" ", 1)[0]
+    return head + " …"
+
+
+def with_passages(question: str, hits: list[Hit], max_chars: int = PASSAGES_MAX_CHARS) -> str:
+    """The user turn with numbered passages before the question, best first. Passages are shown
+    whole while they fit in `max_chars` together; one that does not fit is left out, never cut
+    mid-fact. Only a first passage that alone exceeds the budget is shortened, at a sentence end."""
     if not hits:
         return question
     lines = ["Passages from the documents:"]
-    for i, h in enumerate(hits, 1):
+    used = 0
+    for h in hits:
         text = " ".join(h.passage.text.split())
+        if used and used + len(text) > max_chars:
+            continue
         if len(text) > max_chars:
-            text = text[:max_chars].rsplit(" ", 1)[0] + " …"
-        lines.append(f"[{i}] ({h.passage.doc_name}, p. {h.passage.page}) {text}")
+            text = _sentence_cut(text, max_chars)
+        used += len(text)
+        lines.append(f"[{len(lines)}] ({h.passage.doc_name}, p. {h.passage.page}) {text}")
     lines += ["", f"Question: {question}"]
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ adapter, and both are scored (see evaluate.py).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -59,6 +60,10 @@ class LoraTrainConfig:
     # derived from epochs take at least min_steps (measured: 20 pairs need ~50 steps at lr 1e-3)
     min_steps: int | None = None
     max_steps: int = 0  # > 0: exactly this many steps; 0 = max(min_steps, ceil(epochs * batches per epoch))
+    # > 0, with steps derived (max_steps 0) in a one-process run: once BUDGET_PROBE_STEPS have shown
+    # the step time, the run is shortened to the steps that fit in this many seconds (at least
+    # BUDGET_MIN_STEPS), so a long document is READY in minutes on a CPU and a GPU takes many more
+    time_budget_s: float = 0.0
     # 1e-3 suits the 135M default (2e-4 left 20 pairs unlearned after 50 steps); ~2e-4 for 7B models
     lr: float = 1e-3
     warmup_ratio: float = 0.1
@@ -96,6 +101,7 @@ class LoraTrainConfig:
         defaults = Settings()
         values: dict[str, Any] = {
             "max_steps": settings.train_max_steps,
+            "time_budget_s": settings.train_time_budget_s,
             "lr": settings.train_lr,
             "seed": settings.train_seed,
         }
@@ -124,6 +130,10 @@ AUTO_TABLE = (
     (math.inf, 64, 0.05, 1.0),
 )
 AUTO_MIN_STEPS = 50
+# the time budget is applied after this many steps of a fresh run (the first is slower: allocation),
+# and never shortens a run below BUDGET_MIN_STEPS
+BUDGET_PROBE_STEPS = 3
+BUDGET_MIN_STEPS = 10
 
 
 def auto_config(cfg: LoraTrainConfig, n_examples: int) -> LoraTrainConfig:
@@ -278,6 +288,10 @@ def step_batches(n_examples: int, batch_size: int, seed: int) -> Iterator[list[i
             yield order[start : start + batch_size]
 
 
+def _warmup(cfg: LoraTrainConfig, total_steps: int) -> int:
+    return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio > 0 else 0
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
     """Multiplier of the peak lr for 0-based `step`: linear warmup, then cosine down to min_ratio."""
     if step < warmup_steps:
@@ -350,6 +364,7 @@ class _Plan:
     rank: int = 0
     gradient_checkpointing: bool = False
     init_digest: str | None = None  # sha256 of the adapter the run started from
+    time_budget_s: float = 0.0  # > 0: shorten the run to this many seconds of steps (see the config)
 
     @property
     def main(self) -> bool:
@@ -498,7 +513,7 @@ def train_lora(
     plan = _Plan(
         batch_size=batch_size,
         total_steps=total_steps,
-        warmup_steps=math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio > 0 else 0,
+        warmup_steps=_warmup(cfg, total_steps),
         batches_per_epoch=batches_per_epoch,
         device=device,
         amp=amp,
@@ -511,6 +526,8 @@ def train_lora(
         rank=rank,
         gradient_checkpointing=checkpointing,
         init_digest=init_adapter.digest if init_adapter is not None else None,
+        # ranks that timed their own steps could disagree on the length: one-process runs only
+        time_budget_s=cfg.time_budget_s if cfg.max_steps <= 0 and world_size == 1 else 0.0,
     )
     if resume is not None and resume.get("fingerprint") != plan.run_id:
         log.warning(
@@ -739,9 +756,13 @@ def _run(
             p.data = p.data.float()
     trainable = sum(p.numel() for p in params)
     total_steps = plan.total_steps
+    if resume is not None:  # a run shortened by its time budget resumes at its chosen length
+        total_steps = int(resume.get("total_steps") or total_steps)
+    warmup_steps = _warmup(cfg, total_steps) if total_steps != plan.total_steps else plan.warmup_steps
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # reads total_steps and warmup_steps at each step: the time budget may shorten the run
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, plan.warmup_steps, cfg.min_lr_ratio)
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio)
     )
 
     losses: list[float] = []
@@ -769,6 +790,7 @@ def _run(
             "version": ckpt.VERSION,
             "fingerprint": plan.run_id,
             "step": step,
+            "total_steps": total_steps,
             "adapter": {name: p.detach().to("cpu", copy=True) for name, p in named},
             "optimizer": _to_cpu(optimizer.state_dict()),
             "scheduler": _to_cpu(scheduler.state_dict()),
@@ -799,7 +821,23 @@ def _run(
         plan.device,
         " bf16 autocast" if plan.amp is not None else "",
     )
-    for step in range(start_step, total_steps):
+    budget_open = plan.time_budget_s > 0 and start_step == 0
+    probe_started = 0.0
+    for step in itertools.count(start_step):
+        if step >= total_steps:
+            break
+        if budget_open and step == 1:
+            probe_started = time.monotonic()  # after the first step's one-off costs
+        if budget_open and step == BUDGET_PROBE_STEPS:
+            budget_open = False
+            per_step = (time.monotonic() - probe_started) / (BUDGET_PROBE_STEPS - 1)
+            fits = max(BUDGET_MIN_STEPS, int(plan.time_budget_s / max(per_step, 1e-6)))
+            if fits < total_steps:
+                log.info(
+                    "time budget %.0f s at %.2f s a step: %d steps instead of %d",
+                    plan.time_budget_s, per_step, fits, total_steps,
+                )  # fmt: skip
+                total_steps, warmup_steps = fits, min(warmup_steps, _warmup(cfg, fits))
         if _stop_agreed(should_stop, plan):
             raise TrainingCancelled(step, total_steps)
         if plan.world_size > 1:

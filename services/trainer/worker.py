@@ -54,8 +54,8 @@ EVAL_MAX_PAIRS = 32
 EVAL_MAX_NEW_TOKENS = 48
 
 
-# RAFT-style examples carry a few passages of up to 700 characters before the question
-PASSAGES_MIN_SEQ_LEN = 1024
+# RAFT-style examples carry up to PASSAGES_MAX_CHARS (~1,200 tokens) of whole passages before the question
+PASSAGES_MIN_SEQ_LEN = 1536
 
 
 def checkpoint_prefix(tenant: str, sid: str, round: int = 0) -> str:
