@@ -4,7 +4,6 @@ started by `doclora up --detach`: pasted text -> READY -> a streamed chat answer
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,7 +16,8 @@ import pytest
 
 from services.common import keys
 from services.common.store import ArtifactStore
-from services.stack.ports import free_port
+from services.stack.ports import isolated_stack_env
+from tests.fixtures.web import DocsServer
 
 pytestmark = pytest.mark.e2e
 # Requests that generate text wait on a 2-core CPU that may be training at the same time.
@@ -38,58 +38,14 @@ Each tree yields about 300 pears in a good year.
 """
 
 
-class DocsServer:
-    """A web server with documents to fetch: it stands for a remote site, over a real socket."""
-
-    def __init__(self):
-        import http.server
-        import threading
-
-        self.pages: dict[str, tuple[str, bytes]] = {}
-        pages = self.pages
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path not in pages:
-                    self.send_error(404)
-                    return
-                ctype, body = pages[self.path]
-                self.send_response(200)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-
-def _env(state: Path, docs: DocsServer) -> dict:
-    env = dict(os.environ)
-    ports = {k: free_port() for k in ("nats", "s3", "ingest", "qagen", "trainer", "inference", "gateway")}
-    env.update(
-        DOCLORA_STATE_DIR=str(state),
-        DOCLORA_NATS_URL=f"nats://127.0.0.1:{ports['nats']}",
-        DOCLORA_S3_ENDPOINT=f"127.0.0.1:{ports['s3']}",
-        DOCLORA_INGEST_ADDR=f"127.0.0.1:{ports['ingest']}",
-        DOCLORA_QAGEN_ADDR=f"127.0.0.1:{ports['qagen']}",
-        DOCLORA_TRAINER_ADDR=f"127.0.0.1:{ports['trainer']}",
-        DOCLORA_INFERENCE_ADDR=f"127.0.0.1:{ports['inference']}",
-        DOCLORA_GATEWAY_PORT=str(ports["gateway"]),
+def _env(state: Path) -> dict:
+    return isolated_stack_env(
+        state,
         DOCLORA_INFERENCE_MAX_NEW_TOKENS="24",
         DOCLORA_WORK_ACK_WAIT_S="30",
         DOCLORA_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024),
         DOCLORA_FETCH_ALLOW="127.0.0.1",
-        HF_HUB_OFFLINE="1",
     )
-    return env
 
 
 def _cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -113,7 +69,7 @@ def docs_server():
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, docs_server):
     state = tmp_path_factory.mktemp("stack")
-    env = _env(state, docs_server)
+    env = _env(state)
     up = _cli(env, "up", "--detach", "--timeout", "420")
     if up.returncode != 0:
         logs = "\n".join(

