@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from services.common.qapair import QAPair, pair_id_for
 from services.qagen.chunk import Chunk, LengthFn, chunk_text, split_sentences
+from services.qagen.clean import chunk_clean
 
 # Answers outside these bounds make poor training targets (fragments, or whole pages).
 MIN_ANSWER_CHARS = 20
@@ -594,8 +595,14 @@ def chunk_document(
         limit = max_tokens or max_chars or DEFAULT_MAX_TOKENS
         overlap = next((o for o in (overlap_tokens, overlap_chars) if o is not None), None)
         overlap = min(DEFAULT_OVERLAP_TOKENS, limit // 4) if overlap is None else overlap
-    return chunk_text(
-        text, doc_id=doc_id, max_chars=limit, overlap_chars=overlap, length_fn=length_fn, pages=pages
+    # reference lists, author blocks, axis text and page furniture stay in the text but out of chunks
+    return chunk_clean(
+        text,
+        lambda masked: chunk_text(
+            masked, doc_id=doc_id, max_chars=limit, overlap_chars=overlap, length_fn=length_fn, pages=pages
+        ),
+        doc_id=doc_id,
+        pages=pages,
     )
 
 
