@@ -325,20 +325,15 @@ async def test_a_session_with_passages_trains_on_raft_style_examples(rt):
 
 
 def test_passages_follow_the_session_choice_else_the_server_setting():
-    """SessionOptions.passages wins when set; unset, the `train_passages` setting (off when the
-    server's settings do not have it)."""
-    from types import SimpleNamespace
+    """SessionOptions.passages wins when set; unset, the `train_passages` setting."""
+    from services.common.config import Settings
 
+    off, on = Settings(train_passages=False), Settings(train_passages=True)
     unset = session_pb2.SessionOptions()
-    assert worker.passages_enabled(unset, SimpleNamespace()) is False
-    assert worker.passages_enabled(unset, SimpleNamespace(train_passages=True)) is True
-    assert (
-        worker.passages_enabled(
-            session_pb2.SessionOptions(passages=False), SimpleNamespace(train_passages=True)
-        )
-        is False
-    )
-    assert worker.passages_enabled(session_pb2.SessionOptions(passages=True), SimpleNamespace()) is True
+    assert worker.passages_enabled(unset, off) is False
+    assert worker.passages_enabled(unset, on) is True
+    assert worker.passages_enabled(session_pb2.SessionOptions(passages=False), on) is False
+    assert worker.passages_enabled(session_pb2.SessionOptions(passages=True), off) is True
 
 
 def test_the_precision_shown_names_the_compute_dtype_and_any_quantization():

@@ -17,7 +17,7 @@ async def setup(rt):
     cache_dir = Path(rt.settings.state_dir).resolve() / "adapter-cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     # DOCLORA_ADAPTER_CACHE_MB bounds the bytes of loaded adapters' tensors (0: count only)
-    cache_mb = getattr(rt.settings, "adapter_cache_mb", 1024)
+    cache_mb = rt.settings.adapter_cache_mb
     adapters = AdapterCache(
         adapter_fetcher(rt, cache_dir), capacity=rt.settings.adapter_cache_size, max_bytes=cache_mb * 2**20
     )

@@ -81,7 +81,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # passages ranked by BM25 and, when the embedding model is installed, by meaning too
         if embedder == "auto":
             # DOCLORA_RETRIEVAL_EMBEDDINGS=0 turns the embeddings off (BM25 alone)
-            use = getattr(rt.settings, "retrieval_embeddings", True)
+            use = rt.settings.retrieval_embeddings
             embedder = default_embedder() if use else None
         self.embedder = embedder
         self.indexes = IndexCache()

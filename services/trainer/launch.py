@@ -52,9 +52,9 @@ class TrainingProcessFailed(RuntimeError):
 def process_count(settings: Any) -> int:
     """Processes per training job from the `train_processes` setting: a whole number >= 1, or
     "auto" = one per CUDA device (1 without CUDA, or with `device` = cpu). ValueError otherwise."""
-    raw = str(getattr(settings, "train_processes", "1") or "1").strip().lower()
+    raw = str(settings.train_processes or "1").strip().lower()
     if raw == "auto":
-        if str(getattr(settings, "device", "auto")).strip().lower() == "cpu":
+        if str(settings.device).strip().lower() == "cpu":
             return 1
         import torch
 

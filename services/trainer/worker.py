@@ -75,7 +75,7 @@ def passages_enabled(options: session_pb2.SessionOptions, settings) -> bool:
     """The session's choice when it made one, else the server's `train_passages` setting."""
     if options.HasField("passages"):
         return options.passages
-    return bool(getattr(settings, "train_passages", False))
+    return settings.train_passages
 
 
 def adapter_id_for(sid: str, round: int) -> str:
