@@ -19,6 +19,7 @@ import torch
 
 from doclora.v1 import session_pb2
 from services.common import keys
+from services.common.config import Settings
 from services.common.errors import InvalidArgument
 from services.common.jsonl import to_jsonl
 from services.common.runtime import Runtime
@@ -62,12 +63,12 @@ def rt(bus, store, s3_settings, tokenizer, monkeypatch):
         lambda settings, for_training=False: (tiny_llama(len(tokenizer)), tokenizer),
     )
     monkeypatch.setattr(worker, "CHECKPOINT_EVERY_STEPS", 2)
-    monkeypatch.setattr(worker, "EVAL_MIN_PAIRS", 8)
-    monkeypatch.setattr(worker, "EVAL_FRACTION", 0.2)
     monkeypatch.setattr(worker, "EVAL_MAX_NEW_TOKENS", 4)
     monkeypatch.setattr(worker, "CANCEL_POLL_S", 0.2)
     # the precision "auto" picks depends on the CPU; these tests check what gets reported
-    settings = dataclasses.replace(s3_settings, train_precision="fp32")
+    settings = dataclasses.replace(
+        s3_settings, train_precision="fp32", qagen_eval_min_pairs=8, qagen_eval_fraction=0.2
+    )
     return Runtime(settings=settings, bus=bus, store=store, sessions=SessionRepo(bus))
 
 
@@ -167,14 +168,15 @@ async def _cancel(rt: Runtime, sid: str, task: asyncio.Task) -> float:
 
 
 def test_small_sessions_keep_every_pair_for_training():
-    """Below EVAL_MIN_PAIRS nothing is held out; above it whole chunks are."""
-    train, held = worker.split_for_eval(PAIRS[:5], seed=1)
+    """Below qagen_eval_min_pairs nothing is held out; above it whole chunks are."""
+    settings = Settings(train_seed=1)
+    train, held = worker.split_for_eval(PAIRS[:5], settings)
     assert train == PAIRS[:5] and held == []
     many = [
         {"pair_id": f"q{i}", "chunk_id": f"c{i // 3}", "question": f"Q{i}?", "answer": f"Answer {i}."}
         for i in range(30)
     ]
-    train, held = worker.split_for_eval(many, seed=1)
+    train, held = worker.split_for_eval(many, settings)
     assert held and len(train) + len(held) == len(many)
     assert {p["chunk_id"] for p in train}.isdisjoint({p["chunk_id"] for p in held})
 

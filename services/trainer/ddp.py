@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from services.trainer.worker import split_for_eval
 
-            train_pairs, eval_pairs = split_for_eval(pairs, settings.train_seed)
+            train_pairs, eval_pairs = split_for_eval(pairs, settings)
         extra_evals = {}
         for spec in args.extra_eval:
             name, sep, path = spec.partition("=")

@@ -33,6 +33,7 @@ from typing import Any
 
 from doclora.v1 import events_pb2, session_pb2, trainer_pb2, trainer_pb2_grpc
 from services.common import events, keys
+from services.common.config import Settings
 from services.common.errors import DocloraError, InvalidArgument, NotFound
 from services.common.passages import read_session_passages
 from services.common.qapair import read_pairs
@@ -45,11 +46,9 @@ CANCEL_POLL_S = 1.0
 # checkpoint every this many steps or seconds, whichever comes first (tests set them small)
 CHECKPOINT_EVERY_STEPS = 50
 CHECKPOINT_EVERY_S = 300.0
-# held-out evaluation: a share of the pairs, whole chunks at a time, only for sessions with at
-# least EVAL_MIN_PAIRS pairs (smaller ones need every fact in training), scored on at most
-# EVAL_MAX_PAIRS of them with answers of at most EVAL_MAX_NEW_TOKENS tokens
-EVAL_FRACTION = 0.1
-EVAL_MIN_PAIRS = 20
+# held-out evaluation: qagen marks the held-out pairs (`qagen_eval_fraction` of them, whole chunks,
+# sessions of `qagen_eval_min_pairs` or more); unmarked pairs are split here by the same settings.
+# At most EVAL_MAX_PAIRS are scored, with answers of at most EVAL_MAX_NEW_TOKENS tokens
 EVAL_MAX_PAIRS = 32
 EVAL_MAX_NEW_TOKENS = 48
 
@@ -109,18 +108,18 @@ def lora_overrides(options: session_pb2.SessionOptions) -> dict[str, Any]:
     return out
 
 
-def split_for_eval(pairs: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+def split_for_eval(pairs: list[dict], settings: Settings) -> tuple[list[dict], list[dict]]:
     """(train, held out). Pairs marked by qagen (`"split": "train" | "eval"`) keep their marks
     (unmarked ones train); otherwise whole chunks are held out here, or nothing for a small session."""
     if any("split" in p for p in pairs):
         held = [p for p in pairs if p.get("split") == "eval"]
         train = [p for p in pairs if p.get("split") != "eval"]
         return (train, held) if train else (pairs, [])
-    if len(pairs) < EVAL_MIN_PAIRS:
+    if len(pairs) < settings.qagen_eval_min_pairs:
         return pairs, []
     from services.trainer.evaluate import split_by_chunk
 
-    train, held = split_by_chunk(pairs, EVAL_FRACTION, seed)
+    train, held = split_by_chunk(pairs, settings.qagen_eval_fraction, settings.train_seed)
     return list(train), list(held)
 
 
@@ -276,7 +275,7 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
     sid, tenant = item.session_id, item.tenant
     overrides = lora_overrides(rec.options)  # bad values fail the session before any work
     pairs = await rt.io(read_pairs, rt.store, tenant, sid)
-    train_pairs, eval_pairs = split_for_eval(pairs, rt.settings.train_seed)
+    train_pairs, eval_pairs = split_for_eval(pairs, rt.settings)
     passage_counts = None
     extra_evals = {}
     if passages_enabled(rec.options, rt.settings):
