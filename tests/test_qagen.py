@@ -241,7 +241,7 @@ def test_every_answer_is_quoted_from_its_source_chunks():
 
 
 def test_each_rule_contributes_pairs_to_a_varied_document():
-    """Definitions, dates, numbers, named entities and headings each make the expected questions."""
+    """Definitions, dates, numbers and people each make the expected questions; headings make none."""
     pairs, _, stats = make_pairs(DOC, "d1")
     by_question = {p.question: p for p in pairs}
     assert by_question["What is the Velmora Lighthouse?"].strategy == "definition"
@@ -254,9 +254,10 @@ def test_each_rule_contributes_pairs_to_a_varied_document():
         "312 permanent residents" in by_question["How many permanent residents does Tarn Island have?"].answer
     )
     assert by_question["Who is Anna Roth?"].strategy == "entity"
-    history = by_question["What does the document say about History?"]
-    assert history.strategy == "heading" and history.answer.startswith("The lighthouse was first lit")
-    assert set(stats["by_strategy"]) >= {"definition", "date", "number", "entity", "heading"}
+    # changed: "What does the document say about History?" (a title question answered by the
+    # section's opening paragraph) was the noise this rule set removes
+    assert not any("say about" in q for q in by_question)
+    assert set(stats["by_strategy"]) >= {"definition", "date", "number", "entity"}
 
 
 def test_a_chunk_with_content_but_no_rule_match_gets_a_fallback_pair():
@@ -268,25 +269,29 @@ def test_a_chunk_with_content_but_no_rule_match_gets_a_fallback_pair():
     chunk = chunk_text(text, doc_id="d")[0]
     pairs = generate_pairs(chunk)
     assert [p.strategy for p in pairs] == ["fallback"]
-    assert pairs[0].question.startswith("What does the text say about ")
+    # changed: the question was "What does the text say about ...?", a question about the text
+    assert pairs[0].question == "What can you tell me about storm petrels?"
     assert pairs[0].answer in chunk.text
 
 
-def test_doc_title_stands_in_for_a_missing_heading():
-    """A first chunk without a heading is asked about under the document's title."""
+def test_a_chunk_is_not_asked_about_under_its_heading_or_the_documents_title():
+    """No "What does the document say about <title>?": it teaches a title, not a fact (this test
+    replaces one that pinned exactly that question)."""
     text = "Ferries leave from the old quay below the fish market, and tickets are sold on board."
     pairs = generate_pairs(chunk_text(text, doc_id="d")[0], doc_title="Velmora ferries")
-    assert "What does the document say about Velmora ferries?" in [p.question for p in pairs]
+    assert not any("Velmora ferries" in p.question for p in pairs)
 
 
 def test_coverage_of_a_multi_section_document_is_above_ninety_percent():
     """Almost all of a well-formed document lies in chunks that yield at least one pair."""
-    for max_chars, overlap in [(1200, 150), (300, 80), (160, 40)]:
+    # changed: 160-character chunks made only of pronoun sentences ("She kept the light for 31
+    # years") used to get a "What does the text say about ...?" pair; now they get none
+    for max_chars, overlap, least in [(1200, 150, 0.9), (300, 80, 0.9), (160, 40, 0.65)]:
         pairs, chunks, stats = make_pairs(DOC, "d1", max_chars=max_chars, overlap_chars=overlap)
         assert stats["chunks"] == len(chunks)
         assert stats["pairs"] == len(pairs)
-        assert stats["coverage"] > 0.9, stats
-        assert stats["chunks_with_pairs"] >= 0.9 * stats["chunks"]
+        assert stats["coverage"] > least, stats
+        assert stats["chunks_with_pairs"] >= least * stats["chunks"]
 
 
 def test_output_is_deterministic_across_runs_and_hash_seeds():
@@ -397,6 +402,9 @@ def test_make_pairs_keeps_its_worker_call_and_drops_malformed_and_ungrounded_cou
         "too_short",
         "too_long",
         "malformed",
+        "malformed_question",
+        "wrong_question_word",
+        "reference_question",
         "ungrounded",
         "duplicate_question",
     }
@@ -510,7 +518,7 @@ def test_every_strategy_contributes_and_each_pair_names_its_rule(report):
     rules = {r for names in RULES.values() for r in names}
     assert {p.strategy for p in pairs} <= rules
     assert set(stats["by_strategy"]) >= {
-        "heading", "definition", "date", "number", "entity", "who", "what", "when", "where", "why", "how",
+        "definition", "date", "number", "who", "what", "when", "where", "why", "how",
         "summary", "section_summary", "metadata", "vague", "paraphrase",
     }  # fmt: skip
     assert set(ALL_STRATEGIES) == set(RULES)
@@ -662,7 +670,9 @@ def test_each_question_gets_two_paraphrases_with_the_same_answer_and_source(repo
         "Can you explain what the Velmora Lighthouse is?",
         "What is meant by the Velmora Lighthouse?",
     ]
-    assert len(paraphrases("How many storms does the text give for the station?")) == 2
+    # changed: a question no rule fits used to get framings ("According to the document, ...")
+    # that reword the template, not the fact; it now gets none
+    assert paraphrases("How many storms does the text give for the station?") == []
 
 
 def test_page_notices_and_bylines_are_not_prose():
@@ -672,3 +682,128 @@ def test_page_notices_and_bylines_are_not_prose():
     text = "Please enable JavaScript to view this page. You need to enable JavaScript to run this app."
     pairs, _, stats = make_pairs(text * 3, "d")
     assert pairs == [] and "not enough text to learn from" in stats["error"]
+
+
+# --- fact questions ------------------------------------------------------------------------------
+
+
+def _facts(sentence):
+    from services.qagen.strategies import sentence_facts
+
+    return {f.question: f for f in sentence_facts(sentence)}
+
+
+def test_a_quantity_is_asked_for_in_its_own_clause():
+    """The number's unit and preposition choose the question word; the clause is inverted around it."""
+    assert set(_facts("A crew will return within 3 working days.")) == {
+        "Within how many working days will a crew return?"
+    }
+    assert set(_facts("The board reviews the policy every 24 months, or sooner if the law changes.")) == {
+        "How often does the board review the policy?"
+    }
+    assert set(_facts("A subscription costs £52 a year for one green bin, and £39 for each extra bin.")) == {
+        "How much does a subscription cost a year for one green bin?"
+    }
+    assert set(_facts("In 2023 the district's households threw away 41,800 tonnes of waste.")) == {
+        "How many tonnes of waste did the district's households throw away in 2023?"
+    }
+    assert set(_facts("There is a grace period of 48 hours after the due time.")) == {
+        "How long is the grace period after the due time?"
+    }
+
+
+def test_a_quantity_the_clause_cannot_carry_gets_no_question():
+    """No "How many minutes does the text mention?": a reduced relative or a participle opener yields nothing."""
+    assert _facts("Containers left on the pavement for more than 48 hours may be removed.") == {}
+    assert _facts("Figure 1 shows the distribution of latency of 240 messages.") == {}
+    pairs, _, _ = make_pairs(DOC + "\nThe museum is open for 3 hours a day, if the keeper is there.\n", "d1")
+    assert not any(" the text " in p.question or " mention?" in p.question for p in pairs)
+
+
+def test_each_fact_is_reworded_around_the_fact_not_the_template():
+    """Paraphrases of a fact question change the question word or the word order, keeping the fact."""
+    answer = "The board reviews the policy every 24 months, or sooner if the law changes."
+    assert paraphrases("How often does the board review the policy?", answer, strategy="number") == [
+        "How frequently does the board review the policy?",
+        "Do you know how often the board reviews the policy?",
+    ]
+    answer = "The hub writes 8,640 readings a day."
+    assert paraphrases("How many readings does the hub write a day?", answer, strategy="number") == [
+        "What number of readings does the hub write a day?",
+        "Do you know how many readings the hub writes a day?",
+    ]
+
+
+def test_a_passive_agent_is_asked_for_both_ways():
+    """ "Appeals are heard by the Appeals Panel" -> "Who hears appeals?" and "What does the Appeals Panel hear?"."""
+    facts = _facts("Appeals are heard by the Appeals Panel, which consists of three trustees.")
+    assert facts["Who hears appeals?"].rule == "who"
+    assert facts["What does the Appeals Panel hear?"].rule == "what"
+    assert "By whom are appeals heard?" in facts["Who hears appeals?"].variants
+
+
+def test_steps_and_conditions_are_asked_as_a_user_would():
+    """ "To X, do Y" -> "How do I X?"; "If you X, do Y" -> "What should I do if I X?"; else "What happens if"."""
+    assert set(_facts("To pair a door sensor, open Menu > Devices, then hold the button for 3 seconds.")) == {
+        "How do I pair a door sensor?"
+    }
+    assert "What should I do if I am moving into a property and the containers are missing?" in _facts(
+        "If you are moving into a property and the containers are missing, report it online."
+    )
+    assert "What happens if the condition is still present after 20 minutes?" in _facts(
+        "If the condition is still present after 20 minutes, the buzzer sounds again."
+    )
+
+
+def test_who_questions_are_only_asked_about_people():
+    """A place or a body in a sentence gets no "Who is" question; a name with a role before it does."""
+    text = (
+        "Plastic film can be taken to the collection points at larger supermarkets near Quarry Road. "
+        "North zone collections cover Hollins Cross and Wharf Side every Monday morning. "
+        "In 1902 the keeper Anna Roth installed a new lens in the old tower."
+    )
+    questions = [p.question for p in generate_pairs(chunk_text(text, doc_id="d")[0])]
+    assert "Who is Anna Roth?" in questions
+    assert not any(q.startswith("Who is") and "Anna Roth" not in q for q in questions)
+
+
+def test_definitions_are_not_read_from_an_opening_clause_or_a_relative_clause():
+    """ "If you are ..." and "Textiles that are wet ..." define nothing: no "What is meant by If you?"."""
+    text = (
+        "If you are moving into a property in the district and the containers are missing, report it. "
+        "Textiles that are wet, oily or mouldy cannot be reused and belong in the grey bin. "
+        "Garden waste collections are a paid service that runs from March to November."
+    )
+    questions = [p.question for p in generate_pairs(chunk_text(text, doc_id="d")[0])]
+    assert "What are garden waste collections?" in questions
+    assert not any("If you" in q or "Textiles that" in q for q in questions)
+
+
+def test_reference_entries_table_rows_and_glued_headings_are_not_asked_about():
+    """A reference list entry or a run of table numbers is not prose; a heading glued to a sentence is cut off."""
+    text = (
+        "Proceedings of the Conference on Smart Environments, pages 14-22, 2022.\n\n"
+        "Karsby Fen 17 212 3.9 61 Dunmoor Ridge 19 268 4.4 48 Pellan 12 199 3.1 70.\n\n"
+        "Acknowledgements\nThis work was funded by the Coastal Observation Fund under grant CO-2021-0457."
+    )
+    chunk = chunk_text(text, doc_id="d")[0]
+    from services.qagen.extractive import _sentences
+
+    assert [s.text for s in _sentences(chunk)] == [
+        "This work was funded by the Coastal Observation Fund under grant CO-2021-0457."
+    ]
+
+
+def test_section_summaries_and_topics_name_sections_without_their_numbers():
+    """ "5.2 Mounting steps" is asked about as "Mounting steps"; a site name after "|" leaves the title."""
+    doc = (
+        "# Brindle B4 manual | Quillfen\n\nThe Brindle B4 is a wall-mounted hub for cold rooms.\n\n"
+        "## 5.2 Mounting steps\n\nHold the template against the wall and mark the holes. "
+        "Drill the holes with a 6 mm bit and push in the plugs.\n\n"
+        "## 6. First start\n\nSwitch the hub on and choose the language. Enter the admin PIN and change it."
+    )
+    pairs, _, _ = make_pairs(doc, "m", strategies=["section_summary", "vague"])
+    questions = {p.question for p in pairs}
+    assert "Can you summarize the section on Mounting steps?" in questions
+    assert "What is Brindle B4 manual about?" in questions
+    assert not any(ch.isdigit() and "summarize the section" in q for q in questions for ch in q)

@@ -303,3 +303,72 @@ def test_make_pairs_covers_every_chunk_of_a_regular_document():
     assert stats["chunk_coverage"] == 1.0 == coverage_report(pairs, chunks)["coverage"]
     assert stats["generated"] == stats["pairs"] + sum(stats["dropped"].values())
     assert set(stats["dropped"]) == set(quality.REASONS)
+
+
+# --- question checks -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "What does the document say about 12. Troubleshooting?",
+        "How many minutes does the section on 10. Maintenance mention?",
+        "What can you tell me about 5.2 Mounting steps?",
+        "How many shows does the text mention?",
+        "What can you tell me about 2018?",
+        "What does Figure 1 show about latency?",
+    ],
+)
+def test_questions_about_the_document_rather_than_its_content_are_refused_as_reference_questions(question):
+    """Section numbers, "does the text mention", figure references and a bare year as topic are refused."""
+    assert quality.question_problem(question) == "reference_question"
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["Who is Eastfield Depot?", "Who is Quarry Road?", "Who is a cliff top 84 m above sea level?"],
+)
+def test_who_questions_are_only_asked_about_people(question):
+    """ "Who is" about a place, a body or a thing is refused as the wrong question word."""
+    assert quality.question_problem(question) == "wrong_question_word"
+    assert quality.question_problem("Who is Anna Roth?") is None
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "What is meant by If you?",
+        "When did In 2023 the district's households throw away 41?",
+        "In which year did most brownouts cluster between 9 March and?",
+        "How many days before the event does Event loan must be booked through the Events Liaison?",
+        "Which thing are heard by the Appeals Panel?",
+        "What reached by e-mail at the addresses on the notice board?",
+        "What should I do if I are moving house?",
+    ],
+)
+def test_fragments_built_from_a_sentence_are_refused_as_malformed_questions(question):
+    """A clause opener carried into the question, a dangling end or a broken verb group is refused."""
+    assert quality.question_problem(question) == "malformed_question"
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "Within how many working days will a crew return?",
+        "What happened in 1902?",
+        "Who are appeals heard by?",
+        "Can you summarize the section on Mounting steps?",
+        "What is the title of the document?",
+        "How much does a subscription cost a year for one green bin?",
+    ],
+)
+def test_well_formed_questions_pass_the_question_checks(question):
+    """The checks refuse fragments, not ordinary questions ending in a preposition or a year."""
+    assert quality.question_problem(question) is None
+
+
+def test_refused_questions_are_counted_under_their_reason():
+    """filter_pairs drops a refused question and counts it, so stats say why the set shrank."""
+    kept, counts = check(pair("What does the document say about 2. History?"))
+    assert [p.question for p in kept] == [GOOD_Q]
+    dropped_only(counts, "reference_question")

@@ -2,8 +2,9 @@
 
 Each rule reads a chunk's sentences and writes questions from templates; every answer is quoted from
 the chunk (`answer in chunk.text`), so a pair never says more than the document does. The rules:
-definitions ("X is a Y"), dates and numbers, named entities, section headings, and a fallback so
-that every chunk with real content yields at least one pair. `filter_pairs` then drops empty, too
+definitions ("X is a Y"), dates and numbers (asked in the sentence's own words), people, and a
+fallback so that every chunk with real content yields at least one pair. Headings and references
+are not asked about: "What does the document say about 5.2 Mounting steps?" teaches a title. `filter_pairs` then drops empty, too
 short, too long and near-duplicate pairs, and `make_pairs` ties chunking, rules and filtering
 together for one document.
 
@@ -32,7 +33,6 @@ DUPLICATE_JACCARD = 0.9
 MIN_CONTENT_WORDS = 8
 # A document with fewer words of prose than this is "not enough text to learn from": no pairs at all.
 MIN_DOCUMENT_WORDS = 30
-HEADING_ANSWER_CHARS = 400
 MAX_PER_RULE = 3
 # Chunk sizes of `make_pairs` when a tokenizer's `length_fn` is given and no size is: in tokens.
 DEFAULT_MAX_TOKENS = 320
@@ -87,14 +87,31 @@ _BOILERPLATE = re.compile(
 )
 
 
+# a reference list entry ("Proceedings of ..., 2022.", "Letters, 9:201–214, 2021.") or a sentence
+# glued to a numbered heading ("5.6 Ablation To find out ..."): asking about either teaches noise
+_REFERENCE = re.compile(
+    r"\bet\s+al\.|\bProceedings\s+of\b|\bProc\.|\bdoi:|\barXiv\b|\b\d+:\d+[–-]\d+\b|^\[\d+\]"
+    r"|^\d+(?:\.\d+)*\.?\s+[A-Z][\w-]*(?:\s+[a-z][\w-]*)?\s*\n"
+)
+_NUMERIC = re.compile(r"[(\[]?[-+±]?[\d.,:%/]*\d[\d.,:%/]*[)\]]?")
+
+
 def _is_prose(text: str) -> bool:
     """A sentence worth asking about: enough words, mostly letters, not a fragment, a table row or
     a page's "enable JavaScript" notice."""
     if len(_words(text)) < 4 or text[0].islower() or text.startswith(("```", "~~~", "|")):
         return False
-    if _BOILERPLATE.search(text) or is_metadata_line(text):
+    if _BOILERPLATE.search(text) or is_metadata_line(text) or _REFERENCE.search(text):
         return False
+    tokens = text.split()
+    if sum(bool(_NUMERIC.fullmatch(t)) for t in tokens) > 0.25 * len(tokens):
+        return False  # a table row or a plot's axis labels run together, not a sentence
     return len(_NOT_LETTER.sub("", text)) >= 0.5 * len(text)
+
+
+_GLUED_HEADING = re.compile(
+    r"(?:\d+(?:\.\d+)*\.?[ \t]+)?[A-Z][\w-]*(?:[ \t]+[A-Za-z][\w-]*){0,3}[ \t]*\n(?=[A-Z])"
+)
 
 
 def _sentences(chunk: Chunk) -> list[_Sentence]:
@@ -105,6 +122,9 @@ def _sentences(chunk: Chunk) -> list[_Sentence]:
     for s, e in split_sentences(chunk.text):
         if s < chunk.overlap or any(fs <= s < fe for fs, fe in fenced):
             continue
+        glued = _GLUED_HEADING.match(chunk.text, s, e)
+        if glued and glued.group(0).split()[-1].lower() not in _STOPWORDS:  # not "Under\nTidewell ..."
+            s = glued.end()  # "Acknowledgements\nThis work was ...": a heading line the PDF ran into the text
         sentence = chunk.text[s:e]
         if _is_prose(sentence):
             out.append(_Sentence(s, e, sentence))
@@ -147,7 +167,9 @@ _THING_WORDS = frozenset(
     Agency Office Ministry Department Project Programme Program Act Treaty Festival Prize Award
     Service Trust Foundation Group Club Union League Party Centre Center Market Square Valley
     Canal Coast Cape Point Reef Forest Province County State Kingdom Republic Empire City Town
-    Village Fleet Line Railway Airport""".split()
+    Village Fleet Line Railway Airport Ridge Fen Cross Side Lane Marsh Hill Wood Green Moor Heath
+    Common Gate Quay Wharf End Vault Panel Liaison Coordinator Fund Hub Portal App Centre Desk
+    Committee Team Share Library Institute Estate Farm Mill Works Field Fields""".split()
 )
 
 
@@ -158,9 +180,16 @@ def _wh_for(subject: str) -> str:
         return "Who"
     if words[0] in ("The", "A", "An", "the", "a", "an") or len(words) < 2 or len(words) > 3:
         return "What"
+    if words[0].endswith("ing"):
+        return "What"  # "Installing Tidewell": an activity, not a person
     if all(w[:1].isupper() for w in words) and not any(w in _THING_WORDS for w in words):
         return "Who"
     return "What"
+
+
+_QUANTIFIERS = frozenset("All Each Every Most Some Both Many Few Several No Other".split())
+_ORDINAL_WORDS = frozenset("first second third fourth last former latter".split())
+_CLAUSE_START = frozenset("If When While Although Though Because Unless Once As Where Whether Since".split())
 
 
 def definitions(sentences: list[_Sentence]) -> Iterator[_Candidate]:
@@ -170,8 +199,14 @@ def definitions(sentences: list[_Sentence]) -> Iterator[_Candidate]:
         if not m or not _fits(s):
             continue
         subj, verb, rest = m.group("subj"), re.sub(r"\s+", " ", m.group("verb")), m.group("rest")
-        if "," in subj or subj.split()[0].lower() in _PRONOUNS:
+        if "," in subj or subj.split()[0].lower() in _PRONOUNS or subj.split()[0] in _CLAUSE_START:
             continue
+        if any(w in ("that", "which", "who", "whose") for w in subj.split()):
+            continue  # "Textiles that are wet ...": a relative clause, not the defined term
+        if subj.split()[0] in _QUANTIFIERS or subj.split()[-1].lower() in _ORDINAL_WORDS:
+            continue  # "All 48 gateways were identical", "The first is ...": nothing is defined
+        if re.fullmatch(r"[A-Z][a-z]+(?:\s+[a-z][\w-]*)+", subj):
+            subj = subj[0].lower() + subj[1:]  # "Garden waste collections": capital only as the opener
         if verb in ("is", "was") and not _DEFINITION_OBJECT.match(rest):
             continue  # "The lamp is bright" describes, it does not define
         if verb in ("are", "were") and not _DEFINITION_OBJECT.match(rest):
@@ -185,7 +220,9 @@ def definitions(sentences: list[_Sentence]) -> Iterator[_Candidate]:
         elif verb == "means":
             question = f"What does {topic} mean?"
         else:
-            question = f"{_wh_for(subj)} {verb} {topic}?"
+            # "Who" only when the sentence says the subject is a person ("a botanist", "a person who")
+            person = any(w in _PERSON_NOUNS for w in rest.lower().split()[:3])
+            question = f"{'Who' if person and _wh_for(subj) == 'Who' else 'What'} {verb} {topic}?"
         yield _Candidate(question, s.start, s.end, "definition")
 
 
@@ -213,10 +250,6 @@ _DATE_PASSIVE = re.compile(
     r"(?P<subj>(?:(?:The|An?)\s+)?[A-Z][\w'’-]*(?:\s+[\w'’-]+){0,5}?)\s+(?P<aux>was|were)\s+"
     rf"(?P<mid>[a-z][^,;]*?)\s+(?:in|on|during|around|by)\s+(?P<date>{_DATE_RE})(?![\w-])"
 )
-_DATE_PREP = re.compile(
-    rf"\b(?P<prep>in|on|during|since|by|until|from|around|between)\s+"
-    rf"(?P<date>{_DATE_RE}(?:\s+(?:to|and|until)\s+{_DATE_RE})?)(?![\w-])"
-)
 
 
 # a document's byline and date lines ("By Anna Roth", "Published: 12 March 2021"): metadata, not prose
@@ -242,7 +275,8 @@ def is_metadata_line(text: str) -> bool:
 
 
 def dates(sentences: list[_Sentence]) -> Iterator[_Candidate]:
-    """Sentences with a date: "When was X built?" or "What happened in 1902?"."""
+    """Sentences with a date: "When was X built?", or "What happened in 1902?" for a sentence that
+    opens with its date."""
     n = 0
     for s in sentences:
         if n >= MAX_PER_RULE or not _fits(s) or not _DATE.search(s.text):
@@ -254,10 +288,8 @@ def dates(sentences: list[_Sentence]) -> Iterator[_Candidate]:
                 question = f"When {m.group('aux')} {_lower_first(subj)} {m.group('mid')}?"
         if question is None and (m := _DATE_LEAD.match(s.text)):
             question = f"What happened {m.group('prep').lower()} {m.group('date')}?"
-        if question is None and (m := _DATE_PREP.search(s.text)):
-            question = f"What happened {m.group('prep')} {m.group('date')}?"
         if question is None:
-            question = f"What does the text say about {_DATE.search(s.text).group(0)}?"
+            continue  # "What happened in 2022?" about a date deep in a sentence asks about nothing
         n += 1
         yield _Candidate(question, s.start, s.end, "date")
 
@@ -279,19 +311,6 @@ _HAVE = re.compile(
 _DO = {"has": "does", "have": "do", "had": "did"}
 
 
-def _noun_after(text: str, pos: int) -> str:
-    """Up to three lower-case words after a number, stopping at a function word."""
-    if re.match(r"\s*(?:%|per\s?cent\b)", text[pos:]):
-        return "percent"
-    out = []
-    for w in text[pos:].split()[:3]:
-        w = w.strip(".,;:!?()\"'")
-        if not w or not w[0].islower() or w in _STOPWORDS or not w.replace("-", "").isalpha():
-            break
-        out.append(w)
-    return " ".join(out)
-
-
 def _trim_noun(noun: str) -> str:
     words = []
     for w in noun.split():
@@ -301,18 +320,12 @@ def _trim_noun(noun: str) -> str:
     return " ".join(words)
 
 
-def _subject(text: str) -> str | None:
-    m = _VERB_SUBJECT.match(text)
-    if not m or "," in m.group("subj") or m.group("subj").split()[0].lower() in _PRONOUNS:
-        return None
-    return _lower_first(m.group("subj"))
-
-
-def numbers(sentences: list[_Sentence], heading: str | None = None) -> Iterator[_Candidate]:
-    """Sentences with a quantity: "How tall is X?", "How many Y does X have?", "How many Y ...?"."""
+def numbers(sentences: list[_Sentence]) -> Iterator[_Candidate]:
+    """Sentences with a quantity: "How tall is X?", "How many Y does X have?", "Within how many days
+    will a crew return?" (see `strategies.number_facts`)."""
     n = 0
     for s in sentences:
-        if n >= MAX_PER_RULE or not _fits(s):
+        if not _fits(s):  # no cap per chunk: every quantity is a fact worth asking for
             continue
         date_spans = [(m.start(), m.end()) for m in _DATE.finditer(s.text)]
         num = next(
@@ -329,17 +342,14 @@ def numbers(sentences: list[_Sentence], heading: str | None = None) -> Iterator[
             if noun and m.group("subj").split()[0].lower() not in _PRONOUNS:
                 question = f"How many {noun} {_DO[m.group('verb')]} {_lower_first(m.group('subj'))} have?"
         if question is None:
-            noun = _noun_after(s.text, num.end())
-            if not noun:
+            # the fact rules: the quantity asked for in the sentence's own clause, or nothing (a
+            # question the clause cannot carry, "How many minutes does the text mention?", teaches noise)
+            from services.qagen.strategies import number_facts
+
+            facts = number_facts(s.text)
+            if not facts:
                 continue
-            subj = _subject(s.text)
-            what = "What percentage" if noun == "percent" else f"How many {noun}"
-            if subj:
-                question = f"{what} does the text give for {subj}?"
-            elif heading:
-                question = f"{what} does the section on {_lower_first(_clean_topic(heading))} mention?"
-            else:
-                question = f"{what} does the text mention?"
+            question = facts[0].question
         n += 1
         yield _Candidate(question, s.start, s.end, "number")
 
@@ -374,8 +384,30 @@ def _names_in(text: str) -> Iterator[tuple[str, int]]:
             yield name, m.start() + m.group(0).index(words[0])
 
 
+_PERSON_NOUNS = frozenset(
+    """person people keeper botanist engineer author writer director founder chair chairman manager
+    officer coordinator researcher professor scientist president minister mayor architect captain
+    doctor poet painter artist historian teacher student owner designer inventor explorer
+    fisherman farmer mason trustee secretary""".split()
+)
+
+
+def _person_evidence(name: str, text: str, at: int) -> bool:
+    """Whether the sentence shows `name` is a person: a title ("Dr Anna Roth") or a role before it
+    ("the keeper Anna Roth") or after it ("Anna Roth, the keeper")."""
+    if name.split()[0] in _TITLE_WORDS:
+        return True
+    before = text[:at].split()[-1:]
+    after = re.match(r",\s+(?:an?|the)\s+(?:[a-z-]+\s+)?([a-z]+)", text[at + len(name) :])
+    return bool(
+        (before and before[0].lower() in _PERSON_NOUNS) or (after and after.group(1) in _PERSON_NOUNS)
+    )
+
+
 def entities(sentences: list[_Sentence], skip: Iterable[str] = ()) -> Iterator[_Candidate]:
-    """Named entities: "Who is Anna Roth?" / "What is the Velmora Lighthouse?", first mention answers."""
+    """People: "Who is Anna Roth?", answered by the first sentence that says who she is. Places and
+    things get no question of their own ("What is Quarry Road?" answered by a sentence that only
+    mentions it teaches nothing; their facts are asked about by the other rules)."""
     seen = {t.lower() for t in skip if t}
     n = 0
     for s in sentences:
@@ -384,41 +416,11 @@ def entities(sentences: list[_Sentence], skip: Iterable[str] = ()) -> Iterator[_
         for name, at in _names_in(s.text):
             if n >= MAX_PER_RULE:
                 return
-            if name.lower() in seen:
+            if name.lower() in seen or not _person_evidence(name, s.text, at):
                 continue
             seen.add(name.lower())
-            wh = _wh_for(name)
-            if wh == "Who":
-                question = f"Who is {name}?"
-            elif any(w in _THING_WORDS for w in name.split()):
-                the = "the " if s.text[:at].rstrip().lower().endswith("the") else ""
-                question = f"What is {the}{name}?"
-            else:
-                question = f"What is known about {name}?"
             n += 1
-            yield _Candidate(question, s.start, s.end, "entity")
-
-
-_BLANK_LINE = re.compile(r"\n[ \t]*\n")
-
-
-def headings(chunk: Chunk, sentences: list[_Sentence], doc_title: str | None = None) -> Iterator[_Candidate]:
-    """A section's first chunk: "What does the document say about <heading>?" -> its first sentences."""
-    topic = _clean_topic(chunk.heading or (doc_title or ""))
-    if chunk.part != 0 or not topic or not sentences:
-        return
-    first = next((s for s in sentences if _fits(s)), None)
-    if first is None:
-        return
-    end = first.end
-    for s in sentences:
-        if s.start <= first.start:
-            continue
-        # the answer stays within the section's first paragraph
-        if s.end - first.start > HEADING_ANSWER_CHARS or _BLANK_LINE.search(chunk.text, end, s.start):
-            break
-        end = s.end
-    yield _Candidate(f"What does the document say about {_lower_first(topic)}?", first.start, end, "heading")
+            yield _Candidate(f"Who is {name}?", s.start, s.end, "entity")
 
 
 def _clip(text: str, start: int, end: int, limit: int) -> int:
@@ -435,6 +437,14 @@ def _clip(text: str, start: int, end: int, limit: int) -> int:
 
 
 _VERBISH = re.compile(r"\w+(?:ly|ed)$")
+# verbs that open instructions ("Put glass bottles in ..."): the sentence has no topic phrase
+_IMPERATIVE_VERBS = frozenset(
+    """put take keep use check make give open close press hold turn fill leave bring place mount drill
+    clean remove insert choose enter set stick refill write read replace report book call collected""".split()
+)
+_OPENING_PHRASE = re.compile(
+    rf"(?P<np>[A-Z][a-z][\w-]*(?:\s+[a-z][\w-]*){{0,2}}?)\s+[a-z][\w-]*\s+(?:{'|'.join(sorted(_STOPWORDS))})\b"
+)
 
 
 def _key_phrases(sentence: _Sentence) -> Iterator[tuple[str, list[str], int]]:
@@ -445,6 +455,18 @@ def _key_phrases(sentence: _Sentence) -> Iterator[tuple[str, list[str], int]]:
         words = [w.lower() for w in _words(subj) if w.lower() not in _STOPWORDS]
         if words and subj.split()[0].lower() not in _PRONOUNS and len(words) <= 3:
             yield subj, words, 2
+    elif opening := _OPENING_PHRASE.match(sentence.text):
+        # "Storm petrels nest on ...": the words before the first verb-like word that a function
+        # word follows ("nest on", "arrive on") are the sentence's topic
+        phrase = opening.group("np")
+        first = phrase.split()[0].lower()
+        noun_like = phrase.endswith("s") or first in ("the", "a", "an")  # not "Line the kitchen"
+        if (
+            noun_like
+            and phrase.split()[0] not in _NOT_NAME_START
+            and first not in _STOPWORDS | _IMPERATIVE_VERBS
+        ):
+            yield phrase, [w.lower() for w in phrase.split()], 1
     run: list[str] = []
     for w in [*_words(sentence.text), ""]:
         if w and w.lower() not in _STOPWORDS and len(w) >= 3 and w.isalpha() and not _VERBISH.match(w):
@@ -456,13 +478,20 @@ def _key_phrases(sentence: _Sentence) -> Iterator[tuple[str, list[str], int]]:
 
 
 def fallback(chunk: Chunk, sentences: list[_Sentence]) -> Iterator[_Candidate]:
-    """The fallback: "What does the text say about <key phrase>?" for the chunk's most central phrase."""
+    """The fallback: "What can you tell me about <key phrase>?" for the chunk's most central phrase
+    (a noun phrase: never a clause opener, a number or a year)."""
     freq = Counter(w.lower() for s in sentences for w in _words(s.text) if w.lower() not in _STOPWORDS)
     best: tuple[int, int, str, _Sentence] | None = None
     for order, s in enumerate(sentences):
         if len(s.text) < MIN_ANSWER_CHARS:
             continue
         for phrase, words, bonus in _key_phrases(s):
+            if (
+                not bonus
+                or phrase.split()[0] in _CLAUSE_START
+                or re.search(r"\b(?:that|which|who)\b", phrase)
+            ):
+                continue  # only the sentence's subject: a run of content words is rarely a topic
             key = (-(sum(freq[w] for w in words) + bonus), order)
             if best is None or key < best[:2]:
                 best = (*key, phrase, s)
@@ -472,7 +501,9 @@ def fallback(chunk: Chunk, sentences: list[_Sentence]) -> Iterator[_Candidate]:
     first, _, rest = phrase.partition(" ")
     # a capital only because the phrase opens the sentence: lower it if the chunk uses the word so
     if s.text.startswith(phrase) and (
-        first in _NOT_NAME_START or re.search(rf"\b{first.lower()}\b", chunk.text)
+        first in _NOT_NAME_START
+        or re.search(rf"\b{first.lower()}\b", chunk.text)
+        or (first[1:].islower() and (rest[:1].islower() or (not rest and first.endswith("s"))))
     ):
         phrase = (
             _lower_first(phrase)
@@ -480,7 +511,7 @@ def fallback(chunk: Chunk, sentences: list[_Sentence]) -> Iterator[_Candidate]:
             else first.lower() + (" " + rest if rest else "")
         )
     end = _clip(chunk.text, s.start, s.end, MAX_ANSWER_CHARS)
-    yield _Candidate(f"What does the text say about {phrase}?", s.start, end, "fallback")
+    yield _Candidate(f"What can you tell me about {phrase}?", s.start, end, "fallback")
 
 
 # --- generation and filtering ------------------------------------------------------------------
@@ -502,12 +533,8 @@ def generate_pairs(chunk: Chunk, *, doc_title: str | None = None) -> list[QAPair
     sentences = _sentences(chunk)
     if not sentences:
         return []
-    found: list[_Candidate] = [
-        *headings(chunk, sentences, doc_title),
-        *definitions(sentences),
-        *dates(sentences),
-        *numbers(sentences, chunk.heading),
-    ]
+    # no "What does the document say about <heading>?": a title question answered by a paragraph
+    found: list[_Candidate] = [*definitions(sentences), *dates(sentences), *numbers(sentences)]
     # names already asked about (as a heading, title or definition) get no entity question of their own
     asked = [chunk.heading or "", doc_title or ""]
     asked += [

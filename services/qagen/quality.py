@@ -7,6 +7,13 @@ its training set is the size it is:
 - `empty`, `too_short`, `too_long`: the answer (or question) is missing, a fragment, or a page;
 - `malformed`: not a clean question and answer (chat-template tokens, JSON left in the text,
   control characters, no question at all, an answer that repeats the question);
+- `malformed_question`: not a question a person would ask: a fragment built from a clause opener
+  ("What is meant by If you?", "When did In 2023 the ...?"), a dangling end ("... between 9 March
+  and?", "... throw away 41?"), a broken verb group ("does event loan must be booked");
+- `wrong_question_word`: "Who is ...?" about a place, a body or a thing ("Who is Quarry Road?");
+- `reference_question`: a question about the document rather than its content: section numbers
+  ("... about 12. Troubleshooting?"), "What does the text say about ...?", "How many minutes does
+  the section on ... mention?", figure and table references, a bare year or number as the topic;
 - `ungrounded`: too few of the answer's content words appear in its source chunk, so the answer
   says something the document does not (the token-overlap grounding check);
 - `duplicate_question`: the question's token set is nearly that of a question kept earlier.
@@ -29,7 +36,17 @@ from services.qagen.extractive import _STOPWORDS, DUPLICATE_JACCARD, MAX_ANSWER_
 if TYPE_CHECKING:
     from services.common.qapair import QAPair
 
-REASONS = ("empty", "too_short", "too_long", "malformed", "ungrounded", "duplicate_question")
+REASONS = (
+    "empty",
+    "too_short",
+    "too_long",
+    "malformed",
+    "malformed_question",
+    "wrong_question_word",
+    "reference_question",
+    "ungrounded",
+    "duplicate_question",
+)
 
 # Share of an answer's content tokens that must occur in the source chunk. Extractive answers score
 # 1.0; a model's answer that rewords the text keeps most of its content words, one that adds facts
@@ -134,6 +151,49 @@ def malformed_reason(question: str, answer: str) -> str | None:
     return None
 
 
+_SECTION_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)*\.\s+[A-Z]|(?<![\w.])\d+\.\d+(?:\.\d+)*\s+[A-Z][a-z]")
+_ABOUT_THE_TEXT = re.compile(
+    r"\b(?:does|do|did)\s+the\s+(?:text|document|section|passage|article|paper)\b(?:\s+on\s+.+?)?"
+    r"\s+(?:say|mention|give|state)\b|\b(?:Figure|Fig\.|Table|Section|Appendix|Equation)\s+\d",
+)
+_BARE_TOPIC = re.compile(
+    r"^(?:What can you tell me about|What do you know about|What is known about|What should I know about"
+    r"|Tell me about)\s+(?:the\s+)?[\d.,%]+\??$|about\s+(?:the\s+)?\d[\d.,]*\?$"
+)
+# a sentence's opening clause carried into the question: "meant by If you", "did In 2023 the"
+_CLAUSE_FRAGMENT = re.compile(
+    r"(?<=\s)(?:If|When|In|On|At|Under|Although|Because|While|Unless|Since|During|Otherwise)\s+"
+    r"(?:you|your|the|a|an|\d+|it|we|they|nobody|there)\b"
+)
+_DANGLING_END = re.compile(
+    r"\b(?:and|or|the|a|an|of|to|between|that|which|than|with|from|at|in|into|if|is|are|was|were)\?$"
+    r"|(?<![\d,.])\d{1,3}\?$"
+)
+_BROKEN_VERBS = re.compile(
+    r"\b(?:does|do|did)\s+(?:[\w'’-]+\s+){1,3}?(?:must|may|can|will|should|shall|might|could)\b"
+    r"|\bI\s+(?:are|is|were)\b|^Which thing\b|^What (?:is|was) it that\b|^What\s+\w+ed\s+by\b"
+)
+_THINGS = re.compile(
+    r"\b(?:Road|Street|Lane|Cross|Side|Ridge|Fen|Harbour|Harbor|Bay|River|Hill|Moor|Marsh|Wharf|Quay|Park"
+    r"|Station|Centre|Center|Council|Committee|Panel|Board|Fund|Trust|Company|Hub|Vault|Portal|App|Library"
+    r"|Institute|University|Society|Share|Depot|Liaison|Coordinator|Desk|Analysis|Cost|Summary)\b"
+)
+
+
+def question_problem(question: str) -> str | None:
+    """Which of `malformed_question`, `wrong_question_word` and `reference_question` a question
+    fails, or None for a question a person would ask about the document's content."""
+    q = " ".join(question.split())
+    if _SECTION_NUMBER.search(q) or _ABOUT_THE_TEXT.search(q) or _BARE_TOPIC.search(q):
+        return "reference_question"
+    if m := re.match(r"Who (?:is|was|are|were) (?P<x>[^?]+)\?$", q):
+        if _THINGS.search(m.group("x")) or m.group("x").split()[0] in ("a", "an"):
+            return "wrong_question_word"
+    if _CLAUSE_FRAGMENT.search(q) or _DANGLING_END.search(q) or _BROKEN_VERBS.search(q):
+        return "malformed_question"
+    return None
+
+
 def _norm(text: str) -> str:
     return " ".join(w.lower() for w in _WORD.findall(text))
 
@@ -181,6 +241,8 @@ def filter_pairs(
             counts["too_long"] += 1
         elif check_malformed and malformed_reason(p.question, p.answer) is not None:
             counts["malformed"] += 1
+        elif check_malformed and (problem := question_problem(p.question)) is not None:
+            counts[problem] += 1
         elif by_id is not None and (score := pair_support(p, by_id, sources)) < min_support:
             counts["ungrounded"] += 1
         else:

@@ -22,12 +22,12 @@ verbs, sentence scores from word frequencies. They can miss a fact; they never i
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import PurePosixPath
 
 from services.common.options import (
@@ -49,6 +49,7 @@ from services.qagen.extractive import (
     _NUMBER,
     _PRONOUNS,
     _STOPWORDS,
+    _TITLE_WORDS,
     MAX_ANSWER_CHARS,
     MAX_PER_RULE,
     MIN_ANSWER_CHARS,
@@ -110,7 +111,11 @@ def chunk_pairs(
         pairs += [p for p in generate_pairs(chunk, doc_title=title) if p.strategy in rules]
     if "wh" in selected and has_content(chunk):
         asked = {p.question for p in pairs}
-        for question, sentence, rule in wh_questions(_sentences(chunk)):
+        sentences = _sentences(chunk)
+        facts = [
+            (f.question, s, f.rule) for s in sentences for f in sentence_facts(s.text) if f.rule != "number"
+        ]
+        for question, sentence, rule in [*facts, *wh_questions(sentences)]:
             if question not in asked:
                 asked.add(question)
                 pairs.append(_pair(chunk, question, sentence.text, rule))
@@ -233,17 +238,26 @@ def parse_clause(sentence: str) -> _Clause | None:
     words = text.split()
     if len(words) < 3 or not (words[0][:1].isupper() or (intro and words[0] in _DETERMINERS)):
         return None
-    if words[0].lower() in _PRONOUNS:
-        return None
+    if words[0].lower() in _PRONOUNS or words[0].lower() in _CLAUSE_OPENERS | _PREPOSITIONS:
+        return None  # "In 2023 the households ...", "Under Tidewell the gateway ...": no subject first
     for i in range(1, min(len(words) - 1, 8)):
         prev = words[i - 1]
         if prev.endswith((",", ";", ":")) or '"' in prev or "(" in prev:
             return None
         w = words[i]
+        if w.lower() in _MODALS or w.lower() in ("does", "do", "did") or w.lower() in _RELATIVES:
+            return None  # a modal verb group or a relative clause: `parse_finite` reads those
         if w.lower() in _AUX or (_past_verb(w) and w.islower()):
             subject = words[:i]
             if all(x.lower() in _DETERMINERS for x in subject):
                 continue  # "The automated station": an adjective, the verb comes later
+            if subject[-1].lower() in _ORDINALS or subject[0] in ("Each", "All", "Most", "Some", "Both"):
+                return None  # "The first is ...", "Each had ...": the subject is elsewhere
+            if any(x in _PREPOSITIONS - {"of", "from"} for x in subject[1:]):
+                return None  # "Drill the holes with a 6 mm bit": an imperative, "bit" is no verb here
+            later = " ".join(words[i + 1 :]).split(",")[0].split()
+            if w.lower() not in _AUX and any(x.lower() in _MODALS | _AUX for x in later):
+                return None  # "Containers left outside ... may be removed": a reduced relative
             return _Clause(intro, " ".join(subject), w, " ".join(words[i + 1 :]))
         if not re.fullmatch(r"[\w'’-]+", w):
             return None
@@ -253,7 +267,7 @@ def parse_clause(sentence: str) -> _Clause | None:
 def _shorten(rest: str, max_words: int = 16) -> str | None:
     """The verb phrase up to the first comma or semicolon (what follows is often another clause:
     ", and the keeper left", ", most of whom ..."); None when that is longer than `max_words`."""
-    cut = re.search(r"[,;:(]", rest)
+    cut = re.search(r"[,;(](?!\d)|:\s", rest)  # not the comma of "41,800" or the colon of "07:00"
     if cut and len(rest[: cut.start()].split()) >= 2:
         rest = rest[: cut.start()]
     rest = rest.strip()
@@ -286,6 +300,10 @@ def _subject_phrase(subject: str) -> str:
     """The subject as it reads mid-sentence: "The tower" -> "the tower", "Engineers" -> "engineers"
     (a capitalised plural is a common noun that opened the sentence); names keep their capitals."""
     first, _, rest = subject.partition(" ")
+    # "Event loans", "Installing": a common word capitalised only because it opens the sentence
+    if first[1:].islower() and (first.endswith("ing") or (rest and rest.split()[0].islower())):
+        if first not in _TITLE_WORDS and first.lower() not in _DETERMINERS:
+            return first.lower() + (" " + rest if rest else "")
     if len(first) > 3 and first.endswith("s") and not first.endswith("ss") and first[1:].islower():
         if not (rest and _wh_for(f"{first} {rest.split()[0]}") == "Who" and rest.split()[0][:1].isupper()):
             return first.lower() + (" " + rest if rest else "")
@@ -317,10 +335,17 @@ def wh_questions(sentences: list[_Sentence]) -> Iterator[tuple[str, _Sentence, s
         rest = _shorten(clause.rest)
         # who/what: the subject becomes the question word; a past tense needs no agreement
         if rest and (clause.aux or _past_verb(clause.verb) or clause.verb.lower() in ("has", "had")):
-            verb = clause.verb.lower()
-            if clause.person:
+            # "What is reviewed ...?": the question word is singular whatever the subject was
+            verb = {"are": "is", "were": "was", "have": "has"}.get(clause.verb.lower(), clause.verb.lower())
+            # "Who is a cliff top?", "What was 6.4 minutes?": a definition or a measure, asked elsewhere
+            copula = verb in ("is", "was") and (
+                rest.split()[0].lower() in ("a", "an", "the", "one")
+                or rest[:1].isdigit()
+                or clause.verb == "had"
+            )
+            if clause.person and not copula:  # "Who is a cliff top?": a definition, asked as one
                 found.append((f"Who {verb} {rest}{_intro_tail(clause.intro)}?", "who"))
-            elif fact:
+            elif fact and not copula:
                 found.append((f"What {verb} {rest}{_intro_tail(clause.intro)}?", "what"))
         # when: active sentences with a date (passive ones are the `date` rule's)
         if _DATE.search(s.text) and not _DATE_PASSIVE.match(s.text) and not clause.aux:
@@ -352,6 +377,412 @@ def wh_questions(sentences: list[_Sentence]) -> Iterator[tuple[str, _Sentence, s
             if counts[rule] < MAX_PER_RULE:
                 counts[rule] += 1
                 yield re.sub(r"\s+", " ", question), s, rule
+
+
+# --- facts: a quantity and what it measures, a step, an agent --------------------------------------
+#
+# A fact question asks for the fact and names what it is about in the sentence's own clause, moved
+# into question order ("A crew will return within 3 working days." -> "Within how many working
+# days will a crew return?"). Each comes with rewordings made from the same parse (another
+# question word, the embedded "Do you know ..." order), which `paraphrases` looks up by answer.
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """A question about one fact of a sentence, its rewordings, and the rule that made it."""
+
+    question: str
+    variants: tuple[str, ...]
+    rule: str
+
+
+_MODALS = frozenset("can could will would may might must shall should".split())
+_FINITE_AUX = frozenset("is are was were has have had does do did".split())
+# a sentence opening with one of these starts with a subordinate clause, not its subject
+_CLAUSE_OPENERS = frozenset(
+    """if when whenever although though because while unless as once after before since until where
+    whether so and but or yet to for with without unlike like otherwise however also then instead
+    meanwhile therefore thus""".split()
+)
+_RELATIVES = frozenset("that which who whom whose where when if".split())
+_PREPOSITIONS = frozenset("in on at under over across from since until during by with for of".split())
+_POSSESSIVES = frozenset("its their his her our".split())
+_ORDINALS = frozenset("first second third last next previous further final".split())
+_TIME_UNITS = frozenset(
+    "second seconds minute minutes hour hours day days week weeks month months year years".split()
+)
+_MONEY_WORDS = frozenset("pound pounds euro euros dollar dollars pence cents".split())
+_UNITS = {
+    "mm": "millimetres", "cm": "centimetres", "m": "metres", "km": "kilometres", "kg": "kilograms",
+    "g": "grams", "ms": "milliseconds", "s": "seconds", "h": "hours", "min": "minutes", "W": "watts",
+    "V": "volts", "kWh": "kilowatt-hours", "Wh": "watt-hours", "mJ": "millijoules", "KB": "kilobytes",
+    "MB": "megabytes", "GB": "gigabytes", "MHz": "megahertz", "l": "litres",
+}  # fmt: skip
+# counted things that take "of" ("41,800 tonnes of waste")
+_MEASURE_NOUNS = frozenset(
+    "tonnes tons litres kilograms grams pieces sheets bags boxes cups lines units".split()
+)
+_QUALIFIERS = re.compile(
+    r"(?:\b(?:about|around|nearly|almost|approximately|roughly|some|only|just|exactly|up\s+to|at\s+least"
+    r"|at\s+most|no\s+more\s+than|more\s+than|less\s+than|fewer\s+than|over|under|a\s+further|another)\s+)+$"
+)
+_NUM_TOKEN = re.compile(r"(?<![\w.,:/±+-])(?P<cur>[£€$]\s?)?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\w-]|[.:,/]\d)"
+                        r"|(?<![\w.,:/±+-])(?P<cur2>[£€$]\s?)?\d+(?:\.\d+)?(?![\w-]|[.:,/]\d)")  # fmt: skip
+_MOVED_TAIL = re.compile(
+    r"\s+(?P<tail>in\s+advance|ago|(?:after|before)\s+(?:the\s+|a\s+|an\s+)?[a-z][\w-]*(?:\s+[a-z][\w-]*)?)\b"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Quantity:
+    start: int  # the span to remove from the sentence: qualifiers, number, unit and a moved tail
+    end: int
+    prep: str  # the preposition before it ("within", "for", "every", "of") or ""
+    kind: str  # "time", "money", "percent" or "count"
+    noun: str  # what is counted ("working days", "tonnes of waste"), "" for money
+    tail: str  # "in advance", "before the event": moves with the question word
+
+
+def _quantities(text: str) -> Iterator[_Quantity]:
+    """The quantities of a sentence with what they measure; dates, clock times and model numbers
+    ("QP-20") are not quantities."""
+    dates = [(m.start(), m.end()) for m in _DATE.finditer(text)]
+    for m in _NUM_TOKEN.finditer(text):
+        if any(a <= m.start() < b for a, b in dates):
+            continue
+        end, after = m.end(), text[m.end() :]
+        kind, noun = "count", ""
+        if u := re.match(r"\s*(?:%|per\s?cent\b)(?:\s+of\s+(?:the\s+|their\s+|its\s+)?[a-z][\w-]*)?", after):
+            kind, end = "percent", end + u.end()
+            noun = re.sub(r"^\s*(?:%|per\s?cent)\s*", "", u.group(0))
+        elif m.group("cur") or m.group("cur2"):
+            kind = "money"
+        elif u := re.match(r"\s*(?:°C|°F)", after):
+            kind, noun, end = "count", "degrees", end + u.end()
+        else:
+            words = re.match(
+                r"\s+([A-Za-z][\w-]*)(?:\s+(?!of\b)([a-z][\w-]*(?:\s+[a-z][\w-]*s\b)?))?"
+                r"(?:\s+(of)\s+([a-z][\w-]*))?",
+                after,
+            )
+            if not words:
+                continue
+            first, second, of, what = words.groups()
+            if first in _UNITS:
+                noun, end = _UNITS[first], end + words.end(1)
+            elif first.islower() and first not in _STOPWORDS and first.isalpha():
+                noun, end = first, end + words.end(1)
+                if second and not set(second.split()) & _STOPWORDS and second[-1] == "s":
+                    noun, end = f"{first} {second}", end - words.end(1) + words.end(2)
+                elif of and noun in _MEASURE_NOUNS and what not in _STOPWORDS:
+                    noun, end = f"{noun} of {what}", end - words.end(1) + words.end(4)
+            else:
+                continue
+            if noun.split()[-1] in _TIME_UNITS:
+                kind = "time"
+            elif noun in _MONEY_WORDS:
+                kind = "money"
+        before = text[: m.start()]
+        start = m.start()
+        if q := _QUALIFIERS.search(before):
+            start, before = q.start(), before[: q.start()]
+        prep = (
+            re.search(r"\b(within|for|every|after|of|by|to|in|at|from|on|with|between)\s+$", before) or [""]
+        )[0]
+        prep = prep.strip()
+        tail = ""
+        if t := _MOVED_TAIL.match(text[end:]):
+            tail, end = t.group("tail"), end + t.end()
+        if prep in ("within", "for", "every", "after"):
+            start -= len(re.search(r"\S+\s+$", before).group(0))
+        yield _Quantity(start, end, prep, kind, noun, tail)
+
+
+@dataclass(frozen=True, slots=True)
+class _Finite:
+    intro: str  # "In 2023" (a leading adverbial), or ""
+    subject: str  # as it reads mid-sentence ("a crew")
+    aux: str  # what inverts: an auxiliary or modal, or the "does"/"did" a lexical verb needs
+    verb: str  # the rest of the verb group in question order ("be reserved", "cost"), "" for "is"
+    declarative: str  # the verb group as the sentence has it ("may be reserved", "costs")
+    start: int  # where the clause's remainder starts in the sentence
+    rest: str
+
+
+_PRESENT_NEXT = frozenset(
+    "a an the its their every each one up about around only more less at over under almost nearly".split()
+)
+_DATE_INTRO = re.compile(rf"(?P<intro>(?:In|On|During|By|Since|Until)\s+{_DATE_RE})\s+(?=[a-z])")
+
+
+def _present_base(verb: str) -> str | None:
+    """ "costs" -> "cost", "carries" -> "carry"; None when the word is no third-person verb."""
+    if len(verb) < 4 or not verb.endswith("s") or verb.endswith(("ss", "us", "is", "ous")):
+        return None
+    if verb.endswith("ies"):
+        return verb[:-3] + "y"
+    if verb.endswith(("ches", "shes", "sses", "xes", "zes", "oes")):
+        return verb[:-2]
+    return verb[:-1]
+
+
+def parse_finite(sentence: str) -> _Finite | None:
+    """The subject and finite verb group of a declarative sentence, ready to invert into a question;
+    None for imperatives, sentences that open with a subordinate clause, pronoun subjects and
+    subjects with a relative clause or participle ("Containers left outside ... may be removed")."""
+    text = sentence.rstrip().rstrip(".!?;:")
+    offset, intro = 0, ""
+    if m := _INTRO.match(text) or _DATE_INTRO.match(text):
+        offset, intro = m.end(), m.group("intro")
+    spans = [(w.start() + offset, w.end() + offset, w.group(0)) for w in re.finditer(r"\S+", text[offset:])]
+    words = [w for _, _, w in spans]
+    if len(words) < 3 or words[0].lower() in _CLAUSE_OPENERS | _PRONOUNS | _PREPOSITIONS | _POSSESSIVES:
+        return None  # "Its footage is kept ...": whose, the question could not say
+    if not (words[0][:1].isupper() or (intro and words[0].lower() in _DETERMINERS)):
+        return None
+    for i in range(1, min(len(words) - 1, 9)):
+        prev, w = words[i - 1], words[i]
+        lw = w.lower()
+        if not re.fullmatch(r"[\w'’-]+", prev) or lw in _RELATIVES:
+            return None
+        subject = _subject_phrase(" ".join(words[:i]))
+        if all(x.lower() in _DETERMINERS for x in words[:i]):
+            continue
+        if lw in _MODALS or lw in _FINITE_AUX:
+            j = i + 1
+            group = [lw]
+            while j < len(words) and words[j].lower() in ("not", "be", "been", "have", "being", "also"):
+                group.append(words[j].lower())
+                j += 1
+            nxt = words[j].lower().rstrip(",") if j < len(words) else ""
+            if nxt.isalpha() and (
+                _past_verb(nxt)
+                or nxt in _PARTICIPLES
+                or (lw in _MODALS and group[-1] == lw and nxt not in _STOPWORDS and not nxt.endswith("ly"))
+            ):
+                group.append(nxt)
+                j += 1
+            if lw in ("has", "have", "had") and len(group) == 1:
+                aux, verb = {"has": "does", "have": "do", "had": "did"}[lw], "have"
+            else:
+                aux, verb = lw, " ".join(group[1:])
+            start = spans[j][0] if j < len(spans) else len(text)
+            return _Finite(intro, subject, aux, verb, " ".join(group), start, text[start:])
+        if w.islower() and w.isalpha():
+            base = lemma(w) if _past_verb(w) else None
+            aux = "did"
+            if base is None and (base := _present_base(w)) is not None:
+                # "writes 8,640", "takes about": a plural noun ("Event loans must") is followed by a verb
+                if not (re.match(r"[£€$\d]", words[i + 1]) or words[i + 1].lower() in _PRESENT_NEXT):
+                    continue
+                aux = "does"
+            if base is None:
+                continue
+            # a participle that opens a reduced relative: the sentence's verb comes after it
+            clause = text[spans[i][1] :].split(",")[0].split()
+            if aux == "did" and any(x.lower() in _MODALS or x.lower() in _FINITE_AUX for x in clause):
+                return None
+            start = spans[i + 1][0]
+            return _Finite(intro, subject, aux, base, w, start, text[start:])
+        if not re.fullmatch(r"[\w'’-]+", w):
+            return None
+    return None
+
+
+_WH_SYNONYMS = {"How long": "How much time", "How often": "How frequently", "How much": "What amount"}
+
+
+def _wh_phrase(q: _Quantity, copula: bool) -> str | None:
+    tail = f" {q.tail}" if q.tail else ""
+    if q.kind == "percent":
+        return f"What percentage{' ' + q.noun if q.noun else ''}"
+    if q.kind == "money":
+        return "How much"
+    if q.kind == "time" and not q.tail:
+        if q.prep == "every":
+            return "How often"
+        if q.prep == "within":
+            return f"Within how many {q.noun}"
+        if q.prep in ("for", "") or copula:
+            return "How long"
+        return None
+    if q.prep in ("", "for", "after") or (q.prep == "within" and q.kind == "time"):
+        return f"How many {q.noun}{tail}"
+    return None
+
+
+def _tidy(text: str) -> str:
+    text = re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\s+([,.;:?])", r"\1", text)
+
+
+def _of_fact(text: str, q: _Quantity) -> Fact | None:
+    """ "a fixed penalty of £400 for fly-tipping" -> "How much is the fixed penalty for fly-tipping?"."""
+    m = re.search(r"\b(?:[Aa]n?|[Tt]he)\s+((?:[a-z][\w-]*\s+){0,3}?[a-z][\w-]*)\s+of\s+$", text[: q.start])
+    if not m or any(w in _STOPWORDS for w in m.group(1).split()) or _past_verb(m.group(1).split()[-1]):
+        return None
+    after = re.match(
+        r"\s+((?:per\s+[a-z]+\s*)+|for\s+[a-z][\w-]*(?:\s+[a-z][\w-]*)?(?=[,.;]|$))", text[q.end :]
+    )
+    np = f"the {m.group(1)}{' ' + q.tail if q.tail else ''}{' ' + after.group(1).strip() if after else ''}"
+    if len(np.split()) < 3:
+        return None  # "the depth": too little to know what is asked about
+    verb = "was" if re.search(r"\b(?:was|were|had)\b", text) else "is"
+    wh = {"money": "How much", "time": "How long", "percent": "What percentage"}.get(q.kind)
+    if wh is None:  # "a bin of 240 litres": asking "What is the bin?" would ask for a definition
+        if not q.noun:
+            return None
+        wh = f"How many {q.noun}"
+    question = f"{wh} {verb} {np}?"
+    variants = [f"Do you know {wh.lower()} {np} {verb}?"]
+    variants.insert(0, f"What {verb} {np}?")
+    return Fact(_tidy(question), tuple(_tidy(v) for v in variants), "number")
+
+
+def number_facts(sentence: str) -> list[Fact]:
+    """Questions that ask for a sentence's first quantity, each with its rewordings."""
+    text = sentence.strip().split("; ")[0].rstrip(".!?;: ")
+    clause = parse_finite(text)
+    for q in _quantities(text):
+        if q.prep == "of":
+            fact = _of_fact(text, q)
+            return [fact] if fact else []
+        if clause is None or q.start < clause.start:
+            continue
+        copula = clause.verb == "" and clause.aux in ("is", "are", "was", "were")
+        if (copula and q.start != clause.start) or re.match(r"\s+of\b", text[q.end :]):
+            return []  # "is a cliff top 84 m above ...", "within 28 days of receiving": no clean question
+        wh = _wh_phrase(q, copula and q.start == clause.start)
+        if wh is None or (q.kind == "count" and not q.noun):
+            return []
+        before = clause.rest[: q.start - clause.start]
+        after = re.split(r"[,;(]| and | but | which ", clause.rest[q.end - clause.start :])[0]
+        last = (before.split() or [""])[-1].lower()
+        if re.search(r"[,;:(]|\b(?:that|which|who|whom|whose)\b", before) or last in _STOPWORDS | _ORDINALS:
+            return []  # another clause's quantity, or one inside a phrase ("to a depth of 40 mm")
+        rest = _shorten(_tidy(before + " " + after))
+        if rest is None:
+            return []
+        rest = re.sub(r"\s+(?:and|or|but|which|that|only|each|respectively|alone)$", "", rest)
+        intro = _intro_tail(clause.intro)
+        question = f"{wh} {clause.aux} {clause.subject} {clause.verb} {rest}{intro}?"
+        variants = [
+            f"Do you know {wh[0].lower()}{wh[1:]} {clause.subject} {clause.declarative} {rest}{intro}?"
+        ]
+        for old, new in _WH_SYNONYMS.items():
+            if wh == old and not (new == "What amount" and clause.aux in ("is", "are", "was", "were")):
+                variants.insert(0, f"{new} {clause.aux} {clause.subject} {clause.verb} {rest}{intro}?")
+        if wh.startswith("How many ") and not q.tail:
+            variants.insert(
+                0, f"What number of {q.noun} {clause.aux} {clause.subject} {clause.verb} {rest}{intro}?"
+            )
+        if len(question.split()) > 22:
+            return []
+        return [Fact(_tidy(question), tuple(_tidy(v) for v in variants), "number")]
+    return []
+
+
+_YOU = {
+    "you": "I", "your": "my", "yours": "mine", "yourself": "myself", "you're": "I'm", "you've": "I've",
+    "you are": "I am", "you were": "I was",
+}  # fmt: skip
+_IF_CLAUSE = re.compile(r"If\s+(?P<cond>[^,;]{8,120}),\s+(?P<main>\S+)\s")
+_TO_CLAUSE = re.compile(r"To\s+(?P<goal>[a-z][^,;]{6,80}),\s+(?P<main>[a-z]+)\s")
+
+
+def _first_person(text: str) -> str:
+    return re.sub(
+        r"\b[Yy]ou(?: are| were|'re|'ve|rself|rs|r)?\b",
+        lambda m: _YOU.get(m.group(0).lower(), m.group(0)),
+        text,
+    )
+
+
+def _imperative(word: str) -> bool:
+    w = word.lower()
+    return w.isalpha() and w not in _STOPWORDS and w not in _PRONOUNS and not w.endswith(("ed", "ly", "s"))
+
+
+def step_facts(sentence: str) -> list[Fact]:
+    """Steps and conditions: "To pair a sensor, hold ..." -> "How do I pair a sensor?"; "If X, do Y."
+    -> "What should I do if X?"; "If X, the buzzer sounds." -> "What happens if X?"."""
+    text = sentence.strip()
+    if m := _TO_CLAUSE.match(text):
+        if _imperative(m.group("main")):
+            goal = _first_person(m.group("goal"))
+            return [
+                Fact(f"How do I {goal}?", (f"What are the steps to {goal}?", f"How can I {goal}?"), "how")
+            ]
+    if m := _IF_CLAUSE.match(text):
+        cond = _first_person(m.group("cond"))
+        if m.group("cond").split()[0].lower() in _CLAUSE_OPENERS | (_PRONOUNS - {"you", "we", "i"}):
+            return []  # "If it is not, ...": the condition points back at a sentence not in the question
+        main = m.group("main")
+        if _imperative(main) or main.lower() in ("do", "don't", "never", "always"):
+            return [
+                Fact(
+                    f"What should I do if {cond}?",
+                    (f"What do I do if {cond}?", f"If {cond}, what should I do?"),
+                    "how",
+                )
+            ]
+        if main.lower() in _DETERMINERS or main[:1].isupper():
+            return [
+                Fact(
+                    f"What happens if {cond}?",
+                    (f"What is the consequence if {cond}?", f"If {cond}, what happens?"),
+                    "what",
+                )
+            ]
+    return []
+
+
+_ROLE_NOUNS = frozenset(
+    """panel board committee council trustees trustee coordinator liaison officer manager director chair
+    secretary staff members member team desk volunteers keeper keepers author authors researchers
+    engineer engineers operators operator crew crews inspector inspectors residents owner owners""".split()
+)
+
+
+def _is_agent(phrase: str) -> bool:
+    """Whether a phrase names people (a role or a body of people): "the Appeals Panel", "staff"."""
+    return phrase.split()[-1].lower() in _ROLE_NOUNS
+
+
+def agent_facts(sentence: str) -> list[Fact]:
+    """ "Appeals are heard by the Appeals Panel." -> "Who hears appeals?" and, reversed, "What does the
+    Appeals Panel hear?"."""
+    text = sentence.strip().split("; ")[0].rstrip(".!?;: ")
+    clause = parse_finite(text)
+    if clause is None or clause.aux not in ("is", "are", "was", "were") or not clause.verb:
+        return []
+    participle = clause.verb.split()[-1]
+    if not (
+        m := re.match(
+            r"by\s+(?P<agent>(?:the\s+)?[\w'’-]+(?:\s+[A-Z][\w'’-]*){0,3})(?=[,.;]|$|\s)", clause.rest
+        )
+    ):
+        return []
+    agent, base = m.group("agent"), lemma(participle)
+    if not _is_agent(agent) or base == participle or " " in clause.verb:
+        return []
+    present = clause.aux in ("is", "are")
+    active = (base + ("es" if base.endswith(("s", "sh", "ch", "x")) else "s")) if present else None
+    obj = clause.subject
+    forward = f"Who {active} {obj}?" if active else f"Who {clause.aux} {obj} {participle} by?"
+    variants = (f"By whom {clause.aux} {obj} {participle}?", f"Who {clause.aux} {obj} {participle} by?")
+    reverse = f"What {'does' if present else 'did'} {agent} {base}?"
+    return [
+        Fact(forward, tuple(v for v in variants if v != forward), "who"),
+        Fact(reverse, (f"Which {obj.split()[-1]} {'does' if present else 'did'} {agent} {base}?",), "what"),
+    ]
+
+
+@lru_cache(maxsize=4096)
+def sentence_facts(sentence: str) -> tuple[Fact, ...]:
+    """Every fact question the rules find in one sentence (a pure function of the sentence, so a
+    paraphrase can find its question's rewordings again from the answer)."""
+    return (*step_facts(sentence), *agent_facts(sentence), *number_facts(sentence))
 
 
 # --- document strategies -----------------------------------------------------------------------
@@ -516,6 +947,7 @@ def document_pairs(
     scores = _scores(sentences)
     lead = chunks[0]
     title = lead.heading if (lead.heading and lead.part == 0 and lead.start < 300) else clean_title(doc_title)
+    title = _short_title(title)
     about = _lower_first(title) if title else "the document"
     pairs: list[QAPair | None] = []
     if "summary" in selected:
@@ -546,8 +978,8 @@ def document_pairs(
     if "section_summary" in selected:
         for sec in sorted({s.section for s in sentences}):
             members = [(sc, s) for sc, s in zip(scores, sentences, strict=True) if s.section == sec]
-            heading = members[0][1].chunk.heading
-            if not heading or len(members) < 2 or heading == title:
+            heading = _section_name(members[0][1].chunk.heading)
+            if not heading or len(members) < 2 or _short_title(heading) == title:
                 continue
             picked = _select([s for _, s in members], [sc for sc, _ in members], 450, 3, spread=False)
             if len(picked) >= 2:
@@ -566,10 +998,11 @@ def document_pairs(
             _answer_pair(f"Can you tell me about {about}?", _select(sentences, scores, 450, 3), "vague"),
             _answer_pair(f"What should I know about {about}?", _select(sentences, scores, 600, 4), "vague"),
         ]
-        headings = [c for c in chunks if c.part == 0 and c.heading and c.heading != title]
+        headings = [c for c in chunks if c.part == 0 and c.heading and _short_title(c.heading) != title]
         names = list(dict.fromkeys(c.heading for c in headings))
         if len(names) >= 2:
             firsts = [next(c for c in headings if c.heading == n) for n in names]
+            names = [_section_name(n) for n in names]
             answer = "; ".join(names)
             if len(answer) <= MAX_ANSWER_CHARS and len(answer) >= MIN_ANSWER_CHARS:
                 pairs.append(
@@ -582,6 +1015,22 @@ def document_pairs(
                     )
                 )
     return [p for p in pairs if p is not None]
+
+
+def _short_title(title: str | None) -> str | None:
+    """The title a person would say: no site name after "|", no subtitle after a dash, and no
+    subtitle after a colon when the whole is long ("Tidewell: Adaptive Message Batching ... Sites")."""
+    if not title:
+        return title
+    title = re.split(r"\s+[|—–]\s+|\s+-\s+", title)[0].strip()
+    if len(title) > 60 and ":" in title:
+        title = title.split(":")[0].strip()
+    return title or None
+
+
+def _section_name(heading: str | None) -> str | None:
+    """A heading without its number: "5.2 Mounting steps" -> "Mounting steps"."""
+    return re.sub(r"^\s*(?:\d+(?:\.\d+)*\.?|[IVX]+\.)\s+", "", heading).strip() if heading else heading
 
 
 def _fit(sentences: Sequence[_Placed], budget: int) -> list[_Placed]:
@@ -616,31 +1065,23 @@ _PARAPHRASE_RULES: list[tuple[re.Pattern[str], tuple[str, ...], frozenset[str] |
         (r"^Can you give a detailed summary of (?P<x>.+)\?$", ("Can you summarize {x} in detail?", "What is a detailed summary of {x}?")),
         (r"^Can you summarize the whole document, section by section\?$", ("What does each part of the document cover?", "Can you give an overview of the entire document?")),
         (r"^Can you summarize the section on (?P<x>.+)\?$", ("What is the section on {x} about?", "What are the main points of the section on {x}?")),
-        (r"^What does the (?:document|text) say about (?P<x>.+)\?$", ("What can you tell me about {x}?", "What do we learn about {x}?")),
-        (r"^What is known about (?P<x>.+)\?$", ("What can you tell me about {x}?", "What does the document say about {x}?")),
+        (r"^What does the (?:document|text) say about (?P<x>.+)\?$", ("What can you tell me about {x}?", "What should I know about {x}?")),
+        (r"^What is known about (?P<x>.+)\?$", ("What can you tell me about {x}?", "What should I know about {x}?")),
         (r"^How many (?P<n>.+?) (?P<d>does|do|did) (?P<x>.+) have\?$", ("What is the number of {n} that {x} {has}?", "{X} {has} how many {n}?")),
         (r"^How (?P<a>tall|high|long|wide|deep|old|heavy|far|thick) (?P<v>is|are|was|were) (?P<x>.+)\?$", ("What {v1} the {m} of {x}?", "Do you know how {a} {x} {v}?")),
-        (r"^When (?P<v>was|were|did) (?P<x>.+)\?$", ("In which year {v} {x}?", "At what point {v} {x}?")),
-        (r"^What happened (?P<x>(?:in|on|during|since|by|until|from|around) .+)\?$", ("What took place {x}?", "What event does the text mention {x}?")),
-        (r"^Where (?P<v>is|are|was|were|did) (?P<x>.+)\?$", ("In what place {v} {x}?", "Where exactly {v} {x}?")),
+        (r"^When (?P<v>was|were|did) (?P<x>.+)\?$", ("In which year {v} {x}?", "What year {v} {x}?")),
+        (r"^What happened (?P<x>(?:in|on|during|since|by|until|from|around) .+)\?$", ("What took place {x}?", "What went on {x}?")),
+        (r"^Where (?P<v>is|are|was|were|did) (?P<x>.+)\?$", ("In what place {v} {x}?", "At what location {v} {x}?")),
         (r"^Why (?P<x>.+)\?$", ("For what reason {x}?",)),
         (r"^How (?P<v>was|were|did|is|are) (?P<x>.+)\?$", ("In what way {v} {x}?", "By what means {v} {x}?")),
-        (r"^Who (?P<v>is|was) (?P<x>[A-Z][^?]*)\?$", ("Can you tell me who {x} {v}?", "What does the document say about {x}?"), _DEFINES),
-        (r"^Who (?P<x>.+)\?$", ("Which person {x}?", "Who was it that {x}?"), frozenset({"who"})),
+        (r"^Who (?P<v>is|was) (?P<x>[A-Z][^?]*)\?$", ("Can you tell me who {x} {v}?", "What do you know about {x}?"), _DEFINES),
+        (r"^Who (?P<x>.+)\?$", ("Which person {x}?", "Do you know who {x}?"), frozenset({"who"})),
         (r"^What does (?P<x>.+) (?:mean|refer to)\?$", ("What is meant by {x}?", "Can you explain the term {x}?")),
         (r"^What (?P<v>is|are|was|were) (?P<x>.+)\?$", ("Can you explain what {x} {v}?", "What is meant by {x}?"), _DEFINES),
-        (r"^What (?P<x>(?P<v>is|are|was|were|has|had|[a-z]+ed) .+)\?$", ("What {it} that {x}?", "Which thing {x}?"), frozenset({"what"})),
+        (r"^What (?P<x>(?P<v>is|are|was|were|has|had|[a-z]+ed) .+)\?$", ("Do you know what {x}?",), frozenset({"what"})),
         (r"^What is (?P<x>.+) about\?$", ("What is the subject of {x}?", "What does {x} cover?")),
     ]
 ]  # fmt: skip
-_FRAMES = (
-    "According to the document, {q}",
-    "{Q}, according to the text?",
-    "Based on the document, {q}",
-    "Quick question: {Q}?",
-    "From what the text says, {q}",
-    "I was wondering, {q}",
-)
 
 
 def paraphrases(question: str, answer: str = "", n: int = PARAPHRASES, strategy: str = "") -> list[str]:
@@ -648,12 +1089,14 @@ def paraphrases(question: str, answer: str = "", n: int = PARAPHRASES, strategy:
 
     A rule for the question's form comes first ("How tall is X?" -> "What is the height of X?");
     `strategy` (the rule that made the question) tells apart forms that look alike ("What is X?"
-    asks for a definition, "What was automated in 1971?" for a subject). Framings that fit any
-    question ("According to the document, ...") make up the rest.
+    asks for a definition, "What was automated in 1971?" for a subject). A question the fact rules
+    made from its answer gets that fact's own rewordings (another question word, other word order)
+    instead. No generic framings ("According to the document, ..."): they reword the template, not
+    the fact, so a question no rule fits gets none.
     """
-    out: list[str] = []
+    out: list[str] = [v for f in sentence_facts(answer.strip()) if f.question == question for v in f.variants]
     seen = {question.lower()}
-    for pattern, templates, only in _PARAPHRASE_RULES:
+    for pattern, templates, only in [] if out else _PARAPHRASE_RULES:
         m = pattern.match(question) if only is None or strategy in only else None
         if not m:
             continue
@@ -668,16 +1111,10 @@ def paraphrases(question: str, answer: str = "", n: int = PARAPHRASES, strategy:
             g["m"] = _MEASURES[g["a"]]
             g["v1"] = "is" if g["v"] in ("is", "are") else "was"
         for t in templates:
-            if "In which year" in t and not _YEAR.search(answer):
-                t = t.replace("In which year", "On what date")
+            if "year" in t and not _YEAR.search(answer):
+                t = t.replace("In which year", "On what date").replace("What year", "At what time")
             out.append(t.format(**g))
         break
-    digest = int(hashlib.sha1(question.encode()).hexdigest(), 16)
-    body = question.rstrip("?").rstrip()
-    lowered = body if body.split()[0] in ("I",) or _is_name_start(body) else body[:1].lower() + body[1:]
-    for k in range(len(_FRAMES)):
-        frame = _FRAMES[(digest + k) % len(_FRAMES)]
-        out.append(frame.format(q=lowered + "?", Q=body))
     result = []
     for q in out:
         q = re.sub(r"\s+", " ", q).strip()
@@ -687,15 +1124,6 @@ def paraphrases(question: str, answer: str = "", n: int = PARAPHRASES, strategy:
         if len(result) == n:
             break
     return result
-
-
-def _is_name_start(text: str) -> bool:
-    """Whether the first word keeps its capital mid-sentence (a name), e.g. "Anna Roth ...?"."""
-    first = text.split()[0]
-    return first[:1].isupper() and first.lower() not in _STOPWORDS and first not in (
-        "What", "Who", "When", "Where", "Why", "How", "Which", "Can", "Could", "Do", "Does", "Did",
-        "Is", "Are", "Was", "Were", "In", "At", "On", "For", "By", "From", "Quick",
-    )  # fmt: skip
 
 
 def paraphrase_pairs(pairs: Iterable[QAPair], n: int = PARAPHRASES) -> list[QAPair]:
