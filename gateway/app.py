@@ -60,8 +60,10 @@ class SessionCreate(BaseModel):
     max_steps: int | None = Field(
         None, ge=1, le=100_000, description="Training steps; default from data size."
     )
-    answer_mode: Literal["both", "adapter", "retrieval"] = Field(
-        "both", description="Where chat answers come from by default (see the chat `mode`)."
+    answer_mode: Literal["", "both", "adapter", "retrieval"] = Field(
+        "",
+        description="Where chat answers come from by default (see the chat `mode`); empty = the "
+        "server's default (DOCLORA_ANSWER_MODE).",
     )
     qagen_backend: Literal["", "extractive", "local", "openai"] = Field(
         "", description="QA generator; empty = the server's default."
@@ -141,7 +143,7 @@ ANSWER_MODES = {
 
 
 def session_options(
-    system_prompt: str, max_steps: int | None, answer_mode: str = "both", **more
+    system_prompt: str, max_steps: int | None, answer_mode: str = "", **more
 ) -> session_pb2.SessionOptions:
     opts = session_pb2.SessionOptions(system_prompt=system_prompt, answer_mode=answer_mode, **more)
     if max_steps is not None:

@@ -182,3 +182,43 @@ async def test_retrieval_while_retraining_reads_the_chunks_as_stored_now(service
     out = await chat(service, "s1", "When are glowing pears harvested?")
     assert out[0].citations[0].text == "Glowing pears are harvested every October."
     assert rt.store.reads.count(keys.chunks("default", "s1")) == 2
+
+
+@pytest.mark.parametrize(
+    ("server_mode", "session_mode", "adapter_used", "passages_read"),
+    [
+        ("retrieval", "", None, True),  # the session did not choose: the server's default
+        ("both", "", "s1", True),
+        ("adapter", "", "s1", False),
+        ("retrieval", "both", "s1", True),  # the session's own choice wins
+    ],
+)
+async def test_a_bot_answers_in_its_sessions_mode_else_the_servers_default(
+    server_mode, session_mode, adapter_used, passages_read
+):
+    """DOCLORA_ANSWER_MODE decides where a bot's answers come from unless its session chose."""
+    import dataclasses
+
+    rt = FakeRuntime()
+    rt.settings = dataclasses.replace(rt.settings, answer_mode=server_mode)
+    engine = FakeEngine()
+    service = InferenceServicer(rt, engine, embedder=None)
+    rt.sessions.add(
+        "s1", S.SESSION_STATE_READY, "s1", options=session_pb2.SessionOptions(answer_mode=session_mode)
+    )
+    store_chunks(rt, "s1", ["The hello desk opens at nine."])
+    out = await chat(service, "s1", "hello?")
+    adapter_id, messages = engine.calls[-1]
+    assert adapter_id == adapter_used
+    assert ("Passages from the documents" in messages[-1]["content"]) is passages_read
+    assert bool(out[0].citations) is passages_read
+
+
+def test_an_unknown_default_answer_mode_stops_the_service_at_start():
+    """A misspelt DOCLORA_ANSWER_MODE is refused when the servicer is built, naming the choices."""
+    import dataclasses
+
+    rt = FakeRuntime()
+    rt.settings = dataclasses.replace(rt.settings, answer_mode="retreival")
+    with pytest.raises(ValueError, match="both, adapter, retrieval"):
+        InferenceServicer(rt, FakeEngine(), embedder=None)

@@ -10,6 +10,7 @@ from pathlib import Path
 from doclora.v1 import inference_pb2, inference_pb2_grpc, session_pb2
 from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.options import ANSWER_MODES
 from services.common.passages import Hit, read_session_passages, with_passages
 from services.common.runtime import Runtime
 from services.common.sessions import state_name
@@ -48,7 +49,7 @@ MODES = {
     inference_pb2.ANSWER_MODE_ADAPTER: "adapter",
     inference_pb2.ANSWER_MODE_RETRIEVAL: "retrieval",
 }
-MODE_BY_NAME = {"": "both", "both": "both", "adapter": "adapter", "retrieval": "retrieval"}
+MODE_BY_NAME = {name: name for name in ANSWER_MODES}
 
 
 def citation(index: int, hit: Hit) -> inference_pb2.Citation:
@@ -76,6 +77,10 @@ def can_chat(rec: session_pb2.Session) -> bool:
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, rt: Runtime, engine, embedder: Embedder | None | str = "auto"):
+        if rt.settings.answer_mode not in ANSWER_MODES:
+            raise ValueError(
+                f"DOCLORA_ANSWER_MODE must be one of {', '.join(ANSWER_MODES)}, got {rt.settings.answer_mode!r}"
+            )
         self.rt = rt
         self.engine = engine
         # passages ranked by BM25 and, when the embedding model is installed, by meaning too
@@ -132,7 +137,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         rec = await self._bot(request.bot_id)
         mode = MODES.get(request.mode) or (
-            MODE_BY_NAME.get(rec.options.answer_mode, "both") if rec else "adapter"
+            (MODE_BY_NAME.get(rec.options.answer_mode) or self.rt.settings.answer_mode) if rec else "adapter"
         )
         adapter_id = rec.adapter_id if rec is not None and mode != "retrieval" else None
         if rec is not None and rec.options.system_prompt and messages[0]["role"] != "system":
