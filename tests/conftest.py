@@ -24,3 +24,13 @@ def _cpu_bf16_as_forced():
 
             patch.setattr(lora, "cpu_has_native_bf16", lambda: forced == "bf16")
         yield
+
+
+@pytest.fixture
+def runtime(bus, store, s3_settings):
+    """A service Runtime on this test's real nats-server and SeaweedFS bucket, with `s3_settings`;
+    tests that need other settings take `dataclasses.replace(runtime, settings=...)`."""
+    from services.common.runtime import Runtime
+    from services.common.sessions import SessionRepo
+
+    return Runtime(settings=s3_settings, bus=bus, store=store, sessions=SessionRepo(bus))

@@ -17,7 +17,6 @@ from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.jsonl import from_jsonl
 from services.common.runtime import Runtime
-from services.common.sessions import SessionRepo
 from services.ingest.sessions_api import SessionServicer
 from services.qagen import worker
 from services.qagen.backends import ExtractiveGenerator, OpenAIGenerator
@@ -31,10 +30,10 @@ TENANT = "default"
 
 
 @pytest.fixture
-def rt(bus, store, s3_settings, monkeypatch):
-    settings = dataclasses.replace(s3_settings, qagen_chunk_tokens=0, qagen_eval_min_pairs=10)
+def rt(runtime):
+    settings = dataclasses.replace(runtime.settings, qagen_chunk_tokens=0, qagen_eval_min_pairs=10)
     worker._length_fn.cache_clear()
-    return Runtime(settings=settings, bus=bus, store=store, sessions=SessionRepo(bus))
+    return dataclasses.replace(runtime, settings=settings)
 
 
 async def _session(rt: Runtime, texts: dict[str, str], **options) -> session_pb2.Session:

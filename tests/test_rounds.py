@@ -12,7 +12,6 @@ from services.common import keys
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from services.common.jsonl import to_jsonl
 from services.common.runtime import Runtime
-from services.common.sessions import SessionRepo
 from services.common.stage import StageWorker
 from services.ingest.sessions_api import SessionServicer
 from services.ingest.worker import IngestServicer
@@ -23,8 +22,8 @@ TEXT = "The Lumen Orchard was founded in 1987 by the botanist Ilse Marrow on the
 
 
 @pytest.fixture
-def rt(bus, store, s3_settings):
-    return Runtime(settings=s3_settings, bus=bus, store=store, sessions=SessionRepo(bus))
+def rt(runtime):
+    return runtime
 
 
 @pytest.fixture

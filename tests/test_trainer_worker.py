@@ -23,7 +23,6 @@ from services.common.config import Settings
 from services.common.errors import InvalidArgument
 from services.common.jsonl import to_jsonl
 from services.common.runtime import Runtime
-from services.common.sessions import SessionRepo
 from services.trainer import checkpoint, worker
 from tests.test_model import real_tokenizer, tiny_llama
 
@@ -54,7 +53,7 @@ def tokenizer():
 
 
 @pytest.fixture
-def rt(bus, store, s3_settings, tokenizer, monkeypatch):
+def rt(runtime, tokenizer, monkeypatch):
     import services.common.model as model_module
 
     monkeypatch.setattr(
@@ -67,9 +66,9 @@ def rt(bus, store, s3_settings, tokenizer, monkeypatch):
     monkeypatch.setattr(worker, "CANCEL_POLL_S", 0.2)
     # the precision "auto" picks depends on the CPU; these tests check what gets reported
     settings = dataclasses.replace(
-        s3_settings, train_precision="fp32", qagen_eval_min_pairs=8, qagen_eval_fraction=0.2
+        runtime.settings, train_precision="fp32", qagen_eval_min_pairs=8, qagen_eval_fraction=0.2
     )
-    return Runtime(settings=settings, bus=bus, store=store, sessions=SessionRepo(bus))
+    return dataclasses.replace(runtime, settings=settings)
 
 
 async def _session(
