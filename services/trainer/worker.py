@@ -48,9 +48,10 @@ CHECKPOINT_EVERY_STEPS = 50
 CHECKPOINT_EVERY_S = 300.0
 # held-out evaluation: qagen marks the held-out pairs (`qagen_eval_fraction` of them, whole chunks,
 # sessions of `qagen_eval_min_pairs` or more); unmarked pairs are split here by the same settings.
-# At most EVAL_MAX_PAIRS are scored, with answers of at most EVAL_MAX_NEW_TOKENS tokens
-EVAL_MAX_PAIRS = 32
-EVAL_MAX_NEW_TOKENS = 48
+# At most EVAL_MAX_PAIRS are scored, with answers of at most EVAL_MAX_NEW_TOKENS tokens: base and
+# adapter each answer them, which on 2 CPU cores took longer than the training itself at 32 x 48
+EVAL_MAX_PAIRS = 16
+EVAL_MAX_NEW_TOKENS = 32
 
 
 # RAFT-style examples carry up to PASSAGES_MAX_CHARS (~1,200 tokens) of whole passages before the question
