@@ -730,6 +730,31 @@ def _sort_target_modules(path: Path) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+class _StepBudget:
+    """The time budget of a fresh run: times steps 1..BUDGET_PROBE_STEPS-1 (step 0 carries one-off
+    costs), then says once how many steps fit in `seconds` (at least BUDGET_MIN_STEPS)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.started = 0.0
+
+    def shortened(self, step: int, total_steps: int) -> int | None:
+        """Called before each step: the new, shorter total when the budget cuts the run, else None."""
+        if self.seconds <= 0:
+            return None
+        if step == 1:
+            self.started = time.monotonic()
+        if step != BUDGET_PROBE_STEPS:
+            return None
+        per_step = (time.monotonic() - self.started) / (BUDGET_PROBE_STEPS - 1)
+        fits = max(BUDGET_MIN_STEPS, int(self.seconds / max(per_step, 1e-6)))
+        self.seconds = 0.0  # decided once
+        if fits >= total_steps:
+            return None
+        log.info("time budget at %.2f s a step: %d steps instead of %d", per_step, fits, total_steps)
+        return fits
+
+
 def _run(
     peft_model: Any,
     tokenizer: Any,
@@ -821,23 +846,12 @@ def _run(
         plan.device,
         " bf16 autocast" if plan.amp is not None else "",
     )
-    budget_open = plan.time_budget_s > 0 and start_step == 0
-    probe_started = 0.0
+    budget = _StepBudget(plan.time_budget_s if start_step == 0 else 0.0)
     for step in itertools.count(start_step):
         if step >= total_steps:
             break
-        if budget_open and step == 1:
-            probe_started = time.monotonic()  # after the first step's one-off costs
-        if budget_open and step == BUDGET_PROBE_STEPS:
-            budget_open = False
-            per_step = (time.monotonic() - probe_started) / (BUDGET_PROBE_STEPS - 1)
-            fits = max(BUDGET_MIN_STEPS, int(plan.time_budget_s / max(per_step, 1e-6)))
-            if fits < total_steps:
-                log.info(
-                    "time budget %.0f s at %.2f s a step: %d steps instead of %d",
-                    plan.time_budget_s, per_step, fits, total_steps,
-                )  # fmt: skip
-                total_steps, warmup_steps = fits, min(warmup_steps, _warmup(cfg, fits))
+        if (fits := budget.shortened(step, total_steps)) is not None:
+            total_steps, warmup_steps = fits, min(warmup_steps, _warmup(cfg, fits))
         if _stop_agreed(should_stop, plan):
             raise TrainingCancelled(step, total_steps)
         if plan.world_size > 1:
