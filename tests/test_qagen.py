@@ -787,9 +787,9 @@ def test_reference_entries_table_rows_and_glued_headings_are_not_asked_about():
         "Acknowledgements\nThis work was funded by the Coastal Observation Fund under grant CO-2021-0457."
     )
     chunk = chunk_text(text, doc_id="d")[0]
-    from services.qagen.extractive import _sentences
+    from services.qagen.text import prose_sentences
 
-    assert [s.text for s in _sentences(chunk)] == [
+    assert [s.text for s in prose_sentences(chunk)] == [
         "This work was funded by the Coastal Observation Fund under grant CO-2021-0457."
     ]
 

@@ -28,11 +28,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol, runtime_checkable
 
 from services.common.options import QA_BACKENDS, resolve_strategies
-from services.common.qapair import QAPair, pair_id_for
+from services.common.qapair import QAPair
 from services.qagen import quality
 from services.qagen import strategies as strategy_rules
 from services.qagen.chunk import Chunk
-from services.qagen.extractive import MIN_DOCUMENT_WORDS, has_content, prose_words
+from services.qagen.rules.base import pair_for
+from services.qagen.text import MIN_DOCUMENT_WORDS, has_content, prose_words
 
 log = logging.getLogger(__name__)
 
@@ -160,19 +161,7 @@ def build_messages(chunk: Chunk, strategy: str, doc_title: str | None) -> list[d
 
 def pairs_from_reply(chunk: Chunk, strategy: str, reply: str) -> list[QAPair]:
     """Strictly parse a model's reply to a strategy's prompt into pairs from `chunk`."""
-    return [
-        QAPair(
-            pair_id=pair_id_for(chunk.chunk_id, q, a),
-            question=q,
-            answer=a,
-            doc_id=chunk.doc_id,
-            chunk_id=chunk.chunk_id,
-            start=chunk.start,
-            end=chunk.end,
-            strategy=strategy,
-        )
-        for q, a in parse_pairs(reply)
-    ]
+    return [pair_for(chunk, q, a, strategy) for q, a in parse_pairs(reply)]
 
 
 class _ModelGenerator:

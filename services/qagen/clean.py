@@ -170,6 +170,24 @@ def noise_spans(text: str) -> list[tuple[int, int, str]]:
         fenced ^= fence
         protected[i] = fenced or fence or line.lstrip().startswith("|")
 
+    _mark_references(body, kinds, protected)
+    _mark_authors(body, kinds, starts)
+    _mark_figures(body, kinds, protected)
+    _mark_furniture(body, kinds, protected, starts)
+
+    spans: list[tuple[int, int, str]] = []
+    for i, kind in enumerate(kinds):
+        s, e = starts[i], starts[i] + len(body[i])
+        if kind and spans and spans[-1][2] == kind and not text[spans[-1][1] : s].strip():
+            spans[-1] = (spans[-1][0], e, kind)
+        elif kind:
+            spans.append((s, e, kind))
+    return spans
+
+
+def _mark_references(body: list[str], kinds: list[str | None], protected: list[bool]) -> None:
+    """Mark reference lists in `kinds`: under a references heading, and runs of citation entries."""
+    n = len(body)
     # references: a heading up to an appendix (or the end), when what follows reads as citations
     for i in [k for k, line in enumerate(body) if _REF_HEADING.fullmatch(_bare(line))]:
         j = i + 1
@@ -195,6 +213,10 @@ def noise_spans(text: str) -> list[tuple[int, int, str]]:
             run = []
         i = entry[1] + 1
 
+
+def _mark_authors(body: list[str], kinds: list[str | None], starts: list[int]) -> None:
+    """Mark author lines of the front matter in `kinds`."""
+    n = len(body)
     # authors: in the front matter, before the abstract or introduction, never the title line
     title = next((k for k, line in enumerate(body) if line.strip()), n)
     front = next((k for k, line in enumerate(body) if k > title and _FRONT_END.fullmatch(_bare(line))), 0)
@@ -211,6 +233,10 @@ def noise_spans(text: str) -> list[tuple[int, int, str]]:
     for k in marks:
         kinds[k] = kinds[k] or "authors"
 
+
+def _mark_figures(body: list[str], kinds: list[str | None], protected: list[bool]) -> None:
+    """Mark figure text in `kinds`: axis tick lines and the labels next to them."""
+    n = len(body)
     # figure text: axis tick lines, and the short labels and legends next to them
     for i in [k for k in range(n) if not protected[k] and kinds[k] is None and _is_ticks(body[k])]:
         kinds[i] = "figure"
@@ -223,6 +249,11 @@ def noise_spans(text: str) -> list[tuple[int, int, str]]:
                     kinds[k], taken = "figure", taken + 1
                 k += step
 
+
+def _mark_furniture(
+    body: list[str], kinds: list[str | None], protected: list[bool], starts: list[int]
+) -> None:
+    """Mark page furniture in `kinds`: page labels and short lines repeated down the document."""
     # furniture: page labels, and short lines repeated down the document (running headers) that the
     # PDF extractor did not recognise as such (or text that came from elsewhere)
     repeats: dict[str, list[int]] = {}
@@ -237,15 +268,6 @@ def noise_spans(text: str) -> list[tuple[int, int, str]]:
         if len(found) >= 3 and starts[found[-1]] - starts[found[0]] >= 500 * (len(found) - 1):
             for i in found:
                 kinds[i] = "furniture"
-
-    spans: list[tuple[int, int, str]] = []
-    for i, kind in enumerate(kinds):
-        s, e = starts[i], starts[i] + len(body[i])
-        if kind and spans and spans[-1][2] == kind and not text[spans[-1][1] : s].strip():
-            spans[-1] = (spans[-1][0], e, kind)
-        elif kind:
-            spans.append((s, e, kind))
-    return spans
 
 
 def mask_noise(text: str, spans: Sequence[tuple[int, int, str]] | None = None) -> str:

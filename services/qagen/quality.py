@@ -31,7 +31,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from services.qagen.chunk import Chunk
-from services.qagen.extractive import _STOPWORDS, DUPLICATE_JACCARD, MAX_ANSWER_CHARS, MIN_ANSWER_CHARS
+from services.qagen.text import MAX_ANSWER_CHARS, MIN_ANSWER_CHARS, STOPWORDS
 
 if TYPE_CHECKING:
     from services.common.qapair import QAPair
@@ -52,6 +52,8 @@ REASONS = (
 # 1.0; a model's answer that rewords the text keeps most of its content words, one that adds facts
 # does not.
 MIN_SUPPORT = 0.7
+# Questions whose normalised token sets overlap this much are the same question.
+DUPLICATE_JACCARD = 0.9
 MAX_QUESTION_CHARS = 300
 # Some strategies answer with a name or a date: the usual minimum answer length would drop them.
 MIN_ANSWER_CHARS_BY_STRATEGY: Mapping[str, int] = {"metadata": 3}
@@ -88,7 +90,7 @@ def content_tokens(text: str) -> set[str]:
     return {
         _stem(t)
         for t in _TOKEN.findall(text.lower().replace("’s", "").replace("'s", ""))
-        if t not in _STOPWORDS
+        if t not in STOPWORDS
     }
 
 
