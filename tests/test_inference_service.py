@@ -169,7 +169,7 @@ async def test_retrieval_while_retraining_reads_the_chunks_as_stored_now(service
     rt = service.rt
     rt.sessions.add("s1", S.SESSION_STATE_GENERATING, adapter_id="s1")
     store_chunks(rt, "s1", ["The Lumen Orchard was founded in 1987 by Ilse Marrow."])
-    out = await chat(service, "s1", "Who founded the Lumen Orchard?")
+    out = await chat(service, "s1", "Who founded the Lumen Orchard?", mode=inference_pb2.ANSWER_MODE_BOTH)
     assert [c.text for c in out[0].citations] == ["The Lumen Orchard was founded in 1987 by Ilse Marrow."]
     adapter_id, messages = service.engine.calls[0]
     assert adapter_id == "s1" and "Ilse Marrow" in messages[-1]["content"]

