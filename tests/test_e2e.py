@@ -144,6 +144,16 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
     assert train_progress and int(train_progress[-1]["done"]) == 12
     assert final["train"]["steps"] == 12
     assert final["qa"]["pairs"] >= 3
+    # the bot's exam: the rewordings qagen kept out of training, asked after it, on the session
+    exam = final["train"]["exam"]
+    assert exam["reworded"] == final["qa"]["exam_pairs"] > 0
+    assert exam["mode"] == "retrieval" and exam["absent"] > 0
+    assert {"base_f1", "adapter_f1", "retrieval_f1", "both_f1"} <= exam.keys()
+    assert exam.get("missed", 0) >= len(exam.get("misses", []))
+    shown = _cli(env, "exam", sid, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert f"exam: {exam['reworded']} reworded questions" in shown.stdout
+    assert f"missed in retrieval mode: {exam.get('missed', 0)} of {exam['reworded']}" in shown.stdout
 
     with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
         qa = c.get(f"/api/v1/sessions/{sid}/qa").json()
@@ -437,6 +447,9 @@ def test_the_web_ui_learns_from_pasted_text_and_chats_in_a_real_browser(stack):
                 "document.querySelector('#state').textContent === 'READY'", timeout=600_000
             )
             assert "train" in page.text_content("#log")
+            # the exam after training is on the page
+            assert "reworded questions about trained facts" in page.text_content("#train-stats")
+            assert "missed (retrieval mode)" in page.text_content("#train-stats")
             page.fill("#question", "When was the Lumen Orchard founded?")
             page.click("#send")
             page.wait_for_function(
@@ -488,7 +501,7 @@ def test_a_person_reviews_edits_exports_and_imports_pairs_then_approves(stack):
         sess = wait_state(c, sid, {"AWAITING_REVIEW", "FAILED"})
         assert sess["state"] == "SESSION_STATE_AWAITING_REVIEW", sess.get("error")
         pairs = c.get(f"/api/v1/sessions/{sid}/qa", params={"page_size": 1000}).json()["pairs"]
-        assert pairs and all(p["split"] in ("train", "eval") for p in pairs)
+        assert pairs and all(p["split"] in ("train", "eval", "exam") for p in pairs)
 
         edited = c.patch(
             f"/api/v1/sessions/{sid}/qa/{pairs[0]['pair_id']}", json={"answer": "In 1987, by Ilse Marrow."}

@@ -72,7 +72,9 @@ def _pairs(rt: Runtime, sid: str) -> list[dict]:
 
 
 async def test_generation_stores_grounded_pairs_with_a_held_out_split_and_queues_training(rt):
-    """Every chunk gets pairs; whole chunks are held out as "eval"; the session moves to TRAINING."""
+    """Every chunk gets pairs; with a held-out fraction set, whole chunks are held out as "eval";
+    the session moves to TRAINING."""
+    rt = dataclasses.replace(rt, settings=dataclasses.replace(rt.settings, qagen_eval_fraction=0.1))
     rec = await _session(rt, {"d1": sectioned_doc()})
     after = await _run(rt, rec)
     pairs = _pairs(rt, rec.session_id)
@@ -87,6 +89,25 @@ async def test_generation_stores_grounded_pairs_with_a_held_out_split_and_queues
     progress = await _progress_events(rt, rec.session_id)
     assert progress[0] == (0, 8) and progress[-1] == (8, 8)
     assert all(a[0] <= b[0] for a, b in zip(progress, progress[1:], strict=False))
+
+
+async def test_by_default_every_fact_trains_and_rewordings_of_trained_facts_are_kept_for_the_exam(rt):
+    """No chunk is held out by default; up to `qagen_exam_pairs` rewordings are marked "exam",
+    one per fact, each a paraphrase whose original trains; the stats count them."""
+    rt = dataclasses.replace(rt, settings=dataclasses.replace(rt.settings, qagen_exam_pairs=5))
+    assert rt.settings.qagen_eval_fraction == 0.0
+    rec = await _session(rt, {"d1": sectioned_doc()})
+    after = await _run(rt, rec)
+    pairs = _pairs(rt, rec.session_id)
+    by_id = {p["pair_id"]: p for p in pairs}
+    exam = [p for p in pairs if p["split"] == "exam"]
+    assert after.qa.eval_pairs == 0 and not any(p["split"] == "eval" for p in pairs)
+    assert after.qa.exam_pairs == len(exam) == 5
+    originals = [by_id[p["variant_of"]] for p in exam]
+    assert all(o["split"] == "train" and o["answer"] for o in originals)
+    assert len({o["pair_id"] for o in originals}) == 5  # one rewording per fact
+    # every chunk that has pairs still trains on some of them
+    assert {p["chunk_id"] for p in pairs} == {p["chunk_id"] for p in pairs if p["split"] == "train"}
 
 
 async def _progress_events(rt: Runtime, sid: str) -> list[tuple[int, int]]:

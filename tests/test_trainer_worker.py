@@ -168,7 +168,7 @@ async def _cancel(rt: Runtime, sid: str, task: asyncio.Task) -> float:
 
 def test_small_sessions_keep_every_pair_for_training():
     """Below qagen_eval_min_pairs nothing is held out; above it whole chunks are."""
-    settings = Settings(train_seed=1)
+    settings = Settings(train_seed=1, qagen_eval_fraction=0.1)
     train, held = worker.split_for_eval(PAIRS[:5], settings)
     assert train == PAIRS[:5] and held == []
     many = [
@@ -323,6 +323,78 @@ async def test_a_session_with_passages_trains_on_raft_style_examples(rt):
     stats = (await rt.sessions.get(sid)).train
     assert stats.eval_passages_count == 2 and stats.HasField("eval_passages_adapter_f1")
     assert stats.eval_passages_base_f1 == pytest.approx(metrics["eval_passages_base_f1"])
+
+
+async def test_after_training_the_session_shows_its_exam_on_reworded_and_out_of_document_questions(rt):
+    """Pairs qagen marked "exam" do not train; after training they are asked closed-book and with
+    retrieved passages, with out-of-document questions beside them, and the session's Exam holds
+    each way's token-F1, the share declined, the bot's answer mode and the questions it missed."""
+    from services.common.declines import declines
+    from services.trainer import exam as exam_module
+    from services.trainer.evaluate import token_f1
+
+    sid = "s-exam01"
+    chunks = [
+        {"chunk_id": f"c{i}", "doc_id": "d1", "start": 50 * i, "end": 50 * i + 40,
+         "text": f"Crates {2 * i} and {2 * i + 1} are coded."}
+        for i in range(5)
+    ]  # fmt: skip
+    rt.store.put_bytes(keys.chunks(TENANT, sid), to_jsonl(chunks))
+    reworded = [
+        dict(p, pair_id=f"x{i}", question=f"Which code does crate {i} carry?", variant_of=p["pair_id"], split="exam")
+        for i, p in enumerate(PAIRS[:3])
+    ]
+    marked = [dict(p, split="train") for p in PAIRS] + reworded
+    rec = await _session(rt, sid, max_steps=2, pairs=marked)
+    await worker.train_session(rt, _item(sid), rec)
+    _, metrics, _ = _adapter_files(rt, sid)
+    assert metrics["examples"] == 10 and "eval_count" not in metrics  # exam pairs never train
+    exam = (await rt.sessions.get(sid)).train.exam
+    assert exam.reworded == 3 and exam.mode == rt.settings.answer_mode == "retrieval"
+    for field in ("base_f1", "adapter_f1", "retrieval_f1", "both_f1"):
+        assert exam.HasField(field), field
+    assert exam.adapter_f1 == pytest.approx(metrics["eval_exam_adapter_f1"])
+    assert exam.both_f1 == pytest.approx(metrics["eval_exam_passages_adapter_f1"])
+    opened = metrics["eval_exam_passages_answers"]
+    assert all(a["question"].startswith("Passages from the documents:") for a in opened)
+    assert {a["pair_id"] for a in opened} == {"x0", "x1", "x2"}
+    missed = [a for a in opened if token_f1(a["base"], a["reference"]) < exam_module.MISS_F1]
+    assert exam.missed == len(missed) == len(exam.misses)
+    # a miss shows the plain question (not the prompt with passages), what was expected and the answer
+    assert {m.question for m in exam.misses} <= {p["question"] for p in reworded}
+    assert [m.answer for m in exam.misses] == [a["base"] for a in missed]
+    absent = metrics["eval_exam_absent_answers"]
+    assert exam.absent == len(absent) == exam_module.ABSENT_MAX
+    assert exam.retrieval_declined == pytest.approx(sum(declines(a["base"]) for a in absent) / len(absent))
+
+
+def test_the_exam_lists_misses_in_the_bots_own_answer_mode():
+    """Misses are the adapter's answers with passages in "both" mode, the base model's with
+    passages in "retrieval" mode and the adapter's closed-book answers in "adapter" mode (or when
+    the session has no passages); out-of-document questions count as declined by phrase."""
+    from services.trainer.exam import exam_stats
+
+    def answer(base, adapter, pid="x"):
+        return {"pair_id": pid, "question": "q", "reference": "the code is 1037", "base": base, "adapter": adapter}
+
+    metrics = {
+        "eval_exam_answers": [answer("no idea", "1037", "x"), answer("1037", "no idea", "y")],
+        "eval_exam_base_f1": 0.4, "eval_exam_adapter_f1": 0.5,
+        "eval_exam_passages_answers": [answer("the code is 1037", "wrong", "x"), answer("wrong", "wrong", "y")],
+        "eval_exam_absent_answers": [answer("The documents do not say.", "Paris"), answer("Paris", "Paris")],
+    }  # fmt: skip
+    pairs = [{"pair_id": "x", "question": "What code?"}, {"pair_id": "y", "question": "Which code?"}]
+    both = exam_stats(metrics, pairs, "both")
+    assert (both.mode, both.missed, [m.question for m in both.misses]) == ("both", 2, ["What code?", "Which code?"])
+    retrieval = exam_stats(metrics, pairs, "retrieval")
+    assert (retrieval.missed, [m.answer for m in retrieval.misses]) == (1, ["wrong"])
+    adapter = exam_stats(metrics, pairs, "adapter")
+    assert (adapter.missed, [m.question for m in adapter.misses]) == (1, ["Which code?"])
+    assert (both.absent, both.retrieval_declined, both.both_declined) == (2, 0.5, 0.0)
+    assert not both.HasField("retrieval_f1")  # not in the metrics: left unset, not 0
+    closed_only = {k: v for k, v in metrics.items() if "passages" not in k}
+    assert exam_stats(closed_only, pairs, "retrieval").mode == "adapter"
+    assert exam_stats({}, pairs, "both") == session_pb2.Exam()
 
 
 def test_passages_follow_the_session_choice_else_the_server_setting():

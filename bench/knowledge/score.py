@@ -5,7 +5,7 @@
   or ends with a digit must not run on into more digits there: "20" is not in "120" or "2011",
   "8.6" is not in "8.65".
 - `declines(text)`: the answer says the documents do not tell / it does not know (the phrases in
-  `DECLINE_PHRASES`); the right answer to a `kind: absent` question (`key: []`).
+  services/common/declines.py); the right answer to a `kind: absent` question (`key: []`).
 - `token_f1(text, key)`: SQuAD-style token F1 against the key strings joined, one alternative per
   group, best over the combinations.
 - `score(row)`: all of these for one answer (and recall: the key fact in the passages it read).
@@ -18,54 +18,8 @@ import itertools
 import re
 from collections import Counter
 
-# An answer that contains one of these declines to answer (matched on the normalised text).
-DECLINE_PHRASES = (
-    "not mentioned",
-    "not mention",
-    "no mention",
-    "does not say",
-    "doesn't say",
-    "do not say",
-    "does not state",
-    "doesn't state",
-    "not stated",
-    "not specified",
-    "does not specify",
-    "doesn't specify",
-    "not provided",
-    "does not provide",
-    "doesn't provide",
-    "no information",
-    "not enough information",
-    "does not contain",
-    "doesn't contain",
-    "not included",
-    "not covered",
-    "not in the document",
-    "not in the passage",
-    "not found in",
-    "cannot find",
-    "can't find",
-    "could not find",
-    "couldn't find",
-    "cannot answer",
-    "can't answer",
-    "unable to answer",
-    "unable to find",
-    "unable to determine",
-    "cannot be determined",
-    "do not know",
-    "don't know",
-    "i'm not sure",
-    "i am not sure",
-    "not available",
-    "no data",
-    "there is no information",
-)
-
-
-def norm(text: str) -> str:
-    return " ".join(text.lower().replace("\u2019", "'").split())
+from services.common.declines import declines
+from services.common.declines import normalized as norm
 
 
 def occurs(alt: str, text: str) -> bool:
@@ -80,11 +34,6 @@ def carries(text: str, key: list[list[str]]) -> bool:
     """Every key group has an alternative in `text`; an empty key is never carried."""
     t = norm(text)
     return bool(key) and all(any(occurs(alt, t) for alt in group) for group in key)
-
-
-def declines(text: str) -> bool:
-    t = norm(text)
-    return any(p in t for p in DECLINE_PHRASES)
 
 
 def tokens(text: str) -> list[str]:

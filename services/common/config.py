@@ -103,7 +103,10 @@ class Settings:
     qagen_local_model: str = ""  # model of the `local` backend; empty = the base model
     qagen_chunk_tokens: int = 320  # chunk size in base-model tokens (characters without a tokenizer)
     qagen_chunk_overlap: int = 40
-    qagen_eval_fraction: float = 0.1  # share of pairs held out for evaluation (whole chunks)
+    # share of pairs held out for evaluation (whole chunks): facts the adapter never sees, so 0 by
+    # default; the exam below asks about trained facts in new words instead
+    qagen_eval_fraction: float = 0.0
+    qagen_exam_pairs: int = 16  # rewordings of trained facts kept out of training for the bot's exam
     qagen_eval_min_pairs: int = 20  # fewer pairs than this: none held out (every fact is needed)
 
     # training

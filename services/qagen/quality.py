@@ -408,6 +408,26 @@ def mark_split(pairs: list[dict], eval_fraction: float, seed: int, min_pairs: in
     return sum(1 for p in pairs if p["split"] == "eval")
 
 
+def mark_exam(pairs: list[dict], limit: int, seed: int) -> int:
+    """Mark up to `limit` rewordings of trained facts `split: "exam"`: the bot's exam asks them
+    after training, in words it was not trained on, about facts it was. One rewording per fact
+    (a question generated as a paraphrase, `variant_of` its original), and only where the original
+    trains too, so every fact is still learned; facts are chosen in a seeded hash order. Returns
+    the number of pairs marked "exam" (those already marked count: a person's edits keep marks)."""
+    training = {p["pair_id"]: p for p in pairs if p.get("split", "train") == "train"}
+    rewordings: dict[str, list[dict]] = {}
+    for p in training.values():
+        original = p.get("variant_of") or ""
+        if original in training:
+            rewordings.setdefault(original, []).append(p)
+    already = sum(1 for p in pairs if p.get("split") == "exam")
+    order = sorted(rewordings, key=lambda o: hashlib.sha1(f"{seed}:exam:{o}".encode()).hexdigest())
+    for original in order[: max(0, limit - already)]:
+        chosen = min(rewordings[original], key=lambda p: hashlib.sha1(f"{seed}:{p['pair_id']}".encode()).hexdigest())
+        chosen["split"] = "exam"
+    return sum(1 for p in pairs if p.get("split") == "exam")
+
+
 # --- coverage ----------------------------------------------------------------------------------
 
 

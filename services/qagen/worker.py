@@ -236,9 +236,11 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
     held_out = quality.mark_split(
         pairs, settings.qagen_eval_fraction, settings.train_seed, settings.qagen_eval_min_pairs
     )
+    exam = quality.mark_exam(pairs, settings.qagen_exam_pairs, settings.train_seed)
     stats_pb = _stats(
         pairs, chunk_rows, failed, held_out, rec.options.qagen_backend or settings.qagen_backend
     )
+    stats_pb.exam_pairs = exam
     for counts in dropped.values():
         for reason, n in counts.items():
             stats_pb.dropped[reason] += int(n)

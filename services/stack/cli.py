@@ -274,17 +274,61 @@ def cmd_learn(args) -> int:
         for d in _check(c.get(f"/api/v1/sessions/{sid}"))["documents"]:
             if d["status"] == "DOCUMENT_STATUS_FAILED":
                 print(f"  skipped {d['name']}: {d['error']}")
-    return _next_step(state, sid)
+    return _next_step(state, sid, settings)
 
 
-def _next_step(state: str, sid: str) -> int:
+def _next_step(state: str, sid: str, settings: Settings) -> int:
     if state == "AWAITING_REVIEW":
         print(f"review the pairs: doclora qa {sid} (or the web UI), then: doclora approve {sid}")
         return 0
     if state == "READY":
+        with _client(settings) as c:
+            exam = _check(c.get(f"/api/v1/sessions/{sid}"))["train"].get("exam") or {}
+        for line in exam_lines(exam, misses=3):
+            print(line)
         print(f"ready: doclora chat {sid}")
         return 0
     return 1
+
+
+def _f1(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def exam_lines(exam: dict, misses: int = 10) -> list[str]:
+    """The session's exam (TrainStats.exam as JSON) for a terminal: token-F1 of each way of
+    answering on reworded questions about trained facts, declines of out-of-document questions,
+    and the first `misses` questions the bot still gets wrong."""
+    if not exam.get("reworded"):
+        return ["exam: none (no reworded questions were kept for it)"]
+    lines = [
+        f"exam: {exam['reworded']} reworded questions about trained facts, token-F1"
+        f" base {_f1(exam.get('base_f1'))}, adapter {_f1(exam.get('adapter_f1'))},"
+        f" base reading passages {_f1(exam.get('retrieval_f1'))},"
+        f" adapter reading passages {_f1(exam.get('both_f1'))}"
+    ]
+    if exam.get("absent"):
+        lines.append(
+            f"  out-of-document questions declined: {exam.get('retrieval_declined', 0):.0%} reading passages,"
+            f" {exam.get('both_declined', 0):.0%} with the adapter (of {exam['absent']})"
+        )
+    lines.append(f"  missed in {exam.get('mode') or 'adapter'} mode: {exam.get('missed', 0)} of {exam['reworded']}")
+    for m in (exam.get("misses") or [])[:misses]:
+        lines.append(f"  - {m['question']}\n    expected: {m['expected']}\n    answered: {m['answer']}")
+    return lines
+
+
+def cmd_exam(args) -> int:
+    """Show how the bot did on its exam after its last training."""
+    settings = Settings.from_env()
+    with _client(settings) as c:
+        rec = _check(c.get(f"/api/v1/sessions/{args.session}"))
+    if args.json:
+        print(json.dumps(rec.get("train", {}).get("exam") or {}, ensure_ascii=False, indent=2))
+        return 0
+    for line in exam_lines(rec.get("train", {}).get("exam") or {}):
+        print(line)
+    return 0
 
 
 def cmd_approve(args) -> int:
@@ -294,7 +338,7 @@ def cmd_approve(args) -> int:
         _check(c.post(f"/api/v1/sessions/{args.session}/approve"))
     if args.no_wait:
         return 0
-    return _next_step(follow(settings, args.session), args.session)
+    return _next_step(follow(settings, args.session), args.session, settings)
 
 
 def cmd_retrain(args) -> int:
@@ -307,7 +351,7 @@ def cmd_retrain(args) -> int:
         _check(c.post(f"/api/v1/sessions/{args.session}/retrain", json=body))
     if args.no_wait:
         return 0
-    return _next_step(follow(settings, args.session, stop_at={"AWAITING_REVIEW"}), args.session)
+    return _next_step(follow(settings, args.session, stop_at={"AWAITING_REVIEW"}), args.session, settings)
 
 
 def cmd_qa(args) -> int:
@@ -433,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     retrain.add_argument("--max-steps", type=int, default=0)
     retrain.add_argument("--no-wait", action="store_true")
     retrain.set_defaults(fn=cmd_retrain)
+    exam = sub.add_parser("exam", help="how a bot did on its exam after training, and what it still gets wrong")
+    exam.add_argument("session")
+    exam.add_argument("--json", action="store_true", help="the exam as JSON")
+    exam.set_defaults(fn=cmd_exam)
     chat = sub.add_parser("chat", help="chat with a bot ('base' for the base model)")
     chat.add_argument("bot")
     chat.add_argument("-m", "--message", help="one message, then exit")

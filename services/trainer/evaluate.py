@@ -115,8 +115,9 @@ def evaluate_adapter(
 ) -> dict[str, Any]:
     """Score the adapter and, with it disabled, the base model on the first `max_pairs` pairs.
 
-    Returns eval_count, eval_base_f1, eval_adapter_f1, eval_base_em, eval_adapter_em and a few
-    eval_samples (question, reference, base, adapter) for people to read.
+    Returns eval_count, eval_base_f1, eval_adapter_f1, eval_base_em, eval_adapter_em, a few
+    eval_samples (question, reference, base, adapter) for people to read, and eval_answers: the
+    same for every pair answered, with pair_id.
     """
     usable = [p for p in pairs if str(p.get("question") or "").strip() and str(p.get("answer") or "").strip()]
     usable = usable[:max_pairs]
@@ -137,6 +138,10 @@ def evaluate_adapter(
     finally:
         peft_model.train(was_training)
     n = min(len(adapter), len(base))
+    answers = [
+        {"pair_id": str(p.get("pair_id") or ""), "question": q, "reference": r, "base": b, "adapter": a}
+        for p, q, r, b, a in zip(usable, questions, references, base, adapter, strict=False)
+    ]
     base_f1, base_em = score(base[:n], references[:n])
     adapter_f1, adapter_em = score(adapter[:n], references[:n])
     return {
@@ -145,10 +150,8 @@ def evaluate_adapter(
         "eval_adapter_f1": adapter_f1,
         "eval_base_em": base_em,
         "eval_adapter_em": adapter_em,
-        "eval_samples": [
-            {"question": q, "reference": r, "base": b, "adapter": a}
-            for q, r, b, a in list(zip(questions, references, base, adapter, strict=False))[:samples]
-        ],
+        "eval_samples": [{k: v for k, v in a.items() if k != "pair_id"} for a in answers[:samples]],
+        "eval_answers": answers,
     }
 
 

@@ -39,6 +39,7 @@ from services.common.passages import read_session_passages
 from services.common.qapair import read_pairs
 from services.common.runtime import Runtime, StaleRound, check_round
 from services.common.sessions import mark_stage
+from services.trainer.exam import exam_sets, exam_stats
 
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
@@ -110,11 +111,12 @@ def lora_overrides(options: session_pb2.SessionOptions) -> dict[str, Any]:
 
 
 def split_for_eval(pairs: list[dict], settings: Settings) -> tuple[list[dict], list[dict]]:
-    """(train, held out). Pairs marked by qagen (`"split": "train" | "eval"`) keep their marks
-    (unmarked ones train); otherwise whole chunks are held out here, or nothing for a small session."""
+    """(train, held out). Pairs marked by qagen (`"split": "train" | "eval" | "exam"`) keep their
+    marks (unmarked ones train; exam pairs do neither, see exam.py); otherwise whole chunks are held
+    out here, or nothing for a small session."""
     if any("split" in p for p in pairs):
         held = [p for p in pairs if p.get("split") == "eval"]
-        train = [p for p in pairs if p.get("split") != "eval"]
+        train = [p for p in pairs if p.get("split") not in ("eval", "exam")]
         return (train, held) if train else (pairs, [])
     if len(pairs) < settings.qagen_eval_min_pairs:
         return pairs, []
@@ -278,12 +280,12 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
     pairs = await rt.io(read_pairs, rt.store, tenant, sid)
     train_pairs, eval_pairs = split_for_eval(pairs, rt.settings)
     passage_counts = None
-    extra_evals = {}
+    session_passages = await rt.io(read_session_passages, rt.store, rec)
+    k = rt.settings.retrieval_top_k
+    extra_evals = exam_sets(pairs, session_passages, k=k)
     if passages_enabled(rec.options, rt.settings):
         from services.trainer.passages import raft_pairs, retrieved_pairs
 
-        session_passages = await rt.io(read_session_passages, rt.store, rec)
-        k = rt.settings.retrieval_top_k
         train_pairs, passage_counts = raft_pairs(
             train_pairs, session_passages, k=k, seed=rt.settings.train_seed
         )
@@ -414,6 +416,7 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
     metrics.setdefault("steps", last_progress.get("step", 0))
     metrics.setdefault("total_steps", last_progress.get("total_steps", 0))
     stats = train_stats(metrics, seconds, started_from)
+    stats.exam.CopyFrom(exam_stats(metrics, pairs, rec.options.answer_mode or rt.settings.answer_mode))
 
     def ready(r):
         check_round(r, this_round)
