@@ -1,0 +1,282 @@
+"""The `doclora` commands that use a running stack through the gateway's HTTP API: learn, approve,
+retrain, qa, exam, chat and sessions, with the progress follower they share. Stack control (up,
+down, status) is in cli.py, which wires both into one command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from services.common.config import Settings
+
+FINAL = {"READY", "FAILED", "CANCELLED"}
+
+
+def gateway_url(settings: Settings) -> str:
+    return os.environ.get("DOCLORA_GATEWAY_URL") or f"http://{settings.gateway_host}:{settings.gateway_port}"
+
+
+def _client(settings: Settings):
+    import httpx
+
+    return httpx.Client(base_url=gateway_url(settings), timeout=httpx.Timeout(30.0, read=None))
+
+
+def _check(resp) -> dict:
+    if resp.status_code >= 400:
+        try:
+            err = resp.json()["error"]
+            msg = f"{err['code']}: {err['message']}"
+        except (ValueError, KeyError):
+            msg = resp.text
+        raise SystemExit(f"error {resp.status_code}: {msg}")
+    return resp.json()
+
+
+def _sse(resp):
+    event, data = None, []
+    for line in resp.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            yield event, json.loads("\n".join(data))
+            event, data = None, []
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    frac = done / total if total else 0.0
+    fill = int(frac * width)
+    return "[" + "#" * fill + "-" * (width - fill) + f"] {done}/{total}"
+
+
+def follow(settings: Settings, sid: str, out=sys.stdout, stop_at=None) -> str:
+    """Print a session's progress until it ends (or reaches a state in `stop_at`); returns the
+    state name it stopped at."""
+    stop_at = FINAL | set(stop_at or ())
+    state = ""
+    with _client(settings) as c, c.stream("GET", f"/api/v1/sessions/{sid}/events") as resp:
+        if resp.status_code >= 400:
+            resp.read()
+            _check(resp)
+        for _kind, payload in _sse(resp):
+            ev, sess = payload["event"], payload["session"]
+            state = sess["state"].removeprefix("SESSION_STATE_")
+            if "progress" in ev:
+                p = ev["progress"]
+                stage = p.get("stage", "").removeprefix("STAGE_").lower()
+                line = f"\r{stage:<7} {_bar(int(p.get('done', 0)), int(p.get('total', 0)))} {p.get('message', '')}"
+                out.write(line[:120].ljust(120))
+            else:
+                out.write(f"\n{state}")
+                if state == "FAILED":
+                    out.write(f": {sess.get('error', {}).get('message', '')}")
+            out.flush()
+            if state in stop_at:
+                break
+    out.write("\n")
+    return state
+
+
+def cmd_learn(args) -> int:
+    """Sources may be files (uploaded), http(s) links, or text; all go into one session."""
+    settings = Settings.from_env()
+    files, urls, texts = [], [], []
+    for source in args.sources:
+        if source.startswith(("http://", "https://")):
+            urls.append(source)
+        elif len(source) < 4096 and Path(source).is_file():
+            files.append(Path(source))
+        else:
+            texts.append(source)
+    form = {"name": args.name, "urls": urls, "password": args.password}
+    if texts:
+        form["text"] = "\n\n".join(texts)
+    if args.max_steps:
+        form["max_steps"] = str(args.max_steps)
+    if args.review:
+        form["review"] = "true"
+    with _client(settings) as c:
+        handles = [open(p, "rb") for p in files]  # streamed by httpx, never read whole here
+        try:
+            sess = _check(
+                c.post(
+                    "/api/v1/sessions/upload",
+                    data=form,
+                    files=[("files", (p.name, h)) for p, h in zip(files, handles, strict=True)],
+                )
+            )
+        finally:
+            for h in handles:
+                h.close()
+    sid = sess["session_id"]
+    print(f"session {sid}")
+    if args.no_wait:
+        return 0
+    state = follow(settings, sid, stop_at={"AWAITING_REVIEW"})
+    with _client(settings) as c:
+        for d in _check(c.get(f"/api/v1/sessions/{sid}"))["documents"]:
+            if d["status"] == "DOCUMENT_STATUS_FAILED":
+                print(f"  skipped {d['name']}: {d['error']}")
+    return _next_step(state, sid, settings)
+
+
+def _next_step(state: str, sid: str, settings: Settings) -> int:
+    if state == "AWAITING_REVIEW":
+        print(f"review the pairs: doclora qa {sid} (or the web UI), then: doclora approve {sid}")
+        return 0
+    if state == "READY":
+        with _client(settings) as c:
+            exam = _check(c.get(f"/api/v1/sessions/{sid}"))["train"].get("exam") or {}
+        for line in exam_lines(exam, misses=3):
+            print(line)
+        print(f"ready: doclora chat {sid}")
+        return 0
+    return 1
+
+
+def _f1(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def exam_lines(exam: dict, misses: int = 10) -> list[str]:
+    """The session's exam (TrainStats.exam as JSON) for a terminal: token-F1 of each way of
+    answering on reworded questions about trained facts, declines of out-of-document questions,
+    and the first `misses` questions the bot still gets wrong."""
+    if not exam.get("reworded"):
+        return ["exam: none (no reworded questions were kept for it)"]
+    lines = [
+        f"exam: {exam['reworded']} reworded questions about trained facts, token-F1"
+        f" base {_f1(exam.get('base_f1'))}, adapter {_f1(exam.get('adapter_f1'))},"
+        f" base reading passages {_f1(exam.get('retrieval_f1'))},"
+        f" adapter reading passages {_f1(exam.get('both_f1'))}"
+    ]
+    if exam.get("absent"):
+        lines.append(
+            f"  out-of-document questions declined: {exam.get('retrieval_declined', 0):.0%} reading passages,"
+            f" {exam.get('both_declined', 0):.0%} with the adapter (of {exam['absent']})"
+        )
+    lines.append(f"  missed in {exam.get('mode') or 'adapter'} mode: {exam.get('missed', 0)} of {exam['reworded']}")
+    for m in (exam.get("misses") or [])[:misses]:
+        lines.append(f"  - {m['question']}\n    expected: {m['expected']}\n    answered: {m['answer']}")
+    return lines
+
+
+def cmd_exam(args) -> int:
+    """Show how the bot did on its exam after its last training."""
+    settings = Settings.from_env()
+    with _client(settings) as c:
+        rec = _check(c.get(f"/api/v1/sessions/{args.session}"))
+    if args.json:
+        print(json.dumps(rec.get("train", {}).get("exam") or {}, ensure_ascii=False, indent=2))
+        return 0
+    for line in exam_lines(rec.get("train", {}).get("exam") or {}):
+        print(line)
+    return 0
+
+
+def cmd_approve(args) -> int:
+    """Approve a reviewed session's pairs and follow its training."""
+    settings = Settings.from_env()
+    with _client(settings) as c:
+        _check(c.post(f"/api/v1/sessions/{args.session}/approve"))
+    if args.no_wait:
+        return 0
+    return _next_step(follow(settings, args.session), args.session, settings)
+
+
+def cmd_retrain(args) -> int:
+    """Train a finished session again from its stored pairs."""
+    settings = Settings.from_env()
+    body: dict = {"from_scratch": args.from_scratch}
+    if args.max_steps:
+        body["max_steps"] = args.max_steps
+    with _client(settings) as c:
+        _check(c.post(f"/api/v1/sessions/{args.session}/retrain", json=body))
+    if args.no_wait:
+        return 0
+    return _next_step(follow(settings, args.session, stop_at={"AWAITING_REVIEW"}), args.session, settings)
+
+
+def cmd_qa(args) -> int:
+    settings = Settings.from_env()
+    if args.export:
+        with (
+            _client(settings) as c,
+            c.stream(
+                "GET", f"/api/v1/sessions/{args.session}/qa/export", params={"format": args.export}
+            ) as resp,
+        ):
+            if resp.status_code >= 400:
+                resp.read()
+                _check(resp)
+            for piece in resp.iter_bytes():
+                sys.stdout.buffer.write(piece)
+        sys.stdout.flush()
+        return 0
+    with _client(settings) as c:
+        data = _check(c.get(f"/api/v1/sessions/{args.session}/qa", params={"page_size": args.limit}))
+    for p in data["pairs"]:
+        if args.json:
+            print(json.dumps(p, ensure_ascii=False))
+        else:
+            print(f"Q: {p['question']}\nA: {p['answer']}\n")
+    if not args.json:
+        print(f"({len(data['pairs'])} of {data['total']} pairs)")
+    return 0
+
+
+def _chat_once(c, bot: str, history: list[dict], args) -> str:
+    body = {"messages": history, "stream": True, "temperature": args.temperature}
+    if args.max_tokens:
+        body["max_tokens"] = args.max_tokens
+    answer, cites = [], []
+    with c.stream("POST", f"/api/v1/bots/{bot}/chat", json=body) as resp:
+        if resp.status_code >= 400:
+            resp.read()
+            _check(resp)
+        for kind, payload in _sse(resp):
+            if kind == "citations":
+                cites = payload["citations"]
+            elif kind == "delta":
+                answer.append(payload["delta"])
+                sys.stdout.write(payload["delta"])
+                sys.stdout.flush()
+            elif kind == "error":
+                raise SystemExit(f"\nerror: {payload['error']['message']}")
+    sys.stdout.write("\n")
+    for ci in cites:
+        print(f"  [{ci['index']}] {ci['doc_name']}, p. {ci['page']}")
+    return "".join(answer)
+
+
+def cmd_chat(args) -> int:
+    settings = Settings.from_env()
+    history: list[dict] = []
+    with _client(settings) as c:
+        if args.message:
+            history.append({"role": "user", "content": args.message})
+            _chat_once(c, args.bot, history, args)
+            return 0
+        print("chat with", args.bot, "(empty line to quit)")
+        while True:
+            try:
+                q = input("> ").strip()
+            except EOFError:
+                return 0
+            if not q:
+                return 0
+            history.append({"role": "user", "content": q})
+            history.append({"role": "assistant", "content": _chat_once(c, args.bot, history, args)})
+
+
+def cmd_sessions(args) -> int:
+    settings = Settings.from_env()
+    with _client(settings) as c:
+        data = _check(c.get("/api/v1/sessions"))
+    for s in data["sessions"]:
+        print(f"{s['session_id']}  {s['state'].removeprefix('SESSION_STATE_'):<10} {s['name']}")
+    return 0
