@@ -67,18 +67,23 @@ def score_tables(res: dict) -> str:
 
 
 def time_table(res: dict) -> str:
-    head = "| document | given as | pages | pairs (eval) | steps | tokens | ingest s | QA gen s | train s | to READY s | held-out F1 base → adapter |"
+    head = "| document | given as | pages | pairs (eval or exam) | steps | tokens | ingest s | QA gen s | train s | to READY s | held-out F1 base → adapter, or exam F1 base / adapter / retrieval / both |"
     lines = [head, "|" + " --- |" * 2 + " ---: |" * 9]
     for name, d in res["docs"].items():
         t, ev = d["times"], d["eval"]
         f1 = f"{_fmt(ev.get('eval_base_f1'), 'f1')} → {_fmt(ev.get('eval_adapter_f1'), 'f1')}"
         if ev.get("eval_passages_count"):
             f1 += f" (with passages {_fmt(ev.get('eval_passages_base_f1'), 'f1')} → {_fmt(ev.get('eval_passages_adapter_f1'), 'f1')})"
+        exam = d.get("exam") or {}
+        if exam.get("reworded"):  # the bot's exam (newer runs): reworded questions on trained facts
+            ways = ("base_f1", "adapter_f1", "retrieval_f1", "both_f1")
+            f1 = "exam " + " / ".join(_fmt(exam.get(k), "f1") for k in ways)
+            f1 += f", {exam.get('missed', 0)} of {exam['reworded']} missed"
         cells = [
             name,
             d["given_as"],
             d["pages"],
-            f"{d['pairs']} ({d['eval_pairs']})",
+            f"{d['pairs']} ({d['eval_pairs'] or d.get('exam_pairs', 0)})",
             d["steps"],
             d["tokens"],
             *(_secs(t.get(k)) for k in ("ingest", "qagen", "train", "ready")),

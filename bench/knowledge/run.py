@@ -21,8 +21,8 @@ split goes, greedy (temperature 0, seed 0) with the same `--max-tokens`, to:
     script     the base model in this process reading the top 3 BM25 hits over 120-word chunks of
                the extracted text (script.py)
 
-Scores (score.py) per system, document and split; the times, pairs, steps, tokens and held-out
-evaluation come from the session record. Every answer goes to results/<timestamp>.json, the
+Scores (score.py) per system, document and split; the times, pairs, steps, tokens, held-out
+evaluation and the bot's own exam come from the session record. Every answer goes to results/<timestamp>.json, the
 tables to stdout, and with `--record` a section (tables + chart) to RESULTS.md.
 """
 
@@ -89,6 +89,8 @@ def session_stats(sess: dict, given_as: str) -> dict:
         "train_seconds": train.get("seconds"),
         "times": times,
         "eval": {k: v for k, v in train.items() if k.startswith("eval_")},
+        "exam_pairs": qa.get("exam_pairs", 0),
+        "exam": train.get("exam") or {},
     }
 
 
