@@ -132,6 +132,34 @@ def test_hybrid_finds_a_paraphrase_that_shares_no_word_with_the_passage():
     assert idx.search("quantum chromodynamics lattice") == []
 
 
+def test_passages_are_embedded_as_half_overlapping_word_windows():
+    """A long passage is cut into windows of WINDOW_WORDS words, half overlapping, the last one
+    ending at its end; a short one is one window."""
+    from services.inference.retrieve import windows
+
+    words = [f"w{i}" for i in range(100)]
+    pieces = windows(" ".join(words), size=40)
+    assert [p.split()[0] for p in pieces] == ["w0", "w20", "w40", "w60"]
+    assert all(len(p.split()) == 40 for p in pieces) and pieces[-1].split()[-1] == "w99"
+    assert windows("a  short\ntext", size=40) == ["a short text"]
+
+
+def test_a_fact_deep_in_a_long_passage_is_found_by_its_best_window():
+    """Similarity is the passage's best window: a fact at the end of a long passage about something
+    else is found by meaning, where one vector for the whole passage is mostly the other topic."""
+    filler = "Moss grows on the north wall of the shed. " * 12
+    long = Passage("long", "d", "doc", 1, 0, 10, filler + "Pears are harvested in October.")
+    other = Passage("other", "d", "doc", 2, 0, 10, "The orchard was founded by a farm cooperative.")
+    question = "When is the fruit picked?"  # no word in common with either passage
+    whole = Hybrid([long, other], ConceptEmbedder(), window_words=10_000)
+    assert whole.similarities(question)[0] < 0.3 and whole.search(question) == []
+    idx = Hybrid([long, other], ConceptEmbedder(), window_words=8)
+    assert len(idx.owners) > 2  # the long passage is several windows
+    sims = idx.similarities(question)
+    assert sims[0] > 0.9 and sims[1] < 0.3
+    assert [h.passage.chunk_id for h in idx.search(question)] == ["long"]
+
+
 def test_without_an_embedder_the_index_is_bm25():
     """No embedding model installed: build_index gives the plain BM25 index."""
     assert isinstance(build_index(build_passages(CHUNKS, PAGES, {}), None), BM25)

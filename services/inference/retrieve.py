@@ -99,6 +99,25 @@ def default_embedder() -> Embedder | None:
     return MiniLM(folder) if folder is not None else None
 
 
+# A passage is embedded as windows of this many words (half overlapping) and scores its best
+# window: all-MiniLM-L6-v2 reads at most 256 word pieces, so a whole 320-token passage lost its
+# tail, and one vector for several facts matched none of them well. Measured on bench/knowledge
+# (tune questions, top 3): the key fact in the passages 89% whole, 93% with 80-word windows
+# (91-93% for 40-100 words or 2-5 sentence windows).
+WINDOW_WORDS = 80
+
+
+def windows(text: str, size: int = WINDOW_WORDS) -> list[str]:
+    """`text` as pieces of `size` words, each starting half a piece after the one before; the last
+    one ends at the text's end. A text of at most `size` words is one piece."""
+    words = text.split()
+    if len(words) <= size:
+        return [" ".join(words)]
+    step = max(1, size // 2)
+    starts = list(range(0, len(words) - size, step)) + [len(words) - size]
+    return [" ".join(words[i : i + size]) for i in starts]
+
+
 class Hybrid:
     """BM25 and embedding rankings merged by reciprocal rank fusion (RRF).
 
@@ -106,25 +125,40 @@ class Hybrid:
     BM25 ranks only passages sharing a word with the query; the embedding ranking only those at
     least `min_similarity` (cosine) from it, so an unrelated question still retrieves nothing.
     0.3 sits above what all-MiniLM-L6-v2 gives unrelated sentences (about -0.1 to 0.2) and below
-    close paraphrases (0.4 and up).
+    close paraphrases (0.4 and up). A passage's similarity is that of its best window (`windows`).
     """
 
     def __init__(
-        self, passages: list[Passage], embedder: Embedder, *, rrf_k: int = 60, min_similarity: float = 0.3
+        self,
+        passages: list[Passage],
+        embedder: Embedder,
+        *,
+        rrf_k: int = 60,
+        min_similarity: float = 0.3,
+        window_words: int = WINDOW_WORDS,
     ):
         self.passages = passages
         self.bm25 = BM25(passages)
         self.embedder = embedder
         self.rrf_k = rrf_k
         self.min_similarity = min_similarity
-        self.vectors = embedder.encode([p.text for p in passages]) if passages else None
+        pieces = [(i, w) for i, p in enumerate(passages) for w in windows(p.text, window_words)]
+        self.owners = [i for i, _ in pieces]  # the passage of each window
+        self.vectors = embedder.encode([w for _, w in pieces]) if passages else None
+
+    def similarities(self, query: str) -> list[float]:
+        """Cosine similarity of each passage to `query`: its best window's."""
+        best = [-1.0] * len(self.passages)
+        for i, s in zip(self.owners, (self.vectors @ self.embedder.encode([query])[0]).tolist(), strict=True):
+            best[i] = max(best[i], s)
+        return best
 
     def search(self, query: str, k: int = 3) -> list[Hit]:
         if not self.passages:
             return []
         pool = max(k * 4, 20)  # candidates per ranking
         by_words = self.bm25.ranked(query)[:pool]
-        sims = (self.vectors @ self.embedder.encode([query])[0]).tolist()
+        sims = self.similarities(query)
         by_meaning = sorted(
             (i for i, s in enumerate(sims) if s >= self.min_similarity), key=lambda i: -sims[i]
         )
