@@ -83,7 +83,8 @@ def cpu_seconds() -> float:
 def run_doclora(steps: int, n_pairs: int, precision: str) -> dict:
     from services.common.config import Settings
     from services.common.model import load_base_model
-    from services.trainer.lora import LoraTrainConfig, train_lora
+    from services.trainer.config import LoraTrainConfig
+    from services.trainer.loop import train_lora
 
     model, tok = load_base_model(Settings.from_env(), for_training=True)
     weights = linear_weights(model)
@@ -113,7 +114,8 @@ def run_hf(steps: int, n_pairs: int) -> dict:
 
     from services.common.config import Settings
     from services.common.model import load_base_model
-    from services.trainer.lora import build_examples, linear_module_names
+    from services.trainer.adapter_io import linear_module_names
+    from services.trainer.examples import build_examples
 
     model, tok = load_base_model(Settings.from_env(), for_training=True)
     weights = linear_weights(model)
@@ -231,7 +233,7 @@ def main() -> None:
 
     import torch
 
-    from services.trainer.lora import autocast_dtype, cpu_has_native_bf16
+    from services.trainer.config import autocast_dtype, cpu_has_native_bf16
 
     torch.set_num_threads(args.threads)
     auto_bf16 = autocast_dtype("auto", torch.device("cpu")) is not None

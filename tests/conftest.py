@@ -20,9 +20,9 @@ def _cpu_bf16_as_forced():
     forced = os.environ.get("DOCLORA_TRAIN_PRECISION", "").strip().lower()
     with pytest.MonkeyPatch.context() as patch:
         if forced in ("fp32", "bf16"):
-            from services.trainer import lora
+            from services.trainer import config
 
-            patch.setattr(lora, "cpu_has_native_bf16", lambda: forced == "bf16")
+            patch.setattr(config, "cpu_has_native_bf16", lambda: forced == "bf16")
         yield
 
 

@@ -1,4 +1,4 @@
-"""The LoRA training core (services/trainer/lora.py) on a tiny Llama with the real SmolLM2 tokenizer."""
+"""The LoRA training core (services/trainer/loop.py, steps.py, examples.py) on a tiny Llama with the real SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
@@ -10,15 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from services.common.errors import InvalidArgument
-from services.trainer.lora import (
-    IGNORE_INDEX,
-    LoraTrainConfig,
-    TrainingCancelled,
-    build_examples,
-    linear_module_names,
-    lr_factor,
-    train_lora,
-)
+from services.trainer.adapter_io import linear_module_names
+from services.trainer.config import LoraTrainConfig, lr_factor
+from services.trainer.examples import build_examples
+from services.trainer.loop import train_lora
+from services.trainer.packing import IGNORE_INDEX
+from services.trainer.steps import TrainingCancelled
 from tests.test_model import real_tokenizer, tiny_llama
 
 torch.set_num_threads(1)  # two cores shared by everyone: a tiny model gains nothing from threads

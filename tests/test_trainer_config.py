@@ -1,14 +1,15 @@
-"""LoRA settings scaled to the data size and the precision choice (services/trainer/lora.py)."""
+"""LoRA settings scaled to the data size and the precision choice (services/trainer/config.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import services.trainer.lora as lora
+import services.trainer.config as train_config
 from services.common.config import Settings
 from services.common.errors import InvalidArgument
-from services.trainer.lora import LoraTrainConfig, auto_config, autocast_dtype, train_lora
+from services.trainer.config import LoraTrainConfig, auto_config, autocast_dtype
+from services.trainer.loop import train_lora
 from tests.test_lora import FAST, PAIRS
 from tests.test_model import real_tokenizer, tiny_llama
 
@@ -62,10 +63,10 @@ def test_the_resolved_settings_are_recorded(tmp_path):
 
 def test_precision_auto_uses_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(lora, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(train_config, "cpu_has_native_bf16", lambda: True)
     assert autocast_dtype("auto", cpu) == torch.bfloat16
     assert autocast_dtype("fp32", cpu) is None
-    monkeypatch.setattr(lora, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(train_config, "cpu_has_native_bf16", lambda: False)
     assert autocast_dtype("auto", cpu) is None
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
     assert autocast_dtype("AUTO", torch.device("cuda")) is None  # a GPU model is loaded in bf16 already
@@ -90,14 +91,14 @@ def test_gradient_checkpointing_is_automatic_on_cuda_for_large_models_and_can_be
     """ "auto" recomputes activations only on CUDA for a model of a billion parameters or more;
     "on" and "off" win everywhere."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    big, small = lora.GRADIENT_CHECKPOINTING_MIN_PARAMS, 135_000_000
-    assert lora.use_gradient_checkpointing("auto", cuda, big)
-    assert not lora.use_gradient_checkpointing("auto", cuda, small)
-    assert not lora.use_gradient_checkpointing("auto", cpu, big)
-    assert lora.use_gradient_checkpointing("on", cpu, small)
-    assert not lora.use_gradient_checkpointing("off", cuda, big)
+    big, small = train_config.GRADIENT_CHECKPOINTING_MIN_PARAMS, 135_000_000
+    assert train_config.use_gradient_checkpointing("auto", cuda, big)
+    assert not train_config.use_gradient_checkpointing("auto", cuda, small)
+    assert not train_config.use_gradient_checkpointing("auto", cpu, big)
+    assert train_config.use_gradient_checkpointing("on", cpu, small)
+    assert not train_config.use_gradient_checkpointing("off", cuda, big)
     with pytest.raises(InvalidArgument):
-        lora.use_gradient_checkpointing("sometimes", cpu, small)
+        train_config.use_gradient_checkpointing("sometimes", cpu, small)
     assert LoraTrainConfig.from_settings(Settings()).gradient_checkpointing == "auto"
 
 
@@ -178,8 +179,8 @@ def test_a_time_budget_shortens_a_derived_run_after_timing_its_first_steps(tmp_p
     reports = []
     cfg = LoraTrainConfig(epochs=3, min_steps=0, time_budget_s=1e-6, progress_interval_s=0.0, **FAST)
     metrics = train_lora(tiny_llama(len(tok)), tok, many, tmp_path / "a", cfg, progress=reports.append)
-    assert metrics["total_steps"] == metrics["steps"] == lora.BUDGET_MIN_STEPS
-    assert reports[-1]["step"] == reports[-1]["total_steps"] == lora.BUDGET_MIN_STEPS
+    assert metrics["total_steps"] == metrics["steps"] == train_config.BUDGET_MIN_STEPS
+    assert reports[-1]["step"] == reports[-1]["total_steps"] == train_config.BUDGET_MIN_STEPS
     assert reports[0]["total_steps"] == 60  # planned before the steps were timed
     assert reports[-1]["lr"] < 0.2 * FAST["lr"]  # the cosine ran to the shortened end
 
@@ -203,5 +204,5 @@ def test_a_run_shortened_by_its_budget_resumes_at_the_same_length(tmp_path):
     full = train_lora(tiny_llama(len(tok)), tok, many, tmp_path / "a", cfg, on_checkpoint=saved.append)
     assert [s["step"] for s in saved] == [6]
     resumed = train_lora(tiny_llama(len(tok)), tok, many, tmp_path / "b", cfg, resume=saved[0])
-    assert resumed["resumed_from_step"] == 6 and resumed["total_steps"] == lora.BUDGET_MIN_STEPS
+    assert resumed["resumed_from_step"] == 6 and resumed["total_steps"] == train_config.BUDGET_MIN_STEPS
     assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-5)

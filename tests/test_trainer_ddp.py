@@ -1,5 +1,5 @@
 """One training job as two CPU processes with torch distributed (gloo), launched by torchrun
-(services/trainer/ddp.py and the distributed step of services/trainer/lora.py)."""
+(services/trainer/ddp.py and the distributed step of services/trainer/distributed.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.trainer.lora import LoraTrainConfig, train_lora
+from services.trainer.config import LoraTrainConfig
+from services.trainer.loop import train_lora
 from tests.test_model import real_tokenizer, tiny_llama
 
 torch.set_num_threads(1)

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from services.trainer.config import LoraTrainConfig
 from services.trainer.evaluate import (
     exact_match,
     generate_answers,
@@ -18,7 +19,7 @@ from services.trainer.evaluate import (
     split_by_chunk,
     token_f1,
 )
-from services.trainer.lora import LoraTrainConfig, train_lora
+from services.trainer.loop import train_lora
 from tests.test_lora import FAST, PAIRS
 from tests.test_model import real_tokenizer, tiny_llama
 

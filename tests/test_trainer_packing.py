@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from services.trainer.lora import IGNORE_INDEX, build_examples, step_batches
+from services.trainer.examples import build_examples, step_batches
 from services.trainer.packing import (
+    IGNORE_INDEX,
     attention_kind,
     block_causal_mask,
     pack,
@@ -126,7 +127,7 @@ def test_sharing_the_prefix_leaves_the_loss_and_the_gradients_unchanged(tokenize
     """The adapter gradients of a step are the same with the prefix shared or repeated per example."""
     from peft import LoraConfig, get_peft_model
 
-    from services.trainer.lora import linear_module_names
+    from services.trainer.adapter_io import linear_module_names
 
     base = _model(tokenizer, "sdpa")
     model = get_peft_model(

@@ -7,7 +7,7 @@ from services.common import passages as layout
 from services.common.passages import build_passages
 from services.inference import service as inference_service
 from services.trainer import passages
-from services.trainer.lora import build_examples
+from services.trainer.examples import build_examples
 from tests.test_model import real_tokenizer
 
 TOPICS = [

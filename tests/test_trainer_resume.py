@@ -1,4 +1,4 @@
-"""Checkpoints, resume and cancel of the LoRA training core (services/trainer/lora.py, checkpoint.py),
+"""Checkpoints, resume and cancel of the LoRA training core (services/trainer/loop.py, checkpoint.py),
 including a training process killed with SIGKILL and resumed from its last checkpoint."""
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from services.trainer import checkpoint
-from services.trainer.lora import LoraTrainConfig, TrainingCancelled, autocast_dtype, train_lora
+from services.trainer.config import LoraTrainConfig, autocast_dtype
+from services.trainer.loop import train_lora
+from services.trainer.steps import TrainingCancelled
 from tests.test_lora import PAIRS
 from tests.test_model import real_tokenizer, tiny_llama
 
@@ -152,7 +154,8 @@ _CHILD = textwrap.dedent(
     import os, sys, time, torch
     torch.set_num_threads(1)
     from services.trainer import checkpoint
-    from services.trainer.lora import LoraTrainConfig, train_lora
+    from services.trainer.config import LoraTrainConfig
+    from services.trainer.loop import train_lora
     from tests.test_lora import PAIRS
     from tests.test_model import real_tokenizer, tiny_llama
     from tests.test_trainer_resume import KILL_RUN

@@ -4,7 +4,7 @@
         --pairs pairs.jsonl --out adapter/ [--base-model ID_OR_PATH] [--max-steps N] ...
 
 Every process loads the base model on its own device (CUDA: `cuda:{LOCAL_RANK}`, backend NCCL;
-CPU: backend gloo) and runs `lora.train_lora` on the same pairs: each step's batch is
+CPU: backend gloo) and runs `loop.train_lora` on the same pairs: each step's batch is
 `--batch-size` examples per process, the gradients are all-reduced, and rank 0 evaluates the
 held-out pairs and writes the PEFT folder and metrics.json to `--out`. Without torchrun it runs as
 one process. Settings not given as flags come from the `DOCLORA_*` environment, as in the service.
@@ -17,7 +17,7 @@ checkpoints (`state.pt`, replaced atomically), and rank 0 appends JSON lines to 
 `{"kind": "metrics", "metrics"}` at the end, `{"kind": "cancelled", "step", "total_steps"}`.
 
 Stopping: SIGTERM during training (the service cancelling, or torchrun passing its own SIGTERM on)
-stops every process before the same step (see `lora._stop_agreed`) and exits with 143; before
+stops every process before the same step (see `distributed.stop_agreed`) and exits with 143; before
 training starts it ends the process at once. On Linux a process dies with torchrun's agent, and
 all stop when the process named by DOCLORA_TRAIN_OWNER_PID (the trainer service) is gone.
 """
@@ -186,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.common.config import Settings
     from services.trainer import checkpoint
-    from services.trainer.lora import LoraTrainConfig, TrainingCancelled, read_adapter, train_lora
+    from services.trainer.adapter_io import read_adapter
+    from services.trainer.config import LoraTrainConfig
+    from services.trainer.loop import train_lora
     from services.trainer.quant import load_training_model
+    from services.trainer.steps import TrainingCancelled
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -219,7 +219,7 @@ def train_in_processes(
     gets each checkpoint serialised. Returns rank 0's metrics; raises TrainingCancelled when
     stopped by `should_stop`, TrainingProcessFailed when the processes fail."""
     from services.trainer import checkpoint
-    from services.trainer.lora import TrainingCancelled
+    from services.trainer.steps import TrainingCancelled
 
     with tempfile.TemporaryDirectory(prefix="doclora-ddp-") as tmp:
         work = Path(tmp)

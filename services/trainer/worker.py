@@ -161,7 +161,9 @@ def _train_blocking(
     """One run in this process (call it in a thread); launch.train_in_processes takes the same
     arguments. `on_checkpoint(data, step)` gets each checkpoint serialised."""
     from services.trainer import checkpoint
-    from services.trainer.lora import LoraTrainConfig, read_adapter, train_lora
+    from services.trainer.adapter_io import read_adapter
+    from services.trainer.config import LoraTrainConfig
+    from services.trainer.loop import train_lora
     from services.trainer.quant import load_training_model
 
     model, tokenizer = load_training_model(settings)
@@ -229,7 +231,7 @@ def precision_label(metrics: dict) -> str:
 
 
 def train_stats(metrics: dict, seconds: float, started_from: str) -> session_pb2.TrainStats:
-    """The session's TrainStats from a run's metrics (see lora.train_lora)."""
+    """The session's TrainStats from a run's metrics (see loop.train_lora)."""
     stats = session_pb2.TrainStats(
         steps=int(metrics.get("steps", 0)),
         total_steps=int(metrics.get("total_steps", 0)),
@@ -272,7 +274,7 @@ def _load_checkpoint(rt: Runtime, tenant: str, sid: str, round: int = 0) -> dict
 
 async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
     from services.trainer.launch import process_count, train_in_processes
-    from services.trainer.lora import TrainingCancelled
+    from services.trainer.steps import TrainingCancelled
 
     started = time.monotonic()
     sid, tenant = item.session_id, item.tenant
