@@ -252,7 +252,7 @@ def test_lru_evicts_the_least_recently_used_adapter_and_reloads_it_on_demand(mak
     assert cache.loaded() == ["b", "a"]
     assert say("c") == reference["c"]
     assert cache.loaded() == ["a", "c"] and "b" not in cache
-    assert len(cache._peft.peft_config) == 2  # b's weights are gone from the model, not just the index
+    assert len(cache._slots.peft.peft_config) == 2  # b's weights are gone from the model, not just the index
     assert say("b") == reference["b"]
     assert fetch.calls == ["a", "b", "c", "b"] and cache.loaded() == ["c", "b"]
     assert say("a") == reference["a"] and say(None) == reference[None]

@@ -50,7 +50,7 @@ def test_the_cache_evicts_least_recently_used_adapters_to_stay_within_its_bytes(
     assert cache.loaded() == ["b", "c"] and cache.nbytes() == size["b"] + size["c"]
     assert say("a") == reference["a"]  # b + c + a is over: b goes, c + a fits
     assert cache.loaded() == ["c", "a"] and cache.nbytes() == size["c"] + size["a"]
-    assert set(cache._peft.peft_config) == {cache._names["c"], cache._names["a"]}  # gone from the model
+    assert set(cache._slots.peft.peft_config) == {cache._names["c"], cache._names["a"]}  # gone from the model
     assert fetch.calls == ["a", "b", "c", "a"] and idle(engine)
 
 
@@ -72,7 +72,8 @@ def test_a_running_chats_adapter_is_never_evicted_for_bytes_the_newcomer_waits(
     other = threading.Thread(target=lambda: result.append("".join(engine.stream_chat(CHAT, "c", GREEDY))))
     other.start()
     assert wait_until(lambda: engine.scheduler.counts()["queued"] == 1)
-    assert wait_until(lambda: cache._loads.get("c") is not None and cache._loads["c"].done())  # prepared
+    loads = cache._staging._loads
+    assert wait_until(lambda: loads.get("c") is not None and loads["c"].done())  # prepared
     steps = engine.scheduler.steps
     assert wait_until(lambda: engine.scheduler.steps > steps + 5)  # b keeps decoding meanwhile
     assert "c" not in cache and cache.pinned() == {"b": 1} and not result
@@ -102,7 +103,7 @@ def test_a_cold_adapter_load_does_not_pause_a_running_chat(make_engine, referenc
         time.sleep(slow)
         return real_read(*args, **kwargs)
 
-    engine.adapters._fetch = slow_fetch
+    engine.adapters._staging.fetch = slow_fetch
     monkeypatch.setattr(peft.utils.save_and_load, "safe_load_file", slow_read)
 
     stamps: list[float] = []

@@ -230,7 +230,7 @@ def test_a_running_requests_adapter_is_pinned_and_a_request_for_another_waits(ma
     assert list(first) == []
     other.join(timeout=30)
     assert result == [reference["b"]] and cache.loaded() == ["b"] and not cache.pinned()
-    assert len(cache._peft.peft_config) == 1
+    assert len(cache._slots.peft.peft_config) == 1
 
 
 def test_evicting_a_pinned_adapter_waits_for_its_chat_to_end(make_engine, reference):
@@ -241,12 +241,12 @@ def test_evicting_a_pinned_adapter_waits_for_its_chat_to_end(make_engine, refere
     stream = engine.stream_chat(CHAT, "a", GREEDY)
     pieces.append(next(stream))
     assert cache.evict("a") and "a" not in cache
-    assert len(cache._peft.peft_config) == 1  # still there: the running chat uses it
+    assert len(cache._slots.peft.peft_config) == 1  # still there: the running chat uses it
     pieces.extend(stream)
     assert "".join(pieces) == reference["a"]
     assert cache.loaded() == [] and not cache.pinned()
     assert "".join(engine.stream_chat(CHAT, "a", GREEDY)) == reference["a"] and fetch.calls == ["a", "a"]
-    assert cache.loaded() == ["a"] and len(cache._peft.peft_config) == 1  # the old copy is gone now
+    assert cache.loaded() == ["a"] and len(cache._slots.peft.peft_config) == 1  # the old copy is gone now
     assert cache.evict("a") and "".join(engine.stream_chat(CHAT, None, GREEDY)) == reference[None]
 
 
@@ -334,7 +334,7 @@ def test_a_dora_adapter_takes_pefts_own_path_and_still_batches_exactly(
     jobs = [(1, "d"), (0, "a"), (2, None)]
     alone = run_alone(engine, jobs)
     assert alone[0] == expected and alone[1].startswith(reference["a"])
-    assert engine.adapters._names["d"] not in engine.adapters._vanilla
+    assert engine.adapters._names["d"] not in engine.adapters._slots.vanilla
     steps_alone = engine.scheduler.steps
     answers, _ = run_staggered(engine, jobs, [steps_alone + k for k in (0, 3, 6)])
     assert answers == alone and engine.scheduler.max_rows_seen >= 2
