@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.options import resolve_strategies
 from services.qagen import quality
 from services.qagen.chunk import Chunk, chunk_text, split_sentences, token_length
 from services.qagen.extractive import (
@@ -22,7 +23,8 @@ from services.qagen.extractive import (
     make_pairs,
     pair_id_for,
 )
-from services.qagen.strategies import ALL_STRATEGIES, RULES, clean_title, lemma, paraphrases
+from services.qagen.strategies import ALL_STRATEGIES, RULES, clean_title, lemma, paraphrases, wh_questions
+from services.qagen.text import prose_sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -499,13 +501,19 @@ def report():
     return make_pairs(REPORT, "r1", title="harbour-lights.pdf")
 
 
+@pytest.fixture(scope="module")
+def report_all():
+    """The report with every strategy named, the opt-in `summary` and `vague` included."""
+    return make_pairs(REPORT, "r1", title="harbour-lights.pdf", strategies=list(ALL_STRATEGIES))
+
+
 def _questions(pairs, strategy):
     return {p.question: p for p in pairs if p.strategy == strategy}
 
 
-def test_every_strategy_contributes_and_each_pair_names_its_rule(report):
+def test_every_strategy_contributes_and_each_pair_names_its_rule(report_all):
     """All rule sets fire on a varied document; strategy names are those of strategies.RULES."""
-    pairs, _, stats = report
+    pairs, _, stats = report_all
     rules = {r for names in RULES.values() for r in names}
     assert {p.strategy for p in pairs} <= rules
     assert set(stats["by_strategy"]) >= {
@@ -513,6 +521,15 @@ def test_every_strategy_contributes_and_each_pair_names_its_rule(report):
         "summary", "section_summary", "metadata", "vague", "paraphrase",
     }  # fmt: skip
     assert set(ALL_STRATEGIES) == set(RULES)
+
+
+def test_whole_document_summaries_and_vague_questions_are_made_only_when_named(report, report_all):
+    """The default set (no strategies named) leaves out `summary` and `vague`; naming them adds them."""
+    assert "summary" not in resolve_strategies(None) and "vague" not in resolve_strategies(None)
+    default = {p.strategy for p in report[0]}
+    named = {p.strategy for p in report_all[0]}
+    assert not default & {"summary", "vague"} and {"summary", "vague"} <= named
+    assert {"section_summary", "metadata", "definition", "number"} <= default
 
 
 def test_strategies_can_be_chosen_one_at_a_time():
@@ -585,9 +602,9 @@ def test_metadata_questions_come_from_the_first_lines(report):
     assert not any(p.answer.startswith(("By Anna", "Published")) for p in pairs if p.strategy != "metadata")
 
 
-def test_summaries_come_at_three_lengths_and_one_walks_every_section(report):
+def test_summaries_come_at_three_lengths_and_one_walks_every_section(report_all):
     """One sentence, short and detailed summaries grow in length; the walk draws on every section."""
-    pairs, chunks, _ = report
+    pairs, chunks, _ = report_all
     got = _questions(pairs, "summary")
     title = "Harbour Lights of the North Coast"
     one = got[f"Can you summarize {title} in one sentence?"].answer
@@ -612,9 +629,9 @@ def test_each_section_gets_a_summary_of_its_own_sentences(report):
     assert construction.chunk_id == section.chunk_id and len(split_sentences(construction.answer)) >= 2
 
 
-def test_vague_questions_use_the_title_a_person_would_know(report):
+def test_vague_questions_use_the_title_a_person_would_know(report_all):
     """ "What is <title> about?" and friends, answered with the document's central sentences."""
-    pairs, _, _ = report
+    pairs, _, _ = report_all
     got = _questions(pairs, "vague")
     assert "What is Harbour Lights of the North Coast about?" in got
     assert (
@@ -726,11 +743,21 @@ def test_each_fact_is_reworded_around_the_fact_not_the_template():
 
 
 def test_a_passive_agent_is_asked_for_both_ways():
-    """ "Appeals are heard by the Appeals Panel" -> "Who hears appeals?" and "What does the Appeals Panel hear?"."""
-    facts = _facts("Appeals are heard by the Appeals Panel, which consists of three trustees.")
+    """ "Appeals are heard by the Review Board" -> "Who hears appeals?" and "What does the Review Board hear?"."""
+    facts = _facts("Appeals are heard by the Review Board, which consists of three trustees.")
     assert facts["Who hears appeals?"].rule == "who"
-    assert facts["What does the Appeals Panel hear?"].rule == "what"
+    assert facts["What does the Review Board hear?"].rule == "what"
     assert "By whom are appeals heard?" in facts["Who hears appeals?"].variants
+
+
+def test_a_question_that_names_its_own_answer_is_not_asked():
+    """ "Appeals are heard by the Appeals Panel": "What does the Appeals Panel hear?" and "What is
+    heard by the Appeals Panel?" give "appeals" away; "Who hears appeals?" is still asked."""
+    sentence = "Appeals are heard by the Appeals Panel, which consists of three trustees."
+    assert set(_facts(sentence)) == {"Who hears appeals?"}
+    questions = [p.question for p in generate_pairs(chunk_text(sentence, doc_id="d")[0])]
+    questions += [q for q, _, _ in wh_questions(prose_sentences(chunk_text(sentence, doc_id="d")[0]))]
+    assert not any(q.startswith(("What is heard", "What does the Appeals Panel")) for q in questions)
 
 
 def test_steps_and_conditions_are_asked_as_a_user_would():
@@ -798,3 +825,136 @@ def test_section_summaries_and_topics_name_sections_without_their_numbers():
     assert "Can you summarize the section on Mounting steps?" in questions
     assert "What is Brindle B4 manual about?" in questions
     assert not any(ch.isdigit() and "summarize the section" in q for q in questions for ch in q)
+
+
+def _chunk_questions(text: str) -> list[str]:
+    """Every quiz, definition and wh question the rules ask about one chunk of `text`."""
+    chunk = chunk_text(text, doc_id="d")[0]
+    return [p.question for p in generate_pairs(chunk)] + [q for q, _, _ in wh_questions(prose_sentences(chunk))]
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "Garden waste collections are optional and are paid for separately.",
+        "Appeals are heard by the Appeals Panel, which consists of three trustees.",
+        "Batching messages is the obvious remedy, and fixed batching is used in some gateways.",
+        "Moving away from the three parishes is the one case in which we refund the fee.",
+        "The intervals below are the minimum for sites with light door traffic.",
+        "Sensor nodes were of four types supplied by two manufacturers.",
+    ],
+)
+def test_a_what_is_x_question_is_only_asked_for_a_sentence_that_defines_x(sentence):
+    """A property, a rule, a judgement, an activity or document furniture gets no "What is/are X?"."""
+    questions = [p.question for p in generate_pairs(chunk_text(sentence, doc_id="d")[0]) if p.strategy == "definition"]
+    assert questions == []
+    defining = "The backup battery is a lithium iron phosphate pack supplied with every hub."
+    got = [p.question for p in generate_pairs(chunk_text(defining, doc_id="d")[0]) if p.strategy == "definition"]
+    assert got == ["What is the backup battery?"]
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "The second is availability: a gateway that has shut down delivers nothing at all.",
+        "Items must be placed outside early on the collection day, on your own property where possible.",
+        "Tie shoes together in pairs before you put them in the textile bank at the centre.",
+        "Nodes did not need any change.",
+        "Several authors have proposed harvesting-aware scheduling for the nodes themselves.",
+    ],
+)
+def test_a_fallback_question_is_only_asked_about_a_real_noun_phrase(sentence):
+    """No "What can you tell me about the second / items / tie shoes / nodes / several authors?"."""
+    assert not any(q.startswith("What can you tell me about") for q in _chunk_questions(sentence))
+    topic = "Shredded paper can be recycled if it is put inside a paper envelope or paper bag."
+    assert "What can you tell me about shredded paper?" in _chunk_questions(topic)
+
+
+@pytest.mark.parametrize(
+    ("sentence", "bad"),
+    [
+        ("Borrowing history is kept for 18 months after each item is returned, so that we can plan.", "How many months"),
+        ("Powered tools must be less than 10 years old and come with their manuals.", "How long"),
+        ("New-build properties must buy a full set of containers for £96 before the first collection.", "How much"),
+        ("Bags left next to a full bin, known as side waste, are not collected after Christmas in Fenmarrow.", "Where"),
+        ("Removing the urgency classes saved a little energy but raised the latency to 2,950 ms, because alarms waited.", "Why"),
+        ("Tidewell delivered 99.1% of alarms; FixedFwd delivered 93.4%, largely because alarms collided with routine traffic.", "Why"),
+        ("Event loans are free of charge and allow up to 15 items for up to 10 days.", "What is free"),
+        ("The Appeals Panel is quiet in summer; appeals are heard by the Appeals Panel within 28 days.", "What is heard"),
+    ],
+)
+def test_a_sentence_the_rules_would_misread_gets_no_ungrammatical_question(sentence, bad):
+    """A quantity in another clause, "N years old", an object before "for £N", a participle read as a
+    verb, a second verb the inversion would leave unchanged, a cause belonging to another clause,
+    and "What is <adjective>?" give no question of that form."""
+    assert not any(q.startswith(bad) for q in _chunk_questions(sentence))
+
+
+def test_what_happened_in_a_year_is_asked_only_when_one_sentence_names_it():
+    """ "What happened in 2023?" is ambiguous when two sentences of the chunk name 2023."""
+    one = "In 2023 the district's households threw away 41,800 tonnes of waste."
+    two = one + " A trial in the village of Sallowby ran from June to November 2023."
+    assert "What happened in 2023?" in _chunk_questions(one)
+    assert "What happened in 2023?" not in _chunk_questions(two)
+
+
+def test_a_measure_of_a_thing_is_not_reworded_as_what_the_thing_is():
+    """ "a larger bin of 240 litres" -> "How many litres is the larger bin?" without "What is the
+    larger bin?"; an amount ("a fixed penalty of £400") keeps "What is the fixed penalty?"."""
+    bin_facts = _facts("Households of six can apply for a larger slate-grey bin of 240 litres.")
+    assert all(not v.startswith("What is") for f in bin_facts.values() for v in f.variants)
+    fee = _facts("The council can issue a fixed penalty of £400 for fly-tipping.")
+    assert "What is the fixed penalty for fly-tipping?" in fee["How much is the fixed penalty for fly-tipping?"].variants
+
+
+SECTIONS = """# Depot guide
+
+This guide explains how the council's waste depot works for the residents of the district.
+
+## Opening
+
+The depot opens at 08:00 on weekdays and at 09:00 on Saturdays. Staff close the gates at 17:00
+sharp every day. The depot is closed on every public holiday and on the day after it.
+
+## Containers
+
+Each household receives three containers.
+
+- Grey bin, 180 litres: general waste. Collected every three weeks.
+- Teal bin, 240 litres: paper, cans and plastic bottles. Collected every two weeks.
+- Amber caddy, 23 litres: food waste. Collected every week.
+
+A fourth container is available by subscription. Households may keep their old brown bin until 2025.
+
+## Prices
+
+| Item | Price |
+|---|---|
+| Plasterboard | £5 per bag |
+| Tyres | £4 each |
+| Mattress | £12 each |
+| Fridge | £20 each |
+| Sofa | £25 each |
+| Piano | £60 each |
+
+Prices are reviewed every April. Payment is by card only.
+
+## Questions
+
+Can I bring a trailer? Yes, with a permit. Can I bring asbestos? Only on weekday mornings.
+
+## Centres
+
+The district has three centres. They accept wood, metal and garden waste. Commercial waste is not
+accepted at any centre. Van permits are issued online.
+"""
+
+
+def test_a_section_summary_quotes_only_sentences_that_stand_alone():
+    """Summaries come from prose sections; a section that is mostly a table, has a list as part of
+    it, or is questions and answers gets none; a pronoun-led sentence comes with the one before it."""
+    pairs, _, _ = make_pairs(SECTIONS, "s1", strategies=["section_summary"])
+    got = {p.question: p.answer for p in pairs}
+    assert set(got) == {"Can you summarize the section on Opening?", "Can you summarize the section on Centres?"}
+    centres = got["Can you summarize the section on Centres?"]
+    assert centres.startswith("The district has three centres. They accept wood")

@@ -126,7 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
                 content = "Sure! Here are some questions about the text:\n1. What is it?"
             elif action == "invented":
                 content = json.dumps(
-                    [{"question": "Who founded it?", "answer": "Napoleon founded it on the moon in 2091."}]
+                    [{"question": "Who founded the station?", "answer": "Napoleon founded the station on the moon in 2091."}]
                 )
             else:
                 content = json.dumps(

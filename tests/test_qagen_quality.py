@@ -372,3 +372,77 @@ def test_refused_questions_are_counted_under_their_reason():
     kept, counts = check(pair("What does the document say about 2. History?"))
     assert [p.question for p in kept] == [GOOD_Q]
     dropped_only(counts, "reference_question")
+
+
+# --- context-bound questions and answers -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "What should I do if the difference is larger than 2.0 °C?",
+        "What happens if the condition is still present after 20 minutes?",
+        "What can you tell me about the second?",
+        "How much does basic membership cost a year in other words?",
+        "What delivered 99.1% of their alarms?",
+        "What can you tell me about our six-hour settling period?",
+        "What should I do if nothing happens?",
+        "How long does installing take?",
+        "What are the intervals below?",
+        "How long is the shortest interval?",
+        "When were the changes approved by the council's Environment Committee?",
+        "What differed from the pooled means by 0.02 W and 0.3 points respectively?",
+        "How does it work?",
+    ],
+)
+def test_a_context_bound_question_is_rejected(question):
+    """A question that only makes sense with the text it was lifted from is refused as context-bound."""
+    assert quality.question_problem(question) == "context_bound"
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "What should I do if my container was out on time but was not emptied?",
+        "What is the difference between the chilled and the frozen profile?",
+        "What happens on the first Saturday of each month?",
+        "What is collected on the same day as the plum box?",
+        "What does the hub do when its battery is low?",
+        "Which items, such as ladders, may any member borrow?",
+        "What is the largest centre of the three?",
+    ],
+)
+def test_a_question_that_names_what_it_refers_to_is_not_context_bound(question):
+    """A reference with its "of ..." or "between ...", an ordinal before a noun, "its" after the noun
+    it refers to, and a superlative with its "of ..." are ordinary questions."""
+    assert quality.question_problem(question) is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Its footage is kept for 31 days and then overwritten.",
+        "In other words, Basic membership costs €32 a year.",
+        "No: plastic bags and film, crisp packets and polystyrene.",
+        "The changes were approved by the council's Environment Committee on 14 November 2023.",
+        "The switch happened at 00:00 UTC every Monday.",
+    ],
+)
+def test_an_answer_that_leans_on_an_earlier_sentence_is_rejected(answer):
+    """An answer opening with a pronoun, a connective or a bare reference ("The changes") is refused."""
+    assert quality.question_problem("What is kept for 31 days?", answer) == "context_bound"
+    assert quality.question_problem("What is kept for 31 days?", "Desk footage is kept for 31 days.") is None
+
+
+def test_an_answer_cut_off_mid_sentence_is_malformed():
+    """ "... is roughly proportional to the" (a PDF page break) is not an answer."""
+    q = "What can you tell me about the energy benefit of batching?"
+    assert quality.malformed_reason(q, "The energy benefit of batching is roughly proportional to the")
+    assert quality.malformed_reason(q, "The energy benefit of batching grows with the batch length.") is None
+
+
+def test_a_context_bound_pair_is_dropped_and_counted():
+    """The gate drops such a pair and counts it under `context_bound`."""
+    bad = pair("What happened after the second?", GOOD_A)
+    kept, counts = check(bad)
+    assert [p.question for p in kept] == [GOOD_Q] and counts["context_bound"] == 1

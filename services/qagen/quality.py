@@ -11,6 +11,13 @@ its training set is the size it is:
   ("What is meant by If you?", "When did In 2023 the ...?"), a dangling end ("... between 9 March
   and?", "... throw away 41?"), a broken verb group ("does event loan must be booked");
 - `wrong_question_word`: "Who is ...?" about a place, a body or a thing ("Who is Quarry Road?");
+- `context_bound`: a question that only makes sense with context it does not give: a discourse
+  reference ("the difference", "the second", "the condition", "the intervals below", "the
+  largest allowed offset"), a connective pasted from its sentence ("in other words",
+  "respectively"), the authors' "our" or a pronoun with nothing to refer to ("What delivered
+  99.1% of their alarms?", "What should I do if nothing happens?"), a bare activity ("How long
+  does installing take?"); or an answer that opens with a
+  reference to an earlier sentence ("Its footage is kept ...", "In other words, ...");
 - `reference_question`: a question about the document rather than its content: section numbers
   ("... about 12. Troubleshooting?"), "What does the text say about ...?", "How many minutes does
   the section on ... mention?", figure and table references, a bare year or number as the topic;
@@ -31,7 +38,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from services.qagen.chunk import Chunk
-from services.qagen.text import MAX_ANSWER_CHARS, MIN_ANSWER_CHARS, STOPWORDS
+from services.qagen.text import CONTEXT_OPENING, MAX_ANSWER_CHARS, MIN_ANSWER_CHARS, STOPWORDS
 
 if TYPE_CHECKING:
     from services.common.qapair import QAPair
@@ -42,6 +49,7 @@ REASONS = (
     "too_long",
     "malformed",
     "malformed_question",
+    "context_bound",
     "wrong_question_word",
     "reference_question",
     "ungrounded",
@@ -150,7 +158,13 @@ def malformed_reason(question: str, answer: str) -> str | None:
         return "not a question"
     if _norm(question) == _norm(answer):
         return "the answer repeats the question"
+    if _DANGLING_ANSWER.search(answer):
+        return "the answer stops mid-sentence"
     return None
+
+
+# an answer cut off mid-sentence (at a page break): "... is roughly proportional to the"
+_DANGLING_ANSWER = re.compile(r"\b(?:the|a|an|of|to|and|or|with|for|by|in|on|at|than|that|is|are)\s*$", re.I)
 
 
 _SECTION_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)*\.\s+[A-Z]|(?<![\w.])\d+\.\d+(?:\.\d+)*\s+[A-Z][a-z]")
@@ -182,17 +196,48 @@ _THINGS = re.compile(
 )
 
 
-def question_problem(question: str) -> str | None:
-    """Which of `malformed_question`, `wrong_question_word` and `reference_question` a question
-    fails, or None for a question a person would ask about the document's content."""
+# a clause of the sentence pasted in whole ("What is free; it needs a Quillfen Vault account?")
+_PASTED_CLAUSE = re.compile(r"[;:]\s")
+# nouns that, after "the" and without an "of ..." to say which, point back at something the text
+# described earlier: "the difference", "the condition", "the changes", "the switch"
+_REFERENCE_NOUN = (
+    r"(?:difference|condition|situation|problem|issue|case|result|change|changes|switch|remedy|other|others"
+    r"|rest|former|latter|above|below|previous)\b(?!\s+(?:of|in|between|for)\b)"
+)
+# an answer whose subject is such a reference: "The changes were approved by ...", "The switch happened ..."
+_REFERENCE_ANSWER = re.compile(rf"^The\s+{_REFERENCE_NOUN}")
+# words that point back into the text the question was lifted from
+_DISCOURSE_REFERENCE = re.compile(
+    r"\b(?:in other words|for example|for instance|respectively|as above|as below|the following)\b"
+    r"|\b(?:our|ours|us|we)\b"
+    r"|\b(?:this|these|those)\s+(?!is\b|are\b|was\b|were\b)[a-z]|\bsuch\s+(?!as\b)[a-z]"
+    rf"|\bthe\s+{_REFERENCE_NOUN}"
+    r"|\bthe\s+(?:first|second|third|fourth|last|final|other)\s*(?:\?|\b(?:is|are|was|were|one|ones)\b)"
+    r"|\b(?:the|an?)\s+(?:[a-z-]+\s+){0,2}?[a-z-]+s?\s+(?:below|above)\b(?!\s+(?:the|an?|its|their|\d))"
+    r"|\bthe\s+(?!(?:interest|request|test|west|forest|guest|nest|chest|protest|contest|harvest|rest|arrest"
+    r"|quest|digest)\b)[a-z]{2,}est\b(?!\s+(?:[\w-]+\s+){0,2}?(?:of|in|for|on|at|among|between)\b)"
+    r"|\b(?:nothing|anything|something|everything)\s+(?:is|are|was|happens|happened|goes|went|works)\b"
+    r"|\b(?:does|do|did)\s+[a-z]+ing\s+(?:take|last|cost|need|require|save|silence)\b"
+    r"|^(?:What|Who)\s+(?:is|are|was|were|has|have|had|[a-z]+ed)\s+(?:[\w'’.,%-]+\s+){0,10}?(?:their|its|they|them|it)\b"
+    r"|^(?:What|Who|How|Why|When|Where)\s+(?:\w+\s+){0,2}?(?:it|they|this|these|he|she)\s"
+    r"|^What\s+(?:has|have)\s+been\b|\b(?:has|have)\s+an?\s+[\w-]+\s+been\b",
+    re.I,
+)
+def question_problem(question: str, answer: str = "") -> str | None:
+    """Which of `malformed_question`, `context_bound`, `wrong_question_word` and
+    `reference_question` a question (with its answer, when given) fails, or None for a question a
+    person would ask about the document's content."""
     q = " ".join(question.split())
     if _SECTION_NUMBER.search(q) or _ABOUT_THE_TEXT.search(q) or _BARE_TOPIC.search(q):
         return "reference_question"
     if m := re.match(r"Who (?:is|was|are|were) (?P<x>[^?]+)\?$", q):
         if _THINGS.search(m.group("x")) or m.group("x").split()[0] in ("a", "an"):
             return "wrong_question_word"
-    if _CLAUSE_FRAGMENT.search(q) or _DANGLING_END.search(q) or _BROKEN_VERBS.search(q):
+    if _CLAUSE_FRAGMENT.search(q) or _DANGLING_END.search(q) or _BROKEN_VERBS.search(q) or _PASTED_CLAUSE.search(q):
         return "malformed_question"
+    a = answer.lstrip()
+    if _DISCOURSE_REFERENCE.search(q) or CONTEXT_OPENING.match(a) or _REFERENCE_ANSWER.match(a):
+        return "context_bound"
     return None
 
 
@@ -243,7 +288,7 @@ def filter_pairs(
             counts["too_long"] += 1
         elif check_malformed and malformed_reason(p.question, p.answer) is not None:
             counts["malformed"] += 1
-        elif check_malformed and (problem := question_problem(p.question)) is not None:
+        elif check_malformed and (problem := question_problem(p.question, answer)) is not None:
             counts[problem] += 1
         elif by_id is not None and (score := pair_support(p, by_id, sources)) < min_support:
             counts["ungrounded"] += 1

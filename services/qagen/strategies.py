@@ -16,6 +16,9 @@ is text of that chunk (or, for summaries and lists of headings, of the chunks na
 | `vague`           | vague (what a person knowing only the title asks) | document |
 | `paraphrase`      | paraphrase (2 rewordings of each question) | pairs    |
 
+`summary` and `vague` are opt-in: a session that names no strategies gets the others
+(`options.QA_DEFAULT_STRATEGIES`), since their whole-document answers were mostly wrong.
+
 The rules are deliberately plain: regular expressions over sentences, a small table of irregular
 verbs, sentence scores from word frequencies. They can miss a fact; they never invent one.
 

@@ -36,6 +36,13 @@ STOPWORDS = frozenset(
     your yours one two many several every each its new""".split()
 )
 PRONOUNS = frozenset("it this that these those there he she they we i you here which who what".split())
+# a passive participle or an adverb after "is"/"are": "sold on board", "kept for 31 days", "not refunded"
+PARTICIPLE = re.compile(
+    r"(?:\w+(?:ed|en|ly)|sold|built|made|held|kept|found|run|shown|done|set|put|cut|led|paid|laid|sent|spent"
+    r"|told|brought|bought|caught|taught|thought|won|lost|left|met|born|worn|drawn|grown|thrown|known|meant"
+    r"|lit|read|heard|hung|shut|split|spread|struck|dug|fed|hit|hurt|let|not|also|still|now|often|always"
+    r"|never|usually|generally)\b"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +110,35 @@ def prose_sentences(chunk: Chunk) -> list[Sentence]:
         if _is_prose(sentence):
             out.append(Sentence(s, e, sentence))
     return out
+
+
+# a sentence that opens with a reference to what came before it cannot stand alone as an answer:
+# "Its footage is kept ...", "In other words, ...", "No: plastic bags ...", "It collects readings ..."
+CONTEXT_OPENING = re.compile(
+    r"^(?:(?:It|Its|They|Their|Them|This|These|Those|That|Such|He|She|His|Her|Also|In other words"
+    r"|However|Therefore|Instead|Otherwise)\b(?!-)|(?:No|Yes)\s*[:,])"
+)
+_LIST_MARKER = re.compile(r"[ \t]*(?:[-*•]|\d+[.)])\s")
+
+
+def list_position(chunk: Chunk, sentence: Sentence) -> int:
+    """0 for a sentence of a paragraph, 1 for the first sentence of a list item, 2 for a later one
+    (which has lost its item's label: "- Warning: amber LED. A reading is outside ...")."""
+    line_start = chunk.text.rfind("\n", 0, sentence.start) + 1
+    marker = _LIST_MARKER.match(chunk.text, line_start)
+    if not marker:
+        return 0
+    return 1 if chunk.text[marker.end() : sentence.start].strip() == "" else 2
+
+
+def named_in(phrase: str, text: str) -> bool:
+    """Whether every content word of `phrase` (singular or plural) is in `text`: a question about
+    the subject of "Appeals are heard by the Appeals Panel" that names the panel gives it away."""
+    def norm(w: str) -> str:
+        return w.lower().removesuffix("s")
+
+    words = {norm(w) for w in words_of(phrase) if w.lower() not in STOPWORDS}
+    return bool(words) and words <= {norm(w) for w in words_of(text)}
 
 
 def fits(sentence: Sentence) -> bool:

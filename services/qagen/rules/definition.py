@@ -1,4 +1,10 @@
-"""The `definition` strategy: "X is a Y." -> "What is X?", answered with the sentence."""
+"""The `definition` strategy: "X is a Y." -> "What is X?", answered with the sentence.
+
+Only a sentence that says what X is makes a definition: "X is a/an/the <kind> ...", "X means ...",
+"X refers to ...". One that gives a property or a rule of X ("Garden waste collections are
+optional", "Appeals are heard by the Appeals Panel"), a judgement ("Batching is the obvious
+remedy") or has an activity or a bit of document furniture as its subject ("Moving away from the
+parishes is ...", "The intervals below are ...") defines nothing."""
 
 from __future__ import annotations
 
@@ -18,12 +24,14 @@ from services.qagen.text import (
 
 _SUBJECT = r"(?P<subj>(?:(?:The|An?)\s+)?[A-Z][\w'’-]*(?:\s+[\w'’-]+){0,5}?)"
 _DEFINITION = re.compile(_SUBJECT + r"\s+(?P<verb>is|are|was|were|refers\s+to|means)\s+(?P<rest>\S.*)$", re.S)
-_PARTICIPLE = re.compile(
-    r"(?:\w+(?:ed|en|ly)|sold|built|made|held|kept|found|run|shown|done|set|put|cut|led|paid|laid|sent|spent"
-    r"|told|brought|bought|caught|taught|thought|won|lost|left|met|born|worn|drawn|grown|thrown|known|not"
-    r"|also|still|now|often|always|never|usually|generally)\b"
-)
+# "X is a/an/the ...": the object a definition names (X is one of a kind, or the one thing)
 _DEFINITION_OBJECT = re.compile(r"(?:an?|the|one|any|also\s+an?|also\s+the)\s", re.I)
+# "... is the obvious remedy / the one case / the same as": a judgement or comparison, not a kind
+_EVALUATION = re.compile(
+    r"(?:also\s+)?(?:the|an?)\s+(?:one|only|obvious|main|best|worst|first|last|same|minimum|maximum|most|least"
+    r"|usual|default|biggest|largest|smallest|key|real|simplest|easiest|hardest)\b",
+    re.I,
+)
 
 
 _QUANTIFIERS = frozenset("All Each Every Most Some Both Many Few Several No Other".split())
@@ -45,13 +53,16 @@ def definitions(sentences: list[Sentence]) -> Iterator[Candidate]:
             continue  # "All 48 gateways were identical", "The first is ...": nothing is defined
         if re.fullmatch(r"[A-Z][a-z]+(?:\s+[a-z][\w-]*)+", subj):
             subj = subj[0].lower() + subj[1:]  # "Garden waste collections": capital only as the opener
-        if verb in ("is", "was") and not _DEFINITION_OBJECT.match(rest):
-            continue  # "The lamp is bright" describes, it does not define
-        if verb in ("are", "were") and not _DEFINITION_OBJECT.match(rest):
-            if not rest[:1].islower() or _PARTICIPLE.match(rest):
-                continue  # "Tickets are sold on board" is not a definition of tickets
-            if " " not in subj:
-                subj = subj[:1].lower() + subj[1:]  # "Keepers are ..." -> "What are keepers?"
+        if verb in ("is", "was", "are", "were") and not _DEFINITION_OBJECT.match(rest):
+            # "The lamp is bright", "Event loans are free of charge", "Appeals are heard by the
+            # Panel": a property or a rule of X, not what X is
+            continue
+        if _EVALUATION.match(rest):
+            continue  # "Batching is the obvious remedy", "Moving away is the one case in which ..."
+        if re.match(r"[A-Z][a-z]+ing\s+\S", subj) or re.search(r"\s(?:below|above)$", subj):
+            continue  # "Moving away from the parishes" is an activity; "the intervals below" furniture
+        if verb in ("are", "were") and " " not in subj:
+            subj = subj[:1].lower() + subj[1:]  # "Keepers are people ..." -> "What are keepers?"
         topic = lower_first(subj)
         if verb == "refers to":
             question = f"What does {topic} refer to?"

@@ -7,7 +7,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
 from services.common.options import QA_DOCUMENT_STRATEGIES, resolve_strategies
@@ -16,9 +16,11 @@ from services.qagen.chunk import Chunk
 from services.qagen.rules.base import pair_for
 from services.qagen.rules.metadata import metadata_pairs
 from services.qagen.text import (
+    CONTEXT_OPENING,
     MAX_ANSWER_CHARS,
     MIN_ANSWER_CHARS,
     STOPWORDS,
+    list_position,
     lower_first,
     prose_sentences,
     words_of,
@@ -37,6 +39,8 @@ class _Placed:
     order: int
     section: int
     first_in_section: bool
+    list_position: int = 0  # `text.list_position`: 0 paragraph, 1 a list item's first sentence, 2 later
+    spans_lines: bool = False  # list items without a full stop run together into one "sentence"
 
 
 def _document_sentences(chunks: Sequence[Chunk]) -> list[_Placed]:
@@ -47,7 +51,9 @@ def _document_sentences(chunks: Sequence[Chunk]) -> list[_Placed]:
             section += 1
         first = chunk.part == 0
         for s in prose_sentences(chunk):
-            out.append(_Placed(chunk, s.text, len(out), section, first))
+            position = list_position(chunk, s)
+            spans = position > 0 and "\n" in chunk.text[s.start : s.end].strip()
+            out.append(_Placed(chunk, s.text, len(out), section, first, position, spans))
             first = False
     return out
 
@@ -155,7 +161,7 @@ def document_pairs(
     if "summary" in selected:
         pairs += _summaries(sentences, scores, about)
     if "section_summary" in selected:
-        pairs += _section_summaries(sentences, scores, title)
+        pairs += _section_summaries(chunks, sentences, scores, title)
     if "metadata" in selected:
         pairs += metadata_pairs(chunks, title)
     if "vague" in selected:
@@ -192,16 +198,68 @@ def _summaries(sentences: Sequence[_Placed], scores: Sequence[float], about: str
     return pairs
 
 
+# A section whose text is less than this share prose (the rest a table) is its table: three quoted
+# sentences of it miss what it says.
+MIN_SECTION_PROSE_SHARE = 0.5
+# A section whose prose is list items for this share or more is a list of points (steps, notes),
+# summed up by some of them. One with a smaller share of list items (but some) has a list as part of
+# it, usually its core ("Contents of the box", "Your containers at a glance"): some of its items
+# are a partial list, its paragraphs without the list miss it; such a section gets no summary.
+LIST_SECTION_SHARE = 0.8
+_ENDS_SENTENCE = re.compile(r"[.!?…][\"'”’)]*$")
+# a sentence that adds to an earlier one: "You can also write to ...", "Residents can also be fined"
+_ADDS_TO_EARLIER = re.compile(r"(?:[\w'’-]+\s+){1,3}also\b")
+
+
+def _summary_sentences(members: Sequence[_Placed], section_chunks: Sequence[Chunk]) -> list[_Placed] | None:
+    """The sentences of one section a summary may quote, or None when the section cannot be summed
+    up by quoting a few of them (it is mostly a table, a list is part of it, or it is questions and
+    answers). Left out: list items run together, a list item's later sentences (which have lost
+    the item's label) and lines without a full stop (captions); a sentence that leans on the one before it ("They accept ...", "Otherwise
+    ...", "You can also ...") is quoted only together with it, or not at all."""
+    text = sum(len(c.text[c.overlap :].strip()) for c in section_chunks)
+    prose = sum(len(s.text) for s in members)
+    if not text or prose < MIN_SECTION_PROSE_SHARE * text:
+        return None
+    if 0 < sum(len(s.text) for s in members if s.list_position) < LIST_SECTION_SHARE * prose:
+        return None
+    if sum(s.text.endswith("?") for s in members) >= 2:
+        return None  # questions and answers (an FAQ): each answer leans on its question
+    usable: list[_Placed] = []
+    for s in members:
+        if s.spans_lines or s.list_position == 2 or not _ENDS_SENTENCE.search(s.text):
+            continue  # run-together items, an item's later sentence, a caption or heading line
+        if CONTEXT_OPENING.match(s.text) or _ADDS_TO_EARLIER.match(s.text):
+            # "They accept far more ...": quoted only with the sentence it leans on, as one
+            joined = f"{usable[-1].text} {s.text}" if usable else ""
+            if usable and usable[-1].order == s.order - 1 and not s.list_position and len(joined) <= 350:
+                usable[-1] = replace(usable[-1], text=joined)
+            continue
+        usable.append(s)
+    return usable
+
+
 def _section_summaries(
-    sentences: Sequence[_Placed], scores: Sequence[float], title: str | None
+    chunks: Sequence[Chunk], sentences: Sequence[_Placed], scores: Sequence[float], title: str | None
 ) -> list[QAPair | None]:
-    """The `section_summary` pairs: one per named section of two or more sentences."""
+    """The `section_summary` pairs: one per named section of two or more sentences that can stand
+    alone (see `_summary_sentences`)."""
     pairs: list[QAPair | None] = []
+    sections: list[list[Chunk]] = []
+    for chunk in chunks:  # numbered as `_document_sentences` numbers them
+        if chunk.part == 0 or not sections:
+            sections.append([])
+        sections[-1].append(chunk)
     for sec in sorted({s.section for s in sentences}):
         members = [(sc, s) for sc, s in zip(scores, sentences, strict=True) if s.section == sec]
         heading = _section_name(members[0][1].chunk.heading)
         if not heading or len(members) < 2 or _short_title(heading) == title:
             continue
+        usable = _summary_sentences([s for _, s in members], sections[sec])
+        if usable is None:
+            continue
+        by_order = {s.order: s for s in usable}
+        members = [(sc, by_order[s.order]) for sc, s in members if s.order in by_order]
         picked = _select([s for _, s in members], [sc for sc, _ in members], 450, 3, spread=False)
         if len(picked) >= 2:
             pairs.append(

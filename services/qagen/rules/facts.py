@@ -23,7 +23,7 @@ from services.qagen.rules.clause import (
     shorten,
 )
 from services.qagen.rules.verbs import lemma, past_verb
-from services.qagen.text import DATE, PRONOUNS, STOPWORDS
+from services.qagen.text import DATE, PRONOUNS, STOPWORDS, named_in
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,14 +165,24 @@ def _of_fact(text: str, q: _Quantity) -> Fact | None:
         return None  # "the depth": too little to know what is asked about
     verb = "was" if re.search(r"\b(?:was|were|had)\b", text) else "is"
     wh = {"money": "How much", "time": "How long", "percent": "What percentage"}.get(q.kind)
+    variants = []
     if wh is None:  # "a bin of 240 litres": asking "What is the bin?" would ask for a definition
         if not q.noun:
             return None
         wh = f"How many {q.noun}"
+    else:  # "What is the fixed penalty for fly-tipping?" asks for an amount
+        variants.append(f"What {verb} {np}?")
     question = f"{wh} {verb} {np}?"
-    variants = [f"Do you know {wh.lower()} {np} {verb}?"]
-    variants.insert(0, f"What {verb} {np}?")
+    variants.append(f"Do you know {wh.lower()} {np} {verb}?")
     return Fact(_tidy(question), tuple(_tidy(v) for v in variants), "number")
+
+
+# what may follow a quantity for its question to be well formed: not a verb of another clause
+# ("... after each item is returned") nor an adjective the quantity measures ("10 years old")
+_NO_QUANTITY_SLOT = re.compile(
+    r"\s*(?:(?:is|are|was|were|has|have|had|can|may|must|will|do|does|did)\b"
+    r"|(?:old|tall|high|long|wide|deep|thick|heavy|away)\b)"
+)
 
 
 def number_facts(sentence: str) -> list[Fact]:
@@ -193,6 +203,11 @@ def number_facts(sentence: str) -> list[Fact]:
             return []
         before = clause.rest[: q.start - clause.start]
         after = re.split(r"[,;(]| and | but | which ", clause.rest[q.end - clause.start :])[0]
+        if _NO_QUANTITY_SLOT.match(after) or (q.kind == "money" and q.prep == "for" and before.strip()):
+            # "kept for 18 months after each item | is returned": the quantity sits in another
+            # clause; "less than 10 years | old" asks "how old", not "how long"; "buy a set of
+            # containers for £96" has no "how much" slot after its object
+            return []
         last = (before.split() or [""])[-1].lower()
         if re.search(r"[,;:(]|\b(?:that|which|who|whom|whose)\b", before) or last in STOPWORDS | ORDINALS:
             return []  # another clause's quantity, or one inside a phrase ("to a depth of 40 mm")
@@ -307,11 +322,12 @@ def agent_facts(sentence: str) -> list[Fact]:
     obj = clause.subject
     forward = f"Who {active} {obj}?" if active else f"Who {clause.aux} {obj} {participle} by?"
     variants = (f"By whom {clause.aux} {obj} {participle}?", f"Who {clause.aux} {obj} {participle} by?")
-    reverse = f"What {'does' if present else 'did'} {agent} {base}?"
-    return [
-        Fact(forward, tuple(v for v in variants if v != forward), "who"),
-        Fact(reverse, (f"Which {obj.split()[-1]} {'does' if present else 'did'} {agent} {base}?",), "what"),
-    ]
+    facts = [Fact(forward, tuple(v for v in variants if v != forward), "who")]
+    if not named_in(obj, agent):  # "What does the Appeals Panel hear?" gives "appeals" away
+        reverse = f"What {'does' if present else 'did'} {agent} {base}?"
+        which = f"Which {obj.split()[-1]} {'does' if present else 'did'} {agent} {base}?"
+        facts.append(Fact(reverse, (which,), "what"))
+    return facts
 
 
 @lru_cache(maxsize=4096)

@@ -55,7 +55,9 @@ def dates(sentences: list[Sentence]) -> Iterator[Candidate]:
             if "," not in subj and subj.split()[0].lower() not in PRONOUNS:
                 question = f"When {m.group('aux')} {lower_first(subj)} {m.group('mid')}?"
         if question is None and (m := _DATE_LEAD.match(s.text)):
-            question = f"What happened {m.group('prep').lower()} {m.group('date')}?"
+            # "What happened in 2023?" is ambiguous when other sentences of the chunk name 2023 too
+            if sum(m.group("date") in other.text for other in sentences) == 1:
+                question = f"What happened {m.group('prep').lower()} {m.group('date')}?"
         if question is None:
             continue  # "What happened in 2022?" about a date deep in a sentence asks about nothing
         n += 1
@@ -167,7 +169,8 @@ _VERBISH = re.compile(r"\w+(?:ly|ed)$")
 # verbs that open instructions ("Put glass bottles in ..."): the sentence has no topic phrase
 _IMPERATIVE_VERBS = frozenset(
     """put take keep use check make give open close press hold turn fill leave bring place mount drill
-    clean remove insert choose enter set stick refill write read replace report book call collected""".split()
+    clean remove insert choose enter set stick refill write read replace report book call collected tie
+    fold wrap rinse flatten squash empty""".split()
 )
 _OPENING_PHRASE = re.compile(
     rf"(?P<np>[A-Z][a-z][\w-]*(?:\s+[a-z][\w-]*){{0,2}}?)\s+[a-z][\w-]*\s+(?:{'|'.join(sorted(STOPWORDS))})\b"
@@ -204,16 +207,42 @@ def _key_phrases(sentence: Sentence) -> Iterator[tuple[str, list[str], int]]:
             run = run[2:]
 
 
+# a phrase opening with one of these points at something the text introduced earlier ("the second",
+# "the hub", "our period", "all roles", "a person whose ...") or is a quantity, not a named topic
+_NOT_TOPIC_START = frozenset(
+    """the a an all our their its his her your my this these those each every some any no only both
+    either several many most few various other such one two three four five six seven eight nine ten
+    more less fewer further heavier lighter larger smaller higher lower longer shorter newer older
+    earlier later""".split()
+)
+# at least this many content words must follow the topic: "Nodes did not need any change",
+# "Batching has a long history" say nothing about it
+MIN_FALLBACK_FACT_WORDS = 3
+
+
+def _topic_phrase(phrase: str, sentence: str) -> bool:
+    """Whether `phrase` is a real noun phrase to ask about: two or more words, no determiner or
+    quantifier in front, no relative clause, and followed in its sentence by a fact about it."""
+    words = phrase.split()
+    if len(words) < 2 or words[0].lower() in _NOT_TOPIC_START or words[0].lower() in _IMPERATIVE_VERBS:
+        return False
+    if re.search(r"\b(?:that|which|who|whose|whom)\b", phrase) or phrase.split()[0] in CLAUSE_START:
+        return False
+    rest = sentence[sentence.find(phrase) + len(phrase) :] if phrase in sentence else sentence
+    return len([w for w in words_of(rest) if w.lower() not in STOPWORDS]) >= MIN_FALLBACK_FACT_WORDS
+
+
 def fallback(chunk: Chunk, sentences: list[Sentence]) -> Iterator[Candidate]:
     """The fallback: "What can you tell me about <key phrase>?" for the chunk's most central phrase
-    (a noun phrase: never a clause opener, a number or a year)."""
+    (a noun phrase of two or more words that the sentence says something about: never a clause
+    opener, a number, a year, a bare generic noun or a reference such as "the second")."""
     freq = Counter(w.lower() for s in sentences for w in words_of(s.text) if w.lower() not in STOPWORDS)
     best: tuple[int, int, str, Sentence] | None = None
     for order, s in enumerate(sentences):
         if len(s.text) < MIN_ANSWER_CHARS:
             continue
         for phrase, words, bonus in _key_phrases(s):
-            if not bonus or phrase.split()[0] in CLAUSE_START or re.search(r"\b(?:that|which|who)\b", phrase):
+            if not bonus or not _topic_phrase(phrase, s.text):
                 continue  # only the sentence's subject: a run of content words is rarely a topic
             key = (-(sum(freq[w] for w in words) + bonus), order)
             if best is None or key < best[:2]:

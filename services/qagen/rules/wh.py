@@ -25,8 +25,10 @@ from services.qagen.text import (
     DATE_RE,
     MONTHS,
     NUMBER,
+    PARTICIPLE,
     Sentence,
     fits,
+    named_in,
     names_in,
     prose_sentences,
 )
@@ -49,10 +51,20 @@ _NOT_PLACES = frozenset(MONTHS.split("|")) | frozenset(
 )
 
 
+# a second verb the inversion would leave unchanged ("did removing X save energy but raised the
+# latency"), or the main verb after a comma, which shows the first was a participle ("Bags left
+# next to a full bin, known as side waste, are not collected": the bags did not leave)
+_COMPOUND_OR_REDUCED = re.compile(
+    r"\b(?:but|and)\s+(?!(?:the|a|an)\b)[a-z]+ed\b|,\s+(?:is|are|was|were|has|have)\s+(?:not\s+)?[a-z]+\b"
+)
+
+
 def _inverted(clause: Clause, wh: str, rest: str) -> str | None:
     """ "Why was X closed", "When did X install Y": the subject after an auxiliary or "did"."""
     subject = subject_phrase(clause.subject)
     rest = rest.strip()
+    if not clause.aux and _COMPOUND_OR_REDUCED.search(f"{rest} {clause.rest}"):
+        return None
     if clause.aux:
         return f"{wh} {clause.verb.lower()} {subject}{' ' + rest if rest else ''}?"
     if clause.verb.lower() in ("has", "have", "had"):
@@ -82,9 +94,17 @@ def wh_questions(sentences: list[Sentence]) -> Iterator[tuple[str, Sentence, str
                 or rest[:1].isdigit()
                 or clause.verb == "had"
             )
+            # "What is free of charge?", "What is only a warning?": an adjective after "is" names
+            # no action to ask about, and many things in a document are free (a passive, "What is
+            # kept for 31 days?", does)
+            adjectival = verb in ("is", "was") and (
+                rest.split()[0].lower() == "only" or not PARTICIPLE.match(rest.split()[0].lower())
+            )
+            copula = copula or adjectival
             if clause.person and not copula:  # "Who is a cliff top?": a definition, asked as one
                 found.append((f"Who {verb} {rest}{intro_tail(clause.intro)}?", "who"))
-            elif fact and not copula:
+            elif fact and not copula and not named_in(clause.subject, rest):
+                # not "What is heard by the Appeals Panel?": the question names its answer
                 found.append((f"What {verb} {rest}{intro_tail(clause.intro)}?", "what"))
         # when: active sentences with a date (passive ones are the `date` rule's)
         if DATE.search(s.text) and not DATE_PASSIVE.match(s.text) and not clause.aux:
@@ -109,6 +129,8 @@ def wh_questions(sentences: list[Sentence]) -> Iterator[tuple[str, Sentence, str
         for pattern, wh in ((_WHY, "Why"), (_HOW, "How")):
             if m := pattern.search(" " + clause.rest + " "):
                 before = clause.rest[: max(0, m.start() - 1)].strip(" ,")
+                if ";" in before:
+                    continue  # "X did A; Y did B, because ...": the cause is B's, not X's
                 short = shorten(before) if before else ""
                 if short is not None and (q := _inverted(clause, wh, short)):
                     found.append((q, wh.lower()))
