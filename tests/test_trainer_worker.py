@@ -23,7 +23,8 @@ from services.common.config import Settings
 from services.common.errors import InvalidArgument
 from services.common.jsonl import to_jsonl
 from services.common.runtime import Runtime
-from services.trainer import checkpoint, worker
+from services.trainer import checkpoint, plan, worker
+from services.trainer.stats import precision_label, train_stats
 from tests.test_model import real_tokenizer, tiny_llama
 
 torch.set_num_threads(1)
@@ -61,12 +62,15 @@ def rt(runtime, tokenizer, monkeypatch):
         "load_base_model",
         lambda settings, for_training=False: (tiny_llama(len(tokenizer)), tokenizer),
     )
-    monkeypatch.setattr(worker, "CHECKPOINT_EVERY_STEPS", 2)
-    monkeypatch.setattr(worker, "EVAL_MAX_NEW_TOKENS", 4)
     monkeypatch.setattr(worker, "CANCEL_POLL_S", 0.2)
     # the precision "auto" picks depends on the CPU; these tests check what gets reported
     settings = dataclasses.replace(
-        runtime.settings, train_precision="fp32", qagen_eval_min_pairs=8, qagen_eval_fraction=0.2
+        runtime.settings,
+        train_precision="fp32",
+        qagen_eval_min_pairs=8,
+        qagen_eval_fraction=0.2,
+        train_checkpoint_every_steps=2,
+        train_eval_max_new_tokens=4,
     )
     return dataclasses.replace(runtime, settings=settings)
 
@@ -108,7 +112,7 @@ async def test_a_redelivered_job_resumes_from_the_stored_checkpoint(rt, monkeypa
     sid = "s-resume01"
     rec = await _session(rt, sid, max_steps=6)
     real_put = rt.store.put_bytes
-    ckpt_key = worker.checkpoint_key(TENANT, sid)
+    ckpt_key = plan.checkpoint_key(TENANT, sid)
 
     def crash_after_step_4(key, data, **kwargs):
         result = real_put(key, data, **kwargs)
@@ -169,13 +173,13 @@ async def _cancel(rt: Runtime, sid: str, task: asyncio.Task) -> float:
 def test_small_sessions_keep_every_pair_for_training():
     """Below qagen_eval_min_pairs nothing is held out; above it whole chunks are."""
     settings = Settings(train_seed=1, qagen_eval_fraction=0.1)
-    train, held = worker.split_for_eval(PAIRS[:5], settings)
+    train, held = plan.split_for_eval(PAIRS[:5], settings)
     assert train == PAIRS[:5] and held == []
     many = [
         {"pair_id": f"q{i}", "chunk_id": f"c{i // 3}", "question": f"Q{i}?", "answer": f"Answer {i}."}
         for i in range(30)
     ]
-    train, held = worker.split_for_eval(many, settings)
+    train, held = plan.split_for_eval(many, settings)
     assert held and len(train) + len(held) == len(many)
     assert {p["chunk_id"] for p in train}.isdisjoint({p["chunk_id"] for p in held})
 
@@ -228,11 +232,11 @@ async def test_session_lora_options_and_qagen_split_marks_shape_the_run(rt):
 
 def test_session_lora_options_out_of_range_are_refused():
     """A rank of 0 or a dropout of 1 is a bad request, said before any training starts."""
-    assert worker.lora_overrides(session_pb2.SessionOptions()) == {}
+    assert plan.lora_overrides(session_pb2.SessionOptions()) == {}
     with pytest.raises(InvalidArgument, match="lora_rank"):
-        worker.lora_overrides(session_pb2.SessionOptions(lora_rank=0))
+        plan.lora_overrides(session_pb2.SessionOptions(lora_rank=0))
     with pytest.raises(InvalidArgument, match="lora_dropout"):
-        worker.lora_overrides(session_pb2.SessionOptions(lora_dropout=1.0))
+        plan.lora_overrides(session_pb2.SessionOptions(lora_dropout=1.0))
 
 
 async def test_a_later_round_continues_from_the_earlier_adapter(rt):
@@ -312,7 +316,7 @@ async def test_a_session_with_passages_trains_on_raft_style_examples(rt):
     _, metrics, _ = _adapter_files(rt, sid)
     assert sum(metrics["passages"].values()) == metrics["examples"] == 8
     assert metrics["passages"]["gold"] > 0
-    assert metrics["config"]["max_seq_len"] == worker.PASSAGES_MIN_SEQ_LEN
+    assert metrics["config"]["max_seq_len"] == plan.PASSAGES_MIN_SEQ_LEN
     assert metrics["eval_count"] == 2
     assert all(not s["question"].startswith("Passages") for s in metrics["eval_samples"])
     # and the held-out questions once more with retrieved passages, as chat asks them
@@ -403,23 +407,23 @@ def test_passages_follow_the_session_choice_else_the_server_setting():
 
     off, on = Settings(train_passages=False), Settings(train_passages=True)
     unset = session_pb2.SessionOptions()
-    assert worker.passages_enabled(unset, off) is False
-    assert worker.passages_enabled(unset, on) is True
-    assert worker.passages_enabled(session_pb2.SessionOptions(passages=False), on) is False
-    assert worker.passages_enabled(session_pb2.SessionOptions(passages=True), off) is True
+    assert plan.passages_enabled(unset, off) is False
+    assert plan.passages_enabled(unset, on) is True
+    assert plan.passages_enabled(session_pb2.SessionOptions(passages=False), on) is False
+    assert plan.passages_enabled(session_pb2.SessionOptions(passages=True), off) is True
 
 
 def test_the_precision_shown_names_the_compute_dtype_and_any_quantization():
     """TrainStats.precision: bf16 autocast and bf16 weights read "bf16", fp32 "fp32", a 4-bit
     QLoRA base "nf4+bf16"; the device drops its index."""
-    assert worker.precision_label({"precision": "bf16-autocast", "dtype": "float32"}) == "bf16"
-    assert worker.precision_label({"precision": "model-dtype", "dtype": "bfloat16"}) == "bf16"
-    assert worker.precision_label({"precision": "model-dtype", "dtype": "float32"}) == "fp32"
+    assert precision_label({"precision": "bf16-autocast", "dtype": "float32"}) == "bf16"
+    assert precision_label({"precision": "model-dtype", "dtype": "bfloat16"}) == "bf16"
+    assert precision_label({"precision": "model-dtype", "dtype": "float32"}) == "fp32"
     assert (
-        worker.precision_label({"precision": "model-dtype", "dtype": "bfloat16", "quantization": "nf4"})
+        precision_label({"precision": "model-dtype", "dtype": "bfloat16", "quantization": "nf4"})
         == "nf4+bf16"
     )
-    stats = worker.train_stats({"device": "cuda:1", "eval_base_f1": float("nan")}, 1.0, "")
+    stats = train_stats({"device": "cuda:1", "eval_base_f1": float("nan")}, 1.0, "")
     assert stats.device == "cuda" and not stats.HasField("eval_base_f1")
 
 
@@ -431,11 +435,11 @@ async def test_a_run_whose_round_was_replaced_stops_and_leaves_the_new_round_alo
     rec = await _session(rt, sid, max_steps=100_000)
     task = asyncio.create_task(worker.train_session(rt, _item(sid), rec))
     deadline = time.monotonic() + 60
-    while not rt.store.exists(worker.checkpoint_key(TENANT, sid)):  # round 0 is under way
+    while not rt.store.exists(plan.checkpoint_key(TENANT, sid)):  # round 0 is under way
         assert not task.done() and time.monotonic() < deadline
         await asyncio.sleep(0.2)
-    newer = worker.checkpoint_key(TENANT, sid, 1)
-    assert newer != worker.checkpoint_key(TENANT, sid)
+    newer = plan.checkpoint_key(TENANT, sid, 1)
+    assert newer != plan.checkpoint_key(TENANT, sid)
     rt.store.put_bytes(newer, b"round 1 checkpoint")
     await rt.sessions.update(sid, lambda r: setattr(r, "round", 1))
     moved = time.monotonic()
@@ -444,7 +448,7 @@ async def test_a_run_whose_round_was_replaced_stops_and_leaves_the_new_round_alo
     after = await rt.sessions.get(sid)
     assert after.state == S.SESSION_STATE_TRAINING and after.adapter_id == "" and not after.HasField("train")
     assert rt.store.list(keys.adapter_prefix(TENANT, sid)) == []
-    assert not rt.store.exists(worker.checkpoint_key(TENANT, sid))
+    assert not rt.store.exists(plan.checkpoint_key(TENANT, sid))
     assert rt.store.get_bytes(newer) == b"round 1 checkpoint"
 
 
@@ -531,7 +535,7 @@ async def test_two_processes_train_the_session_and_a_killed_job_resumes_from_its
     # step that reaches the peak lr can throw the tiny model off (an AVX-512 CPU: +0.7, then stuck)
     rec = await _session(rt2, sid, max_steps=40, learning_rate=0.01)
     real_put = rt2.store.put_bytes
-    ckpt_key = worker.checkpoint_key(TENANT, sid)
+    ckpt_key = plan.checkpoint_key(TENANT, sid)
     seen: dict[int, str] = {}
 
     def kill_after_a_checkpoint(key, data, **kwargs):

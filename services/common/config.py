@@ -125,6 +125,13 @@ class Settings:
     # processes (GPUs) per training job: a number, or "auto" = one per CUDA device (1 without CUDA);
     # more than 1 runs each job as torchrun's processes (services/trainer/launch.py)
     train_processes: str = "1"
+    # a run checkpoints every this many steps or seconds, whichever comes first (resume after a crash)
+    train_checkpoint_every_steps: int = 50
+    train_checkpoint_every_s: float = 300.0
+    # held-out pairs base and adapter each answer, and their answer length: on 2 CPU cores answering
+    # took longer than the training itself at 32 x 48 (services/trainer/plan.py)
+    train_eval_max_pairs: int = 16
+    train_eval_max_new_tokens: int = 32
 
     # inference
     inference_max_new_tokens: int = 128

@@ -11,7 +11,8 @@ async def setup(rt):
     from services.common.model import resolve_base_model
     from services.common.stage import StageWorker
     from services.trainer.launch import process_count
-    from services.trainer.worker import TrainerServicer, train_session
+    from services.trainer.service import TrainerServicer
+    from services.trainer.worker import train_session
 
     # A bad DOCLORA_TRAIN_PROCESSES stops the service here rather than failing every session.
     processes = await asyncio.to_thread(process_count, rt.settings)

@@ -34,6 +34,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("services.trainer.ddp")
 # the pid of the process that launched this job (the trainer service); when it is gone, stop
@@ -80,10 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint-dir", type=Path, help="folder where rank 0 keeps its latest checkpoint")
     p.add_argument(
-        "--checkpoint-every-steps", type=int, help="default with --checkpoint-dir: the service's 50"
+        "--checkpoint-every-steps",
+        type=int,
+        help="default with --checkpoint-dir: DOCLORA_TRAIN_CHECKPOINT_EVERY_STEPS (50)",
     )
     p.add_argument(
-        "--checkpoint-every-s", type=float, help="default with --checkpoint-dir: the service's 300"
+        "--checkpoint-every-s",
+        type=float,
+        help="default with --checkpoint-dir: DOCLORA_TRAIN_CHECKPOINT_EVERY_S (300)",
     )
     p.add_argument(
         "--events", type=Path, help="file to which rank 0 appends progress, checkpoint and metrics lines"
@@ -177,20 +182,13 @@ def _checkpoint_writer(folder: Path, emit: Callable[..., None]) -> Callable[[dic
     return save
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _die_with_parent()
-
+def _init_process(args: argparse.Namespace) -> tuple[Any, int, int]:
+    """(settings, world size, rank) of this process: logging set up, the settings from the
+    environment with its device (CUDA: `cuda:{LOCAL_RANK}`), the process group joined."""
     import torch
     import torch.distributed as dist
 
     from services.common.config import Settings
-    from services.trainer import checkpoint
-    from services.trainer.adapter_io import read_adapter
-    from services.trainer.config import LoraTrainConfig
-    from services.trainer.loop import train_lora
-    from services.trainer.quant import load_training_model
-    from services.trainer.steps import TrainingCancelled
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -210,68 +208,102 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, device="cpu")
     if world > 1:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return settings, world, rank
+
+
+def _read_inputs(
+    args: argparse.Namespace, settings: Any
+) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
+    """(train pairs, held-out pairs, extra evaluation sets by name) from the files named by the flags."""
+    pairs = _read_jsonl(args.pairs)
+    if args.eval_pairs:
+        train_pairs, eval_pairs = pairs, _read_jsonl(args.eval_pairs)
+    else:
+        from services.trainer.plan import split_for_eval
+
+        train_pairs, eval_pairs = split_for_eval(pairs, settings)
+    extra_evals = {}
+    for spec in args.extra_eval:
+        name, sep, path = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--extra-eval wants NAME=PATH, got {spec!r}")
+        extra_evals[name] = _read_jsonl(Path(path))
+    return train_pairs, eval_pairs, extra_evals
+
+
+def _overrides(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
+    """The LoraTrainConfig fields over the settings: `--config`, then the flags given."""
+    flags = {
+        "max_steps": args.max_steps,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "max_seq_len": args.max_seq_len,
+        "seed": args.seed,
+        "system_prompt": args.system_prompt,
+        "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
+    overrides = json.loads(args.config.read_text()) if args.config else {}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_eval:
+        overrides["eval_generate"] = False
+    if args.checkpoint_dir:
+        for name in ("checkpoint_every_steps", "checkpoint_every_s"):
+            if getattr(args, name) is not None:
+                overrides[name] = getattr(args, name)
+        if not overrides.get("checkpoint_every_steps") and not overrides.get("checkpoint_every_s"):
+            from services.trainer.plan import checkpoint_every
+
+            overrides.update(checkpoint_every(settings))
+    return overrides
+
+
+def _progress_logger(emit: Callable[..., None]) -> Callable[[dict], None]:
+    """progress for train_lora: a log line and a "progress" line for each step."""
+
+    def progress(p: dict) -> None:
+        log.info(
+            "step %d/%d loss %.4f lr %.2e %.0f tokens/s",
+            p["step"],
+            p["total_steps"],
+            p["loss"],
+            p["lr"],
+            p["tokens_per_s"],
+        )
+        emit("progress", **p)
+
+    return progress
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _die_with_parent()
+
+    import torch.distributed as dist
+
+    from services.trainer import checkpoint
+    from services.trainer.adapter_io import read_adapter
+    from services.trainer.config import LoraTrainConfig
+    from services.trainer.loop import train_lora
+    from services.trainer.quant import load_training_model
+    from services.trainer.steps import TrainingCancelled
+
+    settings, world, rank = _init_process(args)
     emit = _emitter(args.events if rank == 0 else None)
     try:
-        pairs = _read_jsonl(args.pairs)
-        if args.eval_pairs:
-            train_pairs, eval_pairs = pairs, _read_jsonl(args.eval_pairs)
-        else:
-            from services.trainer.worker import split_for_eval
-
-            train_pairs, eval_pairs = split_for_eval(pairs, settings)
-        extra_evals = {}
-        for spec in args.extra_eval:
-            name, sep, path = spec.partition("=")
-            if not sep or not name:
-                raise SystemExit(f"--extra-eval wants NAME=PATH, got {spec!r}")
-            extra_evals[name] = _read_jsonl(Path(path))
-        flags = {
-            "max_steps": args.max_steps,
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "rank": args.rank,
-            "alpha": args.alpha,
-            "dropout": args.dropout,
-            "max_seq_len": args.max_seq_len,
-            "seed": args.seed,
-            "system_prompt": args.system_prompt,
-            "precision": args.precision,
-            "gradient_checkpointing": args.gradient_checkpointing,
-        }
-        overrides = json.loads(args.config.read_text()) if args.config else {}
-        overrides.update({k: v for k, v in flags.items() if v is not None})
-        if args.no_eval:
-            overrides["eval_generate"] = False
+        train_pairs, eval_pairs, extra_evals = _read_inputs(args, settings)
+        overrides = _overrides(args, settings)
         on_checkpoint = None
-        if args.checkpoint_dir:
-            for name in ("checkpoint_every_steps", "checkpoint_every_s"):
-                if getattr(args, name) is not None:
-                    overrides[name] = getattr(args, name)
-            if not overrides.get("checkpoint_every_steps") and not overrides.get("checkpoint_every_s"):
-                from services.trainer.worker import CHECKPOINT_EVERY_S, CHECKPOINT_EVERY_STEPS
-
-                overrides.update(
-                    checkpoint_every_steps=CHECKPOINT_EVERY_STEPS, checkpoint_every_s=CHECKPOINT_EVERY_S
-                )
-            if rank == 0:
-                on_checkpoint = _checkpoint_writer(args.checkpoint_dir, emit)
+        if args.checkpoint_dir and rank == 0:
+            on_checkpoint = _checkpoint_writer(args.checkpoint_dir, emit)
         cfg = LoraTrainConfig.from_settings(settings, **overrides)
         resume = checkpoint.from_bytes(args.resume.read_bytes()) if args.resume else None
         model, tokenizer = load_training_model(settings)
         init = read_adapter(args.init_adapter) if args.init_adapter else None
-
-        def progress(p: dict) -> None:
-            log.info(
-                "step %d/%d loss %.4f lr %.2e %.0f tokens/s",
-                p["step"],
-                p["total_steps"],
-                p["loss"],
-                p["lr"],
-                p["tokens_per_s"],
-            )
-            emit("progress", **p)
-
         stop = _stop_flag()
         try:
             metrics = train_lora(
@@ -280,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 train_pairs,
                 args.out,
                 cfg,
-                progress=progress,
+                progress=_progress_logger(emit),
                 should_stop=stop.is_set,
                 eval_pairs=eval_pairs or None,
                 resume=resume,

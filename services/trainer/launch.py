@@ -199,6 +199,111 @@ def _exit_text(rc: int) -> str:
     return f"exit status {rc}"
 
 
+def _job_args(
+    work: Path,
+    pairs: Sequence[Mapping[str, Any]],
+    out_dir: Path,
+    config: Mapping[str, Any],
+    eval_pairs: Sequence[Mapping[str, Any]] | None,
+    resume: Mapping[str, Any] | None,
+    init_dir: Path | None,
+    extra_evals: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+) -> list[str]:
+    """ddp.py's arguments for one job, its input files written to `work`."""
+    from services.trainer import checkpoint
+
+    args = [
+        "--pairs", str(_write_jsonl(work / "pairs.jsonl", pairs)),
+        "--eval-pairs", str(_write_jsonl(work / "eval.jsonl", eval_pairs or [])),
+        "--out", str(out_dir),
+        "--config", str(work / "config.json"),
+        "--checkpoint-dir", str(work / "checkpoints"),
+        "--events", str(work / "events.jsonl"),
+    ]  # fmt: skip
+    (work / "config.json").write_text(json.dumps(dict(config)))
+    for name, rows in (extra_evals or {}).items():
+        args += ["--extra-eval", f"{name}={_write_jsonl(work / f'eval-{name}.jsonl', rows)}"]
+    if init_dir is not None:
+        args += ["--init-adapter", str(init_dir)]
+    if resume is not None:
+        (work / "resume.pt").write_bytes(checkpoint.to_bytes(resume))
+        args += ["--resume", str(work / "resume.pt")]
+    return args
+
+
+class _JobEvents:
+    """What rank 0 reported so far (ddp.py `--events`): progress goes to `progress`, the newest
+    checkpoint of each read to `on_checkpoint`; keeps the last step and the final metrics."""
+
+    def __init__(
+        self,
+        path: Path,
+        progress: Callable[[dict], None],
+        on_checkpoint: Callable[[bytes, int], None] | None,
+        resume: Mapping[str, Any] | None,
+    ):
+        self.reader = _EventReader(path)
+        self.progress = progress
+        self.on_checkpoint = on_checkpoint
+        self.metrics: dict[str, Any] | None = None
+        self.last = {"step": int(resume["step"]) if resume else 0, "total_steps": 0}
+
+    def handle(self, upload: bool) -> None:
+        """Read the new lines; pass a new checkpoint on only when `upload`."""
+        newest = None
+        for event in self.reader.read():
+            kind = event.pop("kind", None)
+            if kind == "progress":
+                self.last.update(step=event.get("step", 0), total_steps=event.get("total_steps", 0))
+                self.progress(event)
+            elif kind == "checkpoint":
+                newest = event  # the file holds the newest state: upload it once
+            elif kind == "metrics":
+                self.metrics = event.get("metrics")
+            elif kind == "cancelled":
+                self.last.update(step=event.get("step", 0), total_steps=event.get("total_steps", 0))
+        if newest is not None and upload and self.on_checkpoint is not None:
+            try:
+                data = Path(newest["path"]).read_bytes()
+            except OSError as exc:
+                log.warning("checkpoint at step %s not read: %s", newest.get("step"), exc)
+            else:
+                self.on_checkpoint(data, int(newest.get("step", 0)))
+
+
+def _watch(proc: subprocess.Popen, job: _JobEvents, should_stop: Callable[[], bool]) -> float | None:
+    """Until torchrun ends: read its events, and when `should_stop()` turns true, SIGTERM the job
+    (SIGKILL after STOP_GRACE_S). Returns when the stop was sent (None: not stopped). No process of
+    the job is left when it returns, whatever it raises."""
+    known: dict[int, str] = {}
+    stop_sent = kill_at = None
+    listed = 0.0
+    try:
+        while proc.poll() is None:
+            job.handle(upload=stop_sent is None)
+            now = time.monotonic()
+            if now - listed >= TREE_POLL_S:
+                known.update(_descendants(proc.pid))
+                listed = now
+            if stop_sent is None and should_stop():
+                known.update(_descendants(proc.pid))
+                _signal_job(proc, known, signal.SIGTERM)
+                stop_sent, kill_at = now, now + STOP_GRACE_S
+            elif kill_at is not None and now >= kill_at:
+                log.warning(
+                    "training processes still running %.0f s after SIGTERM: killing them", STOP_GRACE_S
+                )
+                _signal_job(proc, known, signal.SIGKILL)
+                kill_at = None
+            time.sleep(POLL_S)
+    finally:
+        if proc.poll() is None:  # an exception here (a failed upload): the job must not stay
+            _signal_job(proc, known, signal.SIGKILL)
+            proc.wait()
+        _signal_job(proc, known, signal.SIGKILL)  # workers left by an agent that died
+    return stop_sent
+
+
 def train_in_processes(
     processes: int,
     settings: Any,
@@ -218,54 +323,13 @@ def train_in_processes(
     worker's `_train_blocking`'s: `config` holds LoraTrainConfig fields, `on_checkpoint(data, step)`
     gets each checkpoint serialised. Returns rank 0's metrics; raises TrainingCancelled when
     stopped by `should_stop`, TrainingProcessFailed when the processes fail."""
-    from services.trainer import checkpoint
     from services.trainer.steps import TrainingCancelled
 
     with tempfile.TemporaryDirectory(prefix="doclora-ddp-") as tmp:
         work = Path(tmp)
-        args = [
-            "--pairs", str(_write_jsonl(work / "pairs.jsonl", pairs)),
-            "--eval-pairs", str(_write_jsonl(work / "eval.jsonl", eval_pairs or [])),
-            "--out", str(out_dir),
-            "--config", str(work / "config.json"),
-            "--checkpoint-dir", str(work / "checkpoints"),
-            "--events", str(work / "events.jsonl"),
-        ]  # fmt: skip
-        (work / "config.json").write_text(json.dumps(dict(config)))
-        for name, rows in (extra_evals or {}).items():
-            args += ["--extra-eval", f"{name}={_write_jsonl(work / f'eval-{name}.jsonl', rows)}"]
-        if init_dir is not None:
-            args += ["--init-adapter", str(init_dir)]
-        if resume is not None:
-            (work / "resume.pt").write_bytes(checkpoint.to_bytes(resume))
-            args += ["--resume", str(work / "resume.pt")]
+        args = _job_args(work, pairs, out_dir, config, eval_pairs, resume, init_dir, extra_evals)
         output = work / "output.log"
-        reader = _EventReader(work / "events.jsonl")
-        metrics: dict[str, Any] | None = None
-        last = {"step": int(resume["step"]) if resume else 0, "total_steps": 0}
-
-        def handle(events: list[dict], upload: bool) -> None:
-            nonlocal metrics
-            newest = None
-            for event in events:
-                kind = event.pop("kind", None)
-                if kind == "progress":
-                    last.update(step=event.get("step", 0), total_steps=event.get("total_steps", 0))
-                    progress(event)
-                elif kind == "checkpoint":
-                    newest = event  # the file holds the newest state: upload it once
-                elif kind == "metrics":
-                    metrics = event.get("metrics")
-                elif kind == "cancelled":
-                    last.update(step=event.get("step", 0), total_steps=event.get("total_steps", 0))
-            if newest is not None and upload and on_checkpoint is not None:
-                try:
-                    data = Path(newest["path"]).read_bytes()
-                except OSError as exc:
-                    log.warning("checkpoint at step %s not read: %s", newest.get("step"), exc)
-                else:
-                    on_checkpoint(data, int(newest.get("step", 0)))
-
+        job = _JobEvents(work / "events.jsonl", progress, on_checkpoint, resume)
         with open(output, "wb") as out:
             proc = subprocess.Popen(
                 command(processes, args),
@@ -276,47 +340,22 @@ def train_in_processes(
                 start_new_session=True,
             )
         log.info("training on %d processes: torchrun pid %d", processes, proc.pid)
-        known: dict[int, str] = {}
-        stop_sent = kill_at = None
-        listed = 0.0
-        try:
-            while proc.poll() is None:
-                handle(reader.read(), upload=stop_sent is None)
-                now = time.monotonic()
-                if now - listed >= TREE_POLL_S:
-                    known.update(_descendants(proc.pid))
-                    listed = now
-                if stop_sent is None and should_stop():
-                    known.update(_descendants(proc.pid))
-                    _signal_job(proc, known, signal.SIGTERM)
-                    stop_sent, kill_at = now, now + STOP_GRACE_S
-                elif kill_at is not None and now >= kill_at:
-                    log.warning(
-                        "training processes still running %.0f s after SIGTERM: killing them", STOP_GRACE_S
-                    )
-                    _signal_job(proc, known, signal.SIGKILL)
-                    kill_at = None
-                time.sleep(POLL_S)
-        finally:
-            if proc.poll() is None:  # an exception here (a failed upload): the job must not stay
-                _signal_job(proc, known, signal.SIGKILL)
-                proc.wait()
-            _signal_job(proc, known, signal.SIGKILL)  # workers left by an agent that died
+        stop_sent = _watch(proc, job, should_stop)
         rc = proc.returncode
-        handle(reader.read(), upload=stop_sent is None and rc != 0)
+        job.handle(upload=stop_sent is None and rc != 0)
         if stop_sent is not None or should_stop():
-            raise TrainingCancelled(int(last["step"]), int(last["total_steps"]))
+            raise TrainingCancelled(int(job.last["step"]), int(job.last["total_steps"]))
         if rc != 0:
             raise TrainingProcessFailed(
                 f"training on {processes} processes failed ({_exit_text(rc)}); the end of its output:\n"
                 + _tail(output)
             )
-        if metrics is None:
-            try:
-                metrics = json.loads((out_dir / "metrics.json").read_text())
-            except (OSError, ValueError):
-                raise TrainingProcessFailed(
-                    "the training processes ended without writing the adapter; the end of their output:\n"
-                    + _tail(output)
-                ) from None
-        return metrics
+        if job.metrics is not None:
+            return job.metrics
+        try:
+            return json.loads((out_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            raise TrainingProcessFailed(
+                "the training processes ended without writing the adapter; the end of their output:\n"
+                + _tail(output)
+            ) from None

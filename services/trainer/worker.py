@@ -8,11 +8,14 @@ A redelivered job (the previous trainer died) finds the last checkpoint of its r
 same adapter as an uninterrupted run. The checkpoints are deleted once the adapter is stored or the
 session is cancelled.
 
-Rounds: each round of a session trains its own adapter (`adapter_id_for`), starting from
+Rounds: each round of a session trains its own adapter (`plan.adapter_id_for`), starting from
 `Session.continue_from` when set (continued training, same LoRA shape) and from fresh LoRA weights
 otherwise; the session switches to it when READY. A run whose round was replaced while it trained
 stops and leaves the record to the newer round. Per-session options set the LoRA settings; qagen's
 `split` marks choose the held-out pairs; `passages` trains RAFT-style (see passages.py).
+
+The handler reads in steps: `_prepare` (the job's data and plan.py's decisions), `_Run.train` (the
+training, watched for cancellation), `_store_adapter`, then `_finish` (stats, READY, clean-up).
 
 Processes: the run trains in a thread of this process, or with `train_processes` > 1 as torchrun's
 processes (launch.py, ddp.py): the same inputs, progress events, checkpoints and cancellation,
@@ -22,6 +25,7 @@ from the same code here; only the call that trains differs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -31,117 +35,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from doclora.v1 import events_pb2, session_pb2, trainer_pb2, trainer_pb2_grpc
+from doclora.v1 import events_pb2, session_pb2
 from services.common import events, keys
-from services.common.config import Settings
-from services.common.errors import DocloraError, InvalidArgument, NotFound
+from services.common.errors import DocloraError, NotFound
 from services.common.passages import read_session_passages
 from services.common.qapair import read_pairs
 from services.common.runtime import Runtime, StaleRound, check_round
 from services.common.sessions import mark_stage
 from services.trainer.exam import exam_sets, exam_stats
+from services.trainer.plan import (
+    PASSAGES_MIN_SEQ_LEN,
+    adapter_id_for,
+    checkpoint_key,
+    lora_overrides,
+    max_steps_for,
+    passages_enabled,
+    split_for_eval,
+    train_config,
+)
+from services.trainer.stats import train_stats
 
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
 CANCEL_POLL_S = 1.0
-# checkpoint every this many steps or seconds, whichever comes first (tests set them small)
-CHECKPOINT_EVERY_STEPS = 50
-CHECKPOINT_EVERY_S = 300.0
-# held-out evaluation: qagen marks the held-out pairs (`qagen_eval_fraction` of them, whole chunks,
-# sessions of `qagen_eval_min_pairs` or more); unmarked pairs are split here by the same settings.
-# At most EVAL_MAX_PAIRS are scored, with answers of at most EVAL_MAX_NEW_TOKENS tokens: base and
-# adapter each answer them, which on 2 CPU cores took longer than the training itself at 32 x 48
-EVAL_MAX_PAIRS = 16
-EVAL_MAX_NEW_TOKENS = 32
-
-
-# RAFT-style examples carry up to PASSAGES_MAX_CHARS (~1,200 tokens) of whole passages before the question
-PASSAGES_MIN_SEQ_LEN = 1536
-
-
-def checkpoint_prefix(tenant: str, sid: str, round: int = 0) -> str:
-    """Where a round's checkpoints go: its own folder after round 0, so a run of a round that was
-    superseded never overwrites (or deletes) the checkpoint of the round that replaced it."""
-    base = keys.checkpoints(tenant, sid)
-    return base if round <= 0 else f"{base}round-{round}/"
-
-
-def checkpoint_key(tenant: str, sid: str, round: int = 0) -> str:
-    from services.trainer.checkpoint import STATE_FILE
-
-    return checkpoint_prefix(tenant, sid, round) + STATE_FILE
-
-
-def passages_enabled(options: session_pb2.SessionOptions, settings) -> bool:
-    """The session's choice when it made one, else the server's `train_passages` setting."""
-    if options.HasField("passages"):
-        return options.passages
-    return settings.train_passages
-
-
-def adapter_id_for(sid: str, round: int) -> str:
-    """The id of the adapter a session's `round` trains: the session id for round 0, then
-    `{sid}-r{round}`, so a cache keyed by adapter id never serves an older round's weights."""
-    return sid if round <= 0 else f"{sid}-r{round}"
-
-
-def lora_overrides(options: session_pb2.SessionOptions) -> dict[str, Any]:
-    """LoraTrainConfig fields set by a session's options; InvalidArgument for values out of range."""
-    out: dict[str, Any] = {}
-    checks = (
-        # option, config field, lowest, highest
-        ("lora_rank", "rank", 1, 1024),
-        ("lora_alpha", "alpha", 1e-6, 1e6),
-        ("lora_dropout", "dropout", 0.0, 0.9),
-        ("learning_rate", "lr", 1e-12, 1.0),
-        ("epochs", "epochs", 1, 1000),
-    )
-    for option, name, low, high in checks:
-        if not options.HasField(option):
-            continue
-        value = getattr(options, option)
-        if not low <= value <= high:
-            raise InvalidArgument(f"{option} must be between {low:g} and {high:g}, got {value:g}")
-        out[name] = float(value) if name in ("epochs", "lr", "dropout") else value
-    if "alpha" in out and float(out["alpha"]).is_integer():
-        out["alpha"] = int(out["alpha"])
-    if "epochs" in out:
-        out["min_steps"] = 0  # asked for so many epochs: no floor on the steps they take
-    return out
-
-
-def split_for_eval(pairs: list[dict], settings: Settings) -> tuple[list[dict], list[dict]]:
-    """(train, held out). Pairs marked by qagen (`"split": "train" | "eval" | "exam"`) keep their
-    marks (unmarked ones train; exam pairs do neither, see exam.py); otherwise whole chunks are held
-    out here, or nothing for a small session."""
-    if any("split" in p for p in pairs):
-        held = [p for p in pairs if p.get("split") == "eval"]
-        train = [p for p in pairs if p.get("split") not in ("eval", "exam")]
-        return (train, held) if train else (pairs, [])
-    if len(pairs) < settings.qagen_eval_min_pairs:
-        return pairs, []
-    from services.trainer.evaluate import split_by_chunk
-
-    train, held = split_by_chunk(pairs, settings.qagen_eval_fraction, settings.train_seed)
-    return list(train), list(held)
-
-
-def train_config(
-    max_steps: int, system_prompt: str, overrides: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The LoraTrainConfig fields a session's run sets over the server settings (one place for the
-    in-thread run and the several-process one, which gets them as ddp.py's `--config`)."""
-    config: dict[str, Any] = {
-        "system_prompt": system_prompt or None,
-        "checkpoint_every_steps": CHECKPOINT_EVERY_STEPS,
-        "checkpoint_every_s": CHECKPOINT_EVERY_S,
-        "eval_max_pairs": EVAL_MAX_PAIRS,
-        "eval_max_new_tokens": EVAL_MAX_NEW_TOKENS,
-        **(overrides or {}),
-    }
-    if max_steps:
-        config["max_steps"] = max_steps
-    return config
 
 
 def _train_blocking(
@@ -217,43 +133,6 @@ def _fetch_adapter(rt: Runtime, tenant: str, adapter_id: str, folder: Path) -> P
     return folder
 
 
-def precision_label(metrics: dict) -> str:
-    """What TrainStats.precision shows: "bf16" (autocast or bf16 weights), "fp32", "fp16", or
-    "nf4+bf16" style for a 4-bit base model with its compute dtype."""
-    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    compute = (
-        "bf16" if metrics.get("precision") == "bf16-autocast" else dtype.get(metrics.get("dtype", ""), "")
-    )
-    quant = metrics.get("quantization")
-    if quant:
-        return f"{quant}+{compute}" if compute else str(quant)
-    return compute or str(metrics.get("dtype", ""))
-
-
-def train_stats(metrics: dict, seconds: float, started_from: str) -> session_pb2.TrainStats:
-    """The session's TrainStats from a run's metrics (see loop.train_lora)."""
-    stats = session_pb2.TrainStats(
-        steps=int(metrics.get("steps", 0)),
-        total_steps=int(metrics.get("total_steps", 0)),
-        final_loss=float(metrics.get("final_loss", 0.0)),
-        seconds=seconds,
-        tokens=int(metrics.get("tokens", 0)),
-        eval_count=int(metrics.get("eval_count") or 0),
-        precision=precision_label(metrics),
-        device=str(metrics.get("device", "")).split(":", 1)[0],
-        started_from=started_from,
-    )
-    stats.eval_passages_count = int(metrics.get("eval_passages_count") or 0)
-    for key in (
-        "eval_base_f1", "eval_adapter_f1", "eval_base_em", "eval_adapter_em", "eval_loss",
-        "eval_passages_base_f1", "eval_passages_adapter_f1", "eval_passages_base_em", "eval_passages_adapter_em",
-    ):  # fmt: skip
-        value = metrics.get(key)
-        if value is not None and value == value:  # None or NaN: left unset
-            setattr(stats, key, float(value))
-    return stats
-
-
 def _load_checkpoint(rt: Runtime, tenant: str, sid: str, round: int = 0) -> dict | None:
     """The last checkpoint of this session's training in `round`, or None (none, or unreadable)."""
     from services.trainer import checkpoint
@@ -272,11 +151,25 @@ def _load_checkpoint(rt: Runtime, tenant: str, sid: str, round: int = 0) -> dict
     return state
 
 
-async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
-    from services.trainer.launch import process_count, train_in_processes
-    from services.trainer.steps import TrainingCancelled
+@dataclasses.dataclass
+class _Job:
+    """What one train job trains and where its outputs go, decided before any training."""
 
-    started = time.monotonic()
+    sid: str
+    tenant: str
+    round: int
+    adapter_id: str
+    pairs: list[dict]  # all of the session's pairs (the exam reads them)
+    train_pairs: list[dict]
+    eval_pairs: list[dict]
+    extra_evals: dict[str, list[dict]]
+    passage_counts: dict | None  # RAFT-style runs: what the examples carry (into metrics.json)
+    config: dict[str, Any]  # LoraTrainConfig fields over the server settings
+    resume: dict | None  # the round's last checkpoint
+
+
+async def _prepare(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> _Job:
+    """Read the session's pairs, passages and checkpoint, and plan the run (plan.py)."""
     sid, tenant = item.session_id, item.tenant
     overrides = lora_overrides(rec.options)  # bad values fail the session before any work
     pairs = await rt.io(read_pairs, rt.store, tenant, sid)
@@ -297,19 +190,34 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
         log.info("training with passages: %s", passage_counts)
     # one adapter per round: a redelivered job rewrites the same keys, a later round gets new ones
     this_round = max(item.round, rec.round)
-    adapter_id = adapter_id_for(sid, this_round)
     resume = await rt.io(_load_checkpoint, rt, tenant, sid, this_round)
-    loop = asyncio.get_running_loop()
-    superseded = False
-    cancelled = threading.Event()
-    last_progress: dict = {}
+    config = train_config(
+        rt.settings, max_steps_for(rec.options, rt.settings), rec.options.system_prompt, overrides
+    )
+    return _Job(
+        sid, tenant, this_round, adapter_id_for(sid, this_round), pairs, train_pairs, eval_pairs,
+        extra_evals, passage_counts, config, resume,
+    )  # fmt: skip
 
-    def progress(p: dict) -> None:  # called from the training thread
-        last_progress.update(p)
+
+class _Run:
+    """One attempt at a job: the training thread's callbacks (progress events, checkpoint uploads),
+    the task that watches the session for cancellation or a newer round, and checkpoint clean-up."""
+
+    def __init__(self, rt: Runtime, job: _Job):
+        self.rt = rt
+        self.job = job
+        self.loop = asyncio.get_running_loop()
+        self.cancelled = threading.Event()
+        self.superseded = False  # a newer round replaced this one
+        self.last_progress: dict = {}
+
+    def progress(self, p: dict) -> None:  # called from the training thread
+        self.last_progress.update(p)
         events.progress_from_thread(
-            loop,
-            rt.bus,
-            sid,
+            self.loop,
+            self.rt.bus,
+            self.job.sid,
             session_pb2.STAGE_TRAIN,
             int(p.get("step", 0)),
             int(p.get("total_steps", 0)),
@@ -321,130 +229,160 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
             epoch=p.get("epoch"),
         )
 
-    def save_checkpoint(data: bytes, step: int) -> None:  # called from the training thread; the store blocks
+    def save_checkpoint(self, data: bytes, step: int) -> None:
+        """Called from the training thread; the store blocks."""
         try:
-            rt.store.put_bytes(checkpoint_key(tenant, sid, this_round), data)
+            self.rt.store.put_bytes(checkpoint_key(self.job.tenant, self.job.sid, self.job.round), data)
             log.info("checkpoint saved at step %d", step)
         except DocloraError as exc:  # training goes on; the next checkpoint may get through
             log.warning("checkpoint at step %d not saved: %s", step, exc)
 
-    async def watch_cancel() -> None:
-        while not cancelled.is_set():
+    async def watch_cancel(self) -> None:
+        while not self.cancelled.is_set():
             await asyncio.sleep(CANCEL_POLL_S)
             try:
-                cur = await rt.sessions.get(sid)
+                cur = await self.rt.sessions.get(self.job.sid)
             except NotFound:
-                cancelled.set()
+                self.cancelled.set()
                 return
             if cur.state in (S.SESSION_STATE_CANCELLED, S.SESSION_STATE_FAILED):
-                cancelled.set()
-            elif cur.round > this_round:  # a new round replaced this one: its work is wasted
-                nonlocal superseded
-                superseded = True
-                cancelled.set()
+                self.cancelled.set()
+            elif cur.round > self.job.round:  # a new round replaced this one: its work is wasted
+                self.superseded = True
+                self.cancelled.set()
 
-    async def drop_own_checkpoint() -> None:  # only this round's: a later round's stays
+    async def drop_own_checkpoint(self) -> None:  # only this round's: a later round's stays
         try:
-            await rt.io(rt.store.delete, checkpoint_key(tenant, sid, this_round))
+            await self.rt.io(
+                self.rt.store.delete, checkpoint_key(self.job.tenant, self.job.sid, self.job.round)
+            )
         except DocloraError as exc:
             log.warning("could not delete the checkpoint: %s", exc)
 
-    async def drop_checkpoints(prefix: str) -> None:
+    async def drop_checkpoints(self) -> None:  # every round's of the session
         try:
-            await rt.io(rt.store.delete_prefix, prefix)
+            await self.rt.io(self.rt.store.delete_prefix, keys.checkpoints(self.job.tenant, self.job.sid))
         except DocloraError as exc:
             log.warning("could not delete the checkpoints: %s", exc)
 
-    max_steps = rec.options.max_steps if rec.options.HasField("max_steps") else rt.settings.train_max_steps
-    config = train_config(max_steps, rec.options.system_prompt, overrides)
-    processes = process_count(rt.settings)
-    # one process: in a thread here; more: torchrun's processes, watched from a thread (launch.py)
-    trainer = _train_blocking if processes == 1 else functools.partial(train_in_processes, processes)
-    watcher = asyncio.create_task(watch_cancel())
+    async def train(self, out_dir: Path, init_dir: Path | None) -> dict | None:
+        """The run's metrics, or None when it was cancelled or superseded (checkpoints dropped)."""
+        from services.trainer.launch import process_count, train_in_processes
+        from services.trainer.steps import TrainingCancelled
+
+        processes = process_count(self.rt.settings)
+        # one process: in a thread here; more: torchrun's processes, watched from a thread (launch.py)
+        trainer = _train_blocking if processes == 1 else functools.partial(train_in_processes, processes)
+        job = self.job
+        try:
+            return await asyncio.to_thread(
+                trainer,
+                self.rt.settings,
+                job.train_pairs,
+                out_dir,
+                job.config,
+                self.progress,
+                self.cancelled.is_set,
+                eval_pairs=job.eval_pairs,
+                resume=job.resume,
+                on_checkpoint=self.save_checkpoint,
+                init_dir=init_dir,
+                extra_evals=job.extra_evals,
+            )
+        except TrainingCancelled:
+            if self.superseded:
+                log.info("training of round %d stopped: the session moved on to a later round", job.round)
+                await self.drop_own_checkpoint()
+                return None
+            log.info("training cancelled")
+            await self.drop_checkpoints()
+            return None
+
+
+async def _store_adapter(rt: Runtime, job: _Job, out_dir: Path, metrics: dict, started_from: str) -> None:
+    """The trained adapter folder, with its doclora.json, under the round's adapter id."""
+    if job.passage_counts is not None:
+        metrics["passages"] = job.passage_counts
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    meta = {
+        "adapter_id": job.adapter_id,
+        "session_id": job.sid,
+        "base_model": rt.settings.base_model,
+        "round": job.round,
+        "started_from": started_from,
+    }
+    (out_dir / "doclora.json").write_text(json.dumps(meta))
+    await rt.io(
+        rt.store.upload_dir,
+        keys.adapter_prefix(job.tenant, job.adapter_id),
+        out_dir,
+        last=["adapter_config.json"],
+    )
+
+
+async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
+    """The stage handler: prepare the job, train it (watched for cancellation), store the adapter,
+    then finish (stats, READY, clean-up). Cancelled or superseded runs return without an adapter."""
+    started = time.monotonic()
+    job = await _prepare(rt, item, rec)
+    run = _Run(rt, job)
+    watcher = asyncio.create_task(run.watch_cancel())
     try:
         with tempfile.TemporaryDirectory(prefix="doclora-train-") as tmp:
             out_dir = Path(tmp) / "adapter"
             init_dir = None
             if rec.continue_from:
-                init_dir = await rt.io(_fetch_adapter, rt, tenant, rec.continue_from, Path(tmp) / "init")
+                init_dir = await rt.io(_fetch_adapter, rt, job.tenant, rec.continue_from, Path(tmp) / "init")
             started_from = rec.continue_from if init_dir is not None else ""
-            try:
-                metrics = await asyncio.to_thread(
-                    trainer,
-                    rt.settings,
-                    train_pairs,
-                    out_dir,
-                    config,
-                    progress,
-                    cancelled.is_set,
-                    eval_pairs=eval_pairs,
-                    resume=resume,
-                    on_checkpoint=save_checkpoint,
-                    init_dir=init_dir,
-                    extra_evals=extra_evals,
-                )
-            except TrainingCancelled:
-                if superseded:
-                    log.info(
-                        "training of round %d stopped: the session moved on to a later round", this_round
-                    )
-                    await drop_own_checkpoint()
-                    return
-                log.info("training cancelled")
-                await drop_checkpoints(keys.checkpoints(tenant, sid))
+            metrics = await run.train(out_dir, init_dir)
+            if metrics is None:
                 return
-            if passage_counts is not None:
-                metrics["passages"] = passage_counts
-                (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            meta = {
-                "adapter_id": adapter_id,
-                "session_id": sid,
-                "base_model": rt.settings.base_model,
-                "round": this_round,
-                "started_from": started_from,
-            }
-            (out_dir / "doclora.json").write_text(json.dumps(meta))
-            await rt.io(
-                rt.store.upload_dir,
-                keys.adapter_prefix(tenant, adapter_id),
-                out_dir,
-                last=["adapter_config.json"],
-            )
+            await _store_adapter(rt, job, out_dir, metrics, started_from)
     finally:
-        cancelled.set()
+        run.cancelled.set()
         watcher.cancel()
 
     seconds = time.monotonic() - started
-    metrics.setdefault("steps", last_progress.get("step", 0))
-    metrics.setdefault("total_steps", last_progress.get("total_steps", 0))
+    metrics.setdefault("steps", run.last_progress.get("step", 0))
+    metrics.setdefault("total_steps", run.last_progress.get("total_steps", 0))
     stats = train_stats(metrics, seconds, started_from)
-    stats.exam.CopyFrom(exam_stats(metrics, pairs, rec.options.answer_mode or rt.settings.answer_mode))
+    stats.exam.CopyFrom(exam_stats(metrics, job.pairs, rec.options.answer_mode or rt.settings.answer_mode))
+    await _finish(rt, run, stats, seconds, metrics)
+
+
+async def _finish(
+    rt: Runtime, run: _Run, stats: session_pb2.TrainStats, seconds: float, metrics: dict
+) -> None:
+    """Publish the stage's end, switch the session to the new adapter (READY), then drop the
+    checkpoints and the adapters of older rounds."""
+    job = run.job
 
     def ready(r):
-        check_round(r, this_round)
-        r.adapter_id = adapter_id
+        check_round(r, job.round)
+        r.adapter_id = job.adapter_id
         r.continue_from = ""  # used up: a later round says again what it starts from
         r.train.CopyFrom(stats)
         mark_stage(r, session_pb2.STAGE_TRAIN, finished=True)
 
     await events.publish(
         rt.bus,
-        sid,
+        job.sid,
         events_pb2.Event(finished=events_pb2.StageFinished(stage=session_pb2.STAGE_TRAIN, seconds=seconds)),
     )
     try:
         await rt.sessions.transition(
-            sid, S.SESSION_STATE_READY, allowed_from={S.SESSION_STATE_TRAINING}, extra=ready
+            job.sid, S.SESSION_STATE_READY, allowed_from={S.SESSION_STATE_TRAINING}, extra=ready
         )
     except StaleRound:
         log.info(
-            "adapter %s stored, but the session moved on to a later round: not switching to it", adapter_id
+            "adapter %s stored, but the session moved on to a later round: not switching to it",
+            job.adapter_id,
         )
-        await drop_own_checkpoint()
+        await run.drop_own_checkpoint()
         return
     # after READY (a crash before it still finds them and resumes); older rounds' are stale too
-    await drop_checkpoints(keys.checkpoints(tenant, sid))
-    await drop_old_adapters(rt, tenant, sid, this_round)
+    await run.drop_checkpoints()
+    await drop_old_adapters(rt, job.tenant, job.sid, job.round)
     if metrics.get("eval_count"):
         log.info(
             "held-out eval on %d pairs: token-F1 base %.3f -> adapter %.3f, exact match %.3f -> %.3f",
@@ -454,7 +392,7 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
             metrics["eval_base_em"],
             metrics["eval_adapter_em"],
         )
-    log.info("adapter %s ready after %.1f s (%d steps)", adapter_id, seconds, stats.steps)
+    log.info("adapter %s ready after %.1f s (%d steps)", job.adapter_id, seconds, stats.steps)
 
 
 async def drop_old_adapters(rt: Runtime, tenant: str, sid: str, this_round: int) -> None:
@@ -471,26 +409,3 @@ async def drop_old_adapters(rt: Runtime, tenant: str, sid: str, this_round: int)
             continue
         if removed:
             log.info("deleted the adapter of round %d (%d objects)", old_round, removed)
-
-
-class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-
-    async def GetAdapter(self, request, context):
-        if not keys.is_valid_id(request.adapter_id):
-            raise NotFound(f"adapter {request.adapter_id!r} not found")
-        prefix = keys.adapter_prefix(self.rt.settings.tenant, request.adapter_id)
-        try:
-            meta = await self.rt.io(self.rt.store.get_json, prefix + "doclora.json")
-            metrics = await self.rt.io(self.rt.store.get_bytes, prefix + "metrics.json")
-        except NotFound:
-            raise NotFound(f"adapter {request.adapter_id!r} not found") from None
-        return trainer_pb2.GetAdapterResponse(
-            adapter=trainer_pb2.AdapterInfo(
-                adapter_id=request.adapter_id,
-                session_id=meta.get("session_id", ""),
-                base_model=meta.get("base_model", ""),
-                metrics_json=metrics.decode("utf-8"),
-            )
-        )
