@@ -1,5 +1,6 @@
-"""gRPC clients of the gateway: one channel per service, a deadline on every unary call, and the
-mapping of gRPC status codes to HTTP statuses."""
+"""gRPC clients of the gateway: one channel per service and the deadline of every unary call
+(`timeout`). The lifespan of `gateway.app` opens them on `app.state.clients`; routes take them
+through `gateway.common.ClientsDep`."""
 
 from __future__ import annotations
 
@@ -16,24 +17,6 @@ from doclora.v1 import (
 )
 from services.common.config import Settings
 from services.common.server import GRPC_OPTIONS
-
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-
-
-def http_status(code: grpc.StatusCode) -> int:
-    return HTTP_STATUS.get(code, 500)
 
 
 @dataclass

@@ -1,0 +1,56 @@
+"""InferenceService.Chat as the chat routes use it (the bot chat and the OpenAI-compatible one):
+building the ChatRequest from a `ChatBody`, opening the stream so its errors become HTTP statuses,
+reading a whole answer, and naming its finish reason."""
+
+from __future__ import annotations
+
+from doclora.v1 import inference_pb2
+from gateway.clients import Clients
+from gateway.common import responses, to_json
+from gateway.schemas import ChatBody
+
+ANSWER_MODES = {
+    None: inference_pb2.ANSWER_MODE_UNSPECIFIED,
+    "both": inference_pb2.ANSWER_MODE_BOTH,
+    "adapter": inference_pb2.ANSWER_MODE_ADAPTER,
+    "retrieval": inference_pb2.ANSWER_MODE_RETRIEVAL,
+}
+
+
+def chat_request(bot_id: str, body: ChatBody) -> inference_pb2.ChatRequest:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    opts = inference_pb2.GenerationOptions(
+        max_new_tokens=body.max_tokens or 0, temperature=body.temperature, top_p=body.top_p, stop=stop
+    )
+    if body.seed is not None:
+        opts.seed = body.seed
+    return inference_pb2.ChatRequest(
+        bot_id=bot_id,
+        messages=[inference_pb2.ChatMessage(role=m.role, content=m.content) for m in body.messages],
+        options=opts,
+        mode=ANSWER_MODES[body.mode],
+    )
+
+
+async def open_chat(c: Clients, req: inference_pb2.ChatRequest):
+    """Start a chat stream and read its first message, so errors become HTTP statuses."""
+    call = c.inference.Chat(req)
+    first = await call.read()
+    return call, first
+
+
+async def collect(call, first) -> tuple[str, inference_pb2.ChatResponse | None, list[dict]]:
+    """A whole answer: its text, the closing message (finish reason, usage) and the citations."""
+    text, last, cites = [], None, []
+    async for msg in responses(call, first):
+        text.append(msg.delta)
+        cites += [to_json(ci) for ci in msg.citations]
+        if msg.finish_reason:
+            last = msg
+    return "".join(text), last, cites
+
+
+def finish_name(msg: inference_pb2.ChatResponse | None) -> str:
+    if msg is None:
+        return "stop"
+    return inference_pb2.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_").lower()

@@ -1,0 +1,50 @@
+"""A trained bot (the `bots` tag): its adapter record with metrics, and chat with it, answered as
+one JSON object or as Server-Sent Events (`citations`, `delta`, `done`, `error`)."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from fastapi import APIRouter
+
+from doclora.v1 import trainer_pb2
+from gateway.chat import chat_request, collect, finish_name, open_chat
+from gateway.common import ClientsDep, event_stream, responses, sse, sse_error, to_json
+from gateway.schemas import ChatBody
+
+router = APIRouter(tags=["bots"])
+
+
+@router.get("/api/v1/adapters/{adapter_id}")
+async def get_adapter(adapter_id: str, c: ClientsDep):
+    resp = await c.trainer.GetAdapter(trainer_pb2.GetAdapterRequest(adapter_id=adapter_id), timeout=c.timeout)
+    out = to_json(resp.adapter)
+    out["metrics"] = json.loads(out.pop("metrics_json") or "{}")
+    return out
+
+
+@router.post("/api/v1/bots/{bot_id}/chat")
+async def chat(bot_id: str, body: ChatBody, c: ClientsDep):
+    """Chat with a bot; `stream: true` (default) answers with Server-Sent Events `delta` and `done`."""
+    call, first = await open_chat(c, chat_request(bot_id, body))
+    if not body.stream:
+        text, last, cites = await collect(call, first)
+        return {"bot_id": bot_id, "content": text, "finish_reason": finish_name(last), "citations": cites}
+
+    async def stream():
+        try:
+            async for msg in responses(call, first):
+                if msg.citations:
+                    yield sse("citations", {"citations": [to_json(ci) for ci in msg.citations]})
+                if msg.delta:
+                    yield sse("delta", {"delta": msg.delta})
+                if msg.finish_reason:
+                    yield sse(
+                        "done",
+                        {"finish_reason": finish_name(msg), "completion_tokens": msg.completion_tokens},
+                    )
+        except grpc.aio.AioRpcError as exc:
+            yield sse_error(exc)
+
+    return event_stream(stream())

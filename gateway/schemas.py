@@ -1,0 +1,87 @@
+"""The request bodies of the gateway's JSON routes, as pydantic models. Their names and fields are the
+schemas of the OpenAPI document (`components.schemas`), so renaming one changes the public API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class SessionCreate(BaseModel):
+    text: str | None = Field(None, description="Pasted text to learn from.")
+    urls: list[str] = Field(
+        default_factory=list, max_length=100, description="Links to PDF, DOCX, HTML or text."
+    )
+    upload_ids: list[str] = Field(
+        default_factory=list, max_length=100, description="Ids from POST /api/v1/uploads."
+    )
+    name: str = Field("", description="Name of the bot; defaults to the source name.")
+    system_prompt: str = Field("", description="System prompt used in training and chat.")
+    max_steps: int | None = Field(
+        None, ge=1, le=100_000, description="Training steps; default from data size."
+    )
+    answer_mode: Literal["", "both", "adapter", "retrieval"] = Field(
+        "",
+        description="Where chat answers come from by default (see the chat `mode`); empty = the "
+        "server's default (DOCLORA_ANSWER_MODE).",
+    )
+    qagen_backend: Literal["", "extractive", "local", "openai"] = Field(
+        "", description="QA generator; empty = the server's default."
+    )
+    strategies: list[str] = Field(
+        default_factory=list, max_length=32, description="QA strategies; empty = all."
+    )
+    review: bool = Field(False, description="Wait in AWAITING_REVIEW after generation until approved.")
+    allow_partial: bool = Field(False, description="Train even when some chunks failed generation.")
+    priority: int = Field(0, ge=-100, le=100, description="Training queue priority; higher goes first.")
+
+
+class RetrainBody(BaseModel):
+    from_scratch: bool = Field(False, description="Start from the base model, not the bot's adapter.")
+    max_steps: int | None = Field(None, ge=1, le=100_000)
+    priority: int | None = Field(None, ge=-100, le=100)
+
+
+class SourceBody(BaseModel):
+    text: str | None = None
+    url: str | None = None
+    upload_id: str | None = None
+    name: str = ""
+    password: str = ""
+
+
+class PairBody(BaseModel):
+    question: str = Field(max_length=2000)
+    answer: str = Field(max_length=20_000)
+    doc_id: str = ""
+
+
+class PairPatch(BaseModel):
+    question: str | None = Field(None, max_length=2000)
+    answer: str | None = Field(None, max_length=20_000)
+
+
+class ChatMessage(BaseModel):
+    role: str = "user"
+    content: str
+
+
+class ChatBody(BaseModel):
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = True
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] | str | None = None
+    seed: int | None = None
+    mode: Literal["both", "adapter", "retrieval"] | None = Field(
+        None,
+        description="Answer from the adapter reading retrieved passages (both), the adapter alone, "
+        "or the base model reading passages (retrieval); default: the bot's setting.",
+    )
+
+
+class OpenAIChatBody(ChatBody):
+    model: str = Field(description="The bot id, or 'base' for the base model alone.")
+    stream: bool = False
