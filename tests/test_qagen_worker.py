@@ -17,7 +17,7 @@ from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.jsonl import from_jsonl
 from services.common.runtime import Runtime
-from services.ingest.sessions_api import SessionServicer
+from services.ingest.service import SessionServicer
 from services.qagen import worker
 from services.qagen.backends import ExtractiveGenerator, OpenAIGenerator
 from services.qagen.chunk import token_length

@@ -13,8 +13,7 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.common.jsonl import to_jsonl
 from services.common.runtime import Runtime
 from services.common.stage import StageWorker
-from services.ingest.sessions_api import SessionServicer
-from services.ingest.worker import IngestServicer
+from services.ingest.service import IngestServicer, SessionServicer
 
 S = session_pb2.SessionState
 D = session_pb2.DocumentStatus

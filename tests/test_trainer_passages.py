@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from services.common import passages as layout
 from services.common.passages import build_passages
-from services.inference import service as inference_service
+from services.inference import bots as inference_bots
 from services.trainer import passages
 from services.trainer.examples import build_examples
 from tests.test_model import real_tokenizer
@@ -79,7 +79,7 @@ def test_examples_mix_gold_with_distractors_distractors_alone_and_no_passages():
 def test_the_layout_is_the_one_inference_builds_for_retrieved_passages():
     """The user turn is the `with_passages` chat uses too, of the session's passages (document
     names and pages included), not a second copy of the format."""
-    assert passages.with_passages is layout.with_passages is inference_service.with_passages
+    assert passages.with_passages is layout.with_passages is inference_bots.with_passages
     out, _ = _make()
     built = {p.chunk_id: p for p in layout.build_passages(CHUNKS, PAGES, NAMES)}
     first = next(m for p, m in zip(PAIRS, out, strict=True) if m["question"] != p["question"])

@@ -9,8 +9,9 @@ async def setup(rt):
 
     from doclora.v1 import inference_pb2, inference_pb2_grpc
     from services.common.model import load_base_model, pick_device
+    from services.inference.adapter_store import adapter_fetcher
     from services.inference.engine import AdapterCache, ChatEngine
-    from services.inference.service import InferenceServicer, adapter_fetcher
+    from services.inference.service import InferenceServicer
 
     model, tokenizer = await asyncio.to_thread(load_base_model, rt.settings)
     device, _ = pick_device(rt.settings)

@@ -12,8 +12,8 @@ async def setup(rt):
         session_service_pb2_grpc,
     )
     from services.common.stage import StageWorker
-    from services.ingest.sessions_api import SessionServicer
-    from services.ingest.worker import IngestServicer, ingest_session
+    from services.ingest.service import IngestServicer, SessionServicer
+    from services.ingest.worker import ingest_session
 
     def register(server):
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(rt), server)

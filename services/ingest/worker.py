@@ -1,15 +1,15 @@
-"""The ingest stage: each pending document's original -> text.md + pages.json. A bad document fails
-alone; the session goes on with the others, and fails only when none of them gave text."""
+"""The ingest stage, and only it: each pending document's original -> text.md + pages.json. A bad
+document fails alone; the session goes on with the others, and fails only when none of them gave
+text. Its RPCs are in `service.py`, the source intake in `sources.py`."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from doclora.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc, session_pb2
+from doclora.v1 import events_pb2, session_pb2
 from services.common import events, keys
 from services.common.errors import (
-    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -19,12 +19,9 @@ from services.common.errors import (
 )
 from services.common.jsonl import to_jsonl
 from services.common.runtime import Runtime
-from services.common.sessions import mark_stage, state_name
-from services.ingest.sessions_api import add_source
-from services.ingest.uploads import receive_upload
+from services.common.sessions import mark_stage
 
 log = logging.getLogger(__name__)
-S = session_pb2.SessionState
 D = session_pb2.DocumentStatus
 
 
@@ -121,6 +118,8 @@ async def _ingest_document(
 
 
 async def ingest_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
+    """The stage handler: extract each pending document in turn (the record is updated after each,
+    so a redelivery skips the done ones), then hand the session to generation."""
     started = time.monotonic()
     sid, tenant = item.session_id, item.tenant
     docs = list(rec.documents)
@@ -145,67 +144,3 @@ async def ingest_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb
         raise InvalidArgument(f"no document gave text to learn from ({reasons})")
     await rt.sessions.update(sid, lambda r: mark_stage(r, session_pb2.STAGE_INGEST, finished=True))
     await rt.handoff(item, session_pb2.STAGE_INGEST, session_pb2.STAGE_QAGEN, time.monotonic() - started)
-
-
-# before generation or training runs, or after the pipeline ended (not cancelled)
-ADD_SOURCE_STATES = frozenset(
-    {
-        S.SESSION_STATE_QUEUED,
-        S.SESSION_STATE_INGESTING,
-        S.SESSION_STATE_AWAITING_REVIEW,
-        S.SESSION_STATE_READY,
-        S.SESSION_STATE_FAILED,
-    }
-)
-
-
-class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-
-    async def Upload(self, request_iterator, context):
-        return await receive_upload(self.rt, request_iterator)
-
-    async def AddSource(self, request, context):
-        rec = await self.rt.sessions.get(request.session_id)
-        if rec.state not in ADD_SOURCE_STATES:
-            raise FailedPrecondition(
-                f"documents can be added before training or after it; session {rec.session_id} is "
-                f"{state_name(rec.state)}"
-                + (": wait until generation has finished" if rec.state == S.SESSION_STATE_GENERATING else "")
-            )
-        doc = await add_source(self.rt, rec.tenant, rec.session_id, request.source)
-        if doc.sha256 and any(d.sha256 == doc.sha256 for d in rec.documents):
-            await self.rt.io(self.rt.store.delete, keys.doc_original(rec.tenant, rec.session_id, doc.doc_id))
-            raise AlreadyExists("the session already has a document with the same content")
-        ready = rec.state == S.SESSION_STATE_READY
-
-        def add(r):
-            r.documents.append(doc)
-            if request.source.password:
-                r.options.passwords[doc.doc_id] = request.source.password
-            if ready:  # the new training continues from the bot's adapter
-                r.continue_from = r.adapter_id
-
-        # a new round: work of the old one still queued or running is dropped; ingest skips the
-        # documents already done and generation the documents it already did
-        await self.rt.restart(
-            rec.session_id, session_pb2.STAGE_INGEST, allowed_from=ADD_SOURCE_STATES, change=add
-        )
-        return ingest_pb2.AddSourceResponse(document=doc)
-
-    async def ListDocuments(self, request, context):
-        rec = await self.rt.sessions.get(request.session_id)
-        return ingest_pb2.ListDocumentsResponse(documents=rec.documents)
-
-    async def GetDocumentText(self, request, context):
-        rec = await self.rt.sessions.get(request.session_id)
-        doc = next((d for d in rec.documents if d.doc_id == request.doc_id), None)
-        if doc is None:
-            raise NotFound(f"document {request.doc_id!r} not found in session {rec.session_id}")
-        if doc.status != D.DOCUMENT_STATUS_READY:
-            raise FailedPrecondition(f"document {doc.doc_id} has no text yet ({D.Name(doc.status)})")
-        data = await self.rt.io(
-            self.rt.store.get_bytes, keys.doc_text(rec.tenant, rec.session_id, doc.doc_id)
-        )
-        return ingest_pb2.GetDocumentTextResponse(text=data.decode("utf-8"))
