@@ -27,7 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.bench_qagen import make_document  # noqa: E402
 from services.common.config import Settings  # noqa: E402
 from services.common.model import load_base_model  # noqa: E402
-from services.qagen.backends import ChunkFailed, LocalGenerator, MalformedOutput, parse_pairs  # noqa: E402
+from services.qagen.backends.base import ChunkFailed, MalformedOutput  # noqa: E402
+from services.qagen.backends.local import LocalGenerator  # noqa: E402
+from services.qagen.backends.prompting import parse_pairs  # noqa: E402
 from services.qagen.chunk import token_length  # noqa: E402
 from services.qagen.extractive import chunk_document  # noqa: E402
 from services.qagen.quality import filter_pairs  # noqa: E402

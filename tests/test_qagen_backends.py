@@ -13,20 +13,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.qagen.backends import (
-    ChunkFailed,
-    ExtractiveGenerator,
-    Generator,
-    LocalGenerator,
-    MalformedOutput,
-    OpenAIGenerator,
+from services.qagen.backends.base import ChunkFailed, Generator, MalformedOutput
+from services.qagen.backends.extractive import ExtractiveGenerator
+from services.qagen.backends.local import LocalGenerator
+from services.qagen.backends.openai_api import OpenAIGenerator
+from services.qagen.backends.prompting import (
     build_messages,
-    generate_document,
     pairs_from_reply,
     parse_pairs,
     prompt_strategies,
 )
 from services.qagen.chunk import Chunk, chunk_text
+from services.qagen.pipeline import generate_document
 from services.qagen.strategies import ALL_STRATEGIES
 
 MARKERS = ("ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT", "GOLF", "HOTEL")

@@ -19,7 +19,8 @@ from services.common.jsonl import from_jsonl
 from services.common.runtime import Runtime
 from services.ingest.service import SessionServicer
 from services.qagen import worker
-from services.qagen.backends import ExtractiveGenerator, OpenAIGenerator
+from services.qagen.backends.extractive import ExtractiveGenerator
+from services.qagen.backends.openai_api import OpenAIGenerator
 from services.qagen.chunk import token_length
 from services.qagen.service import QAGenServicer
 from tests.test_qagen_backends import FakeChatServer, sectioned_doc, server  # noqa: F401
@@ -174,7 +175,7 @@ class Flaky:
         self.asked: Counter[str] = Counter()
 
     def generate(self, chunk, *, doc_title, strategies):
-        from services.qagen.backends import ChunkFailed
+        from services.qagen.backends.base import ChunkFailed
 
         self.asked[chunk.chunk_id] += 1
         if any(m in chunk.text for m in self.failing):

@@ -23,9 +23,10 @@ from bench.knowledge.run import HERE, load_docs
 from services.common.config import Settings
 from services.ingest.extract import detect_type, extract_document
 from services.qagen import quality
-from services.qagen.backends import generate_document
+from services.qagen.backends.factory import make_generator
 from services.qagen.extractive import chunk_document
-from services.qagen.worker import _length_fn, make_generator
+from services.qagen.pipeline import generate_document
+from services.qagen.worker import _length_fn
 
 FIELDS = ("pair_id", "strategy", "question", "answer", "split")
 

@@ -6,7 +6,7 @@ live in `services.qagen.rules` behind `strategies.py` (quiz, definition, wh, sum
 vague questions, paraphrases); the sentence helpers they share in `text.py`. `filter_pairs` drops
 empty, too short, too long and near-duplicate pairs, and `make_pairs` ties chunking, rules and
 filtering together for one document; `quality.py` holds the checks every pair passes, and
-`backends.py` the pipeline `make_pairs` runs.
+`pipeline.py` the pipeline `make_pairs` runs.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from collections.abc import Iterable, Sequence
 
 from services.common.qapair import QAPair, pair_id_for
 from services.qagen import quality
-from services.qagen.backends import ExtractiveGenerator, generate_document
+from services.qagen.backends.extractive import ExtractiveGenerator
 from services.qagen.chunk import Chunk, LengthFn, chunk_text
 from services.qagen.clean import chunk_clean
+from services.qagen.pipeline import generate_document
 from services.qagen.quality import DUPLICATE_JACCARD
 from services.qagen.rules.base import MAX_PER_RULE
 from services.qagen.rules.definition import definitions

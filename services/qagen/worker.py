@@ -7,6 +7,10 @@ which documents are done and which of their chunks failed. A redelivered job (th
 later round (sources were added) therefore generates only what is missing: done documents keep
 their pairs as they are, edits by people included, and a document with failed chunks is generated
 again with its earlier pairs passed as `previous`, so only the failed chunks are asked again.
+
+Here the stage's steps (`generate_session`); the stored state and how a document changes it in
+`qa_state.py`, the backend a session asks for in `backends/factory.py`, one document's generation
+and checks in `pipeline.py`.
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from doclora.v1 import events_pb2, session_pb2
 from services.common import events, keys
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.jsonl import from_jsonl, to_jsonl
+from services.common.jsonl import from_jsonl
 from services.common.qapair import QAPair, read_pairs
 from services.common.runtime import Runtime
 from services.common.sessions import mark_stage
 from services.qagen import quality
-from services.qagen.backends import BACKENDS, ExtractiveGenerator, generate_document
-from services.qagen.chunk import Chunk, token_length
+from services.qagen.backends.factory import make_generator
+from services.qagen.chunk import Chunk, LengthFn, token_length
 from services.qagen.extractive import chunk_document
-from services.qagen.pairs import provided_pairs
+from services.qagen.pipeline import generate_document
+from services.qagen.qa_state import QAState
 
 log = logging.getLogger(__name__)
 D = session_pb2.DocumentStatus
@@ -58,47 +63,6 @@ def _length_fn(settings: Settings) -> Callable[[str], int] | None:
         return None
 
 
-@functools.lru_cache(maxsize=1)
-def _local_generator(settings: Settings):
-    from dataclasses import replace
-
-    from services.common.model import load_base_model
-    from services.qagen.backends import LocalGenerator
-
-    model_settings = (
-        replace(settings, base_model=settings.qagen_local_model) if settings.qagen_local_model else settings
-    )
-    model, tokenizer = load_base_model(model_settings)
-    return LocalGenerator(model, tokenizer)
-
-
-def make_generator(settings: Settings, backend: str):
-    """The generator of `backend` ("" = the server's default); an OpenAI one must be closed."""
-    backend = (backend or settings.qagen_backend or "extractive").strip().lower()
-    if backend == "extractive":
-        return ExtractiveGenerator()
-    if backend == "openai":
-        if not settings.qagen_openai_url:
-            raise FailedPrecondition(
-                "the openai QA backend needs an endpoint: set DOCLORA_QAGEN_OPENAI_URL (and _MODEL, _KEY)"
-            )
-        from services.qagen.backends import OpenAIGenerator
-
-        return OpenAIGenerator(
-            settings.qagen_openai_url,
-            settings.qagen_openai_key,
-            settings.qagen_openai_model,
-            concurrency=settings.qagen_concurrency,
-            timeout=settings.qagen_timeout_s,
-        )
-    if backend == "local":
-        try:
-            return _local_generator(settings)
-        except ImportError as exc:
-            raise FailedPrecondition(f"the local QA backend needs torch and transformers: {exc}") from None
-    raise InvalidArgument(f"unknown QA backend {backend!r}; use one of {', '.join(BACKENDS)}")
-
-
 class _Progress:
     """Chunk progress from the generating thread to the event stream, at most every half second."""
 
@@ -124,44 +88,50 @@ class _Progress:
         )
 
 
-async def _read_state(rt: Runtime, tenant: str, sid: str) -> tuple[list[dict], list[dict], dict]:
-    """(pairs, chunks, state) of earlier deliveries and rounds; empty when there are none."""
-    try:
-        state = await rt.io(rt.store.get_json, keys.qa_state(tenant, sid))
-    except NotFound:
-        return [], [], {"done": [], "failed": {}}
-    pairs = from_jsonl(await rt.io(rt.store.get_bytes, keys.qa_pairs(tenant, sid)))
-    chunks = from_jsonl(await rt.io(rt.store.get_bytes, keys.chunks(tenant, sid)))
-    return pairs, chunks, state
-
-
-async def _write(
-    rt: Runtime, tenant: str, sid: str, pairs: list[dict], chunks: list[dict], state: dict
-) -> None:
-    # state last: a crash before it leaves the document to be generated again, and pair ids
-    # (hashes of chunk, question and answer) keep a rerun from adding the same pairs twice
-    await rt.io(
-        rt.store.put_bytes, keys.qa_pairs(tenant, sid), to_jsonl(pairs), content_type="application/x-ndjson"
-    )
-    await rt.io(
-        rt.store.put_bytes, keys.chunks(tenant, sid), to_jsonl(chunks), content_type="application/x-ndjson"
-    )
-    await rt.io(rt.store.put_json, keys.qa_state(tenant, sid), state)
-
-
 async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
+    """The qagen stage for one session: chunk the documents still to do, generate and store their
+    pairs one document at a time, mark the split and the exam, record the stats on the session, then
+    hand on to training (or wait for review). INVALID_ARGUMENT when too few pairs came out,
+    FAILED_PRECONDITION when chunks failed and the session does not allow a partial set."""
     started = time.monotonic()
     sid, tenant, settings = item.session_id, item.tenant, rt.settings
     docs = [d for d in rec.documents if d.status == D.DOCUMENT_STATUS_READY]
-    pairs, chunk_rows, state = await _read_state(rt, tenant, sid)
-    done, failed = set(state.get("done", [])), dict(state.get("failed", {}))
-    todo = [d for d in docs if d.doc_id not in done or d.doc_id in failed]
+    qa = await QAState.read(rt, tenant, sid)
+    todo = [d for d in docs if d.doc_id not in qa.done or d.doc_id in qa.failed]
     length_fn = (
         await rt.io(_length_fn, settings) if any(not d.format.startswith("qa_") for d in todo) else None
     )
-    sizes = {"max_tokens": settings.qagen_chunk_tokens, "overlap_tokens": settings.qagen_chunk_overlap}
+    plan = await _chunk_all(rt, tenant, sid, todo, length_fn)
+    progress = _Progress(rt, sid, sum(len(c) for _, c in plan), asyncio.get_running_loop())
+    await events.progress(rt.bus, sid, session_pb2.STAGE_QAGEN, 0, progress.total, "chunked")
+    await _generate_all(rt, rec, qa, plan, progress, length_fn)
 
-    # chunk everything first, so progress counts chunks over the whole session
+    n_failed = sum(len(v) for v in qa.failed.values())
+    stats_pb, held_out = _finish_pairs(qa, settings, rec.options.qagen_backend or settings.qagen_backend)
+    await events.progress(
+        rt.bus, sid, session_pb2.STAGE_QAGEN, progress.total, progress.total, f"{len(qa.pairs)} pairs"
+    )
+    await qa.save()
+    await rt.sessions.update(sid, functools.partial(_record, stats_pb))
+    _check_outcome(qa, stats_pb, settings.min_pairs, n_failed, rec.options.allow_partial)
+    log.info(
+        "generated %d pairs from %d chunks (coverage %.0f%%, %d held out, %d chunks failed)",
+        stats_pb.pairs,
+        stats_pb.chunks,
+        100 * stats_pb.coverage,
+        held_out,
+        n_failed,
+    )
+    await _hand_on(rt, item, rec, started)
+
+
+async def _chunk_all(
+    rt: Runtime, tenant: str, sid: str, todo: list[session_pb2.DocumentInfo], length_fn: LengthFn | None
+) -> list[tuple[session_pb2.DocumentInfo, list[Chunk]]]:
+    """Each document to do with its chunks (none for a document of provided pairs): everything is
+    chunked first, so progress counts chunks over the whole session."""
+    settings = rt.settings
+    sizes = {"max_tokens": settings.qagen_chunk_tokens, "overlap_tokens": settings.qagen_chunk_overlap}
     plan: list[tuple[session_pb2.DocumentInfo, list[Chunk]]] = []
     for doc in todo:
         if doc.format.startswith("qa_"):
@@ -174,29 +144,31 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
             pages = None
         chunks = await rt.io(chunk_document, text, doc.doc_id, length_fn=length_fn, pages=pages, **sizes)
         plan.append((doc, chunks))
-    progress = _Progress(rt, sid, sum(len(c) for _, c in plan), asyncio.get_running_loop())
-    await events.progress(rt.bus, sid, session_pb2.STAGE_QAGEN, 0, progress.total, "chunked")
+    return plan
 
+
+async def _generate_all(
+    rt: Runtime,
+    rec: session_pb2.Session,
+    qa: QAState,
+    plan: list[tuple[session_pb2.DocumentInfo, list[Chunk]]],
+    progress: _Progress,
+    length_fn: LengthFn | None,
+) -> None:
+    """Each planned document's pairs, saved after each; the generator is made when the first
+    document needs it and closed at the end, whatever happens."""
     generator = None
-    dropped: dict = dict(state.get("dropped", {}))
-    reasons: list[str] = []
-
-    def snapshot() -> dict:
-        return {"done": sorted(done), "failed": failed, "dropped": dropped}
-
     try:
         for doc, chunks in plan:
             if doc.format.startswith("qa_"):  # the person's own pairs skip generation
-                rows = from_jsonl(await rt.io(rt.store.get_bytes, keys.doc_qa(tenant, sid, doc.doc_id)))
-                known = {p["pair_id"] for p in pairs}
-                pairs += [p for p in provided_pairs(rows, doc.doc_id) if p["pair_id"] not in known]
-                done.add(doc.doc_id)
-                await _write(rt, tenant, sid, pairs, chunk_rows, snapshot())
+                key = keys.doc_qa(qa.tenant, qa.sid, doc.doc_id)
+                qa.add_provided(doc.doc_id, from_jsonl(await rt.io(rt.store.get_bytes, key)))
+                await qa.save()
                 continue
             if generator is None:
-                generator = make_generator(settings, rec.options.qagen_backend)
+                generator = make_generator(rt.settings, rec.options.qagen_backend)
             previous = [
-                QAPair.from_dict(p) for p in pairs if p.get("doc_id") == doc.doc_id and p.get("chunk_id")
+                QAPair.from_dict(p) for p in qa.pairs if p.get("doc_id") == doc.doc_id and p.get("chunk_id")
             ]
             kept, stats = await rt.io(
                 generate_document,
@@ -206,73 +178,57 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
                 strategies=list(rec.options.strategies) or None,
                 progress=progress,
                 previous=previous,
-                retry_chunks=[f["chunk_id"] for f in failed.get(doc.doc_id, [])],
+                retry_chunks=[f["chunk_id"] for f in qa.failed.get(doc.doc_id, [])],
                 length_fn=length_fn,
             )
             progress.offset += len(chunks)
-            if stats.get("error"):
-                log.info("%s: %s", doc.name, stats["error"])
-                reasons.append(f"{doc.name}: {stats['error']}")
-            # this document's generated pairs are replaced by the new set (which holds the earlier
-            # ones that passed); pairs people added or imported stay
-            pairs = [p for p in pairs if not (p.get("doc_id") == doc.doc_id and p.get("chunk_id"))]
-            pairs += [{**p.to_dict(), "split": "train"} for p in kept]
-            chunk_rows = [c for c in chunk_rows if c.get("doc_id") != doc.doc_id] + [
-                c.to_dict() for c in chunks
-            ]
-            done.add(doc.doc_id)
-            dropped[doc.doc_id] = stats["dropped"]
-            if stats["failed_chunks"]:
-                failed[doc.doc_id] = stats["failed_chunks"]
-            else:
-                failed.pop(doc.doc_id, None)
-            await _write(rt, tenant, sid, pairs, chunk_rows, snapshot())
+            qa.add_generated(doc, chunks, kept, stats)
+            await qa.save()
     finally:
         close = getattr(generator, "close", None)
         if close is not None:
             close()
 
-    n_failed = sum(len(v) for v in failed.values())
+
+def _finish_pairs(qa: QAState, settings: Settings, backend: str) -> tuple[session_pb2.QAStats, int]:
+    """Mark the held-out split and the exam on the session's pairs; (their stats, pairs held out)."""
     held_out = quality.mark_split(
-        pairs, settings.qagen_eval_fraction, settings.train_seed, settings.qagen_eval_min_pairs
+        qa.pairs, settings.qagen_eval_fraction, settings.train_seed, settings.qagen_eval_min_pairs
     )
-    exam = quality.mark_exam(pairs, settings.qagen_exam_pairs, settings.train_seed)
-    stats_pb = _stats(
-        pairs, chunk_rows, failed, held_out, rec.options.qagen_backend or settings.qagen_backend
-    )
+    exam = quality.mark_exam(qa.pairs, settings.qagen_exam_pairs, settings.train_seed)
+    stats_pb = _stats(qa.pairs, qa.chunk_rows, qa.failed, held_out, backend)
     stats_pb.exam_pairs = exam
-    for counts in dropped.values():
+    for counts in qa.dropped.values():
         for reason, n in counts.items():
             stats_pb.dropped[reason] += int(n)
-    await events.progress(
-        rt.bus, sid, session_pb2.STAGE_QAGEN, progress.total, progress.total, f"{len(pairs)} pairs"
-    )
-    await _write(rt, tenant, sid, pairs, chunk_rows, snapshot())
+    return stats_pb, held_out
 
-    def record(r):
-        r.qa.CopyFrom(stats_pb)
-        mark_stage(r, session_pb2.STAGE_QAGEN, finished=True)
 
-    await rt.sessions.update(sid, record)
-    if len(pairs) < settings.min_pairs:
+def _record(stats_pb: session_pb2.QAStats, r: session_pb2.Session) -> None:
+    r.qa.CopyFrom(stats_pb)
+    mark_stage(r, session_pb2.STAGE_QAGEN, finished=True)
+
+
+def _check_outcome(
+    qa: QAState, stats_pb: session_pb2.QAStats, min_pairs: int, n_failed: int, allow_partial: bool
+) -> None:
+    """INVALID_ARGUMENT for too few pairs; FAILED_PRECONDITION for failed chunks, unless allowed."""
+    if len(qa.pairs) < min_pairs:
         raise InvalidArgument(
-            f"not enough text to learn from: {len(pairs)} question-answer pairs came out of the "
-            f"documents, at least {settings.min_pairs} are needed"
-            + (f" ({'; '.join(reasons)})" if reasons else "")
+            f"not enough text to learn from: {len(qa.pairs)} question-answer pairs came out of the "
+            f"documents, at least {min_pairs} are needed"
+            + (f" ({'; '.join(qa.reasons)})" if qa.reasons else "")
         )
-    if n_failed and not rec.options.allow_partial:
+    if n_failed and not allow_partial:
         raise FailedPrecondition(
             f"{n_failed} of {stats_pb.chunks} chunks failed generation ({'; '.join(stats_pb.failures)}); "
             "retry the session to generate only those again, or set allow_partial to train without them"
         )
-    log.info(
-        "generated %d pairs from %d chunks (coverage %.0f%%, %d held out, %d chunks failed)",
-        stats_pb.pairs,
-        stats_pb.chunks,
-        100 * stats_pb.coverage,
-        held_out,
-        n_failed,
-    )
+
+
+async def _hand_on(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session, started: float) -> None:
+    """To review when the session asks for it (the stage's end announced here), else to training."""
+    sid = item.session_id
     if rec.options.review:
         await events.publish(
             rt.bus,
