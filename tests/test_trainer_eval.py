@@ -69,14 +69,34 @@ def test_held_out_pairs_are_whole_chunks_chosen_by_the_seed():
 
 
 def test_generation_is_greedy_and_batches_do_not_change_answers(tokenizer):
-    """Left-padded batches give the answers each question gets alone (greedy, deterministic)."""
+    """Left-padded batches give the answers each question gets alone (greedy, deterministic), in
+    the order asked, though batches are formed by prompt length."""
     model = tiny_llama(len(tokenizer)).eval()
     side = tokenizer.padding_side
     questions = [p["question"] for p in PAIRS[:3]]
-    together = generate_answers(model, tokenizer, questions, max_new_tokens=6, batch_size=3)
+    questions += ["Why? " * 12 + questions[0], "Ok?", questions[1] + " Please say more." * 3]
+    together = generate_answers(model, tokenizer, questions, max_new_tokens=6, batch_size=2)
     alone = [generate_answers(model, tokenizer, [q], max_new_tokens=6)[0] for q in questions]
-    assert together == alone and len(together) == 3
+    assert together == alone and len(together) == 6
     assert tokenizer.padding_side == side  # put back as it was
+
+
+def test_a_stopped_generation_returns_the_leading_answers_only(tokenizer):
+    """Stopped between batches, the answers returned are those of a leading run of the questions:
+    batches go by length, so a later question may have been answered while an earlier one was not."""
+    model = tiny_llama(len(tokenizer)).eval()
+    long, short, tiny = "A much longer question than the others, about the manual? " * 3, "Short?", "Tiny?"
+
+    def after_one_batch():
+        polls = []
+        return lambda: bool(polls.append(1)) or len(polls) > 1
+
+    alone = {q: generate_answers(model, tokenizer, [q], max_new_tokens=4)[0] for q in (short, tiny)}
+    # the two short ones go first; the long first question is never answered, so nothing leads
+    kw = dict(max_new_tokens=4, batch_size=2)
+    assert generate_answers(model, tokenizer, [long, short, tiny], should_stop=after_one_batch(), **kw) == []
+    stopped = generate_answers(model, tokenizer, [short, tiny, long], should_stop=after_one_batch(), **kw)
+    assert stopped == [alone[short], alone[tiny]]
 
 
 def test_training_with_eval_pairs_scores_base_and_adapter_into_metrics_json(tokenizer, tmp_path):

@@ -94,10 +94,12 @@ def session_stats(sess: dict, given_as: str) -> dict:
     }
 
 
-def ask(api: Api, baseline, sid: str, text: str, bm25: BM25, q: dict, max_tokens: int) -> list[dict]:
-    """The five systems' answers to one question, scored."""
+def ask(
+    api: Api, baseline, sid: str, text: str, bm25: BM25, q: dict, max_tokens: int, systems: list[str]
+) -> list[dict]:
+    """The answers of `systems` (report.SYSTEMS names) to one question, scored."""
     rows = []
-    for system in report.SYSTEMS:
+    for system in systems:
         started, passages = time.monotonic(), None
         if system == "script":
             passages = bm25.top(q["question"])
@@ -147,11 +149,11 @@ def one_document(api: Api, pages, script: dict, name: str, src: Path, questions:
             print(f"  [{p.get('strategy')}] Q: {p['question']}\n      A: {p['answer']}")
     text = api.text(sid, d["doc_id"])
     bm25 = BM25(chunks(text))
-    if "model" not in script:  # loaded once, when the first document is ready
+    if "script" in args.systems and "model" not in script:  # loaded once, when the first document is ready
         script["model"] = Baseline()
     chosen = [q for q in questions if args.split in ("all", q["split"])]
     for i, q in enumerate(chosen, 1):
-        rows = ask(api, script["model"], sid, text, bm25, q, args.max_tokens)
+        rows = ask(api, script.get("model"), sid, text, bm25, q, args.max_tokens, args.systems)
         res["answers"] += [{"doc": name, **r} for r in rows]
         marks = " ".join(
             f"{r['system']}={'+' if r.get('key_fact') or r.get('declined') else '-'}" for r in rows
@@ -171,6 +173,9 @@ def run(args, path: Path) -> dict:
         "max_steps": args.max_steps or "default",
         "base_model": Settings.from_env().base_model,
         "stack": args.url or "started here",
+        "systems": ",".join(args.systems),
+        # settings changed for the stack this run started (DOCLORA_TRAIN_PASSAGES=1, ...)
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DOCLORA_")},
     }
     meta = {"timestamp": path.stem, "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit()}
     res = {"meta": {**meta, "settings": settings}, "docs": {}, "answers": [], "samples": {}, "errors": {}}
@@ -203,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", help="comma-separated document names (default: all)")
     ap.add_argument("--docs-dir", default=str(HERE / "docs"))
     ap.add_argument("--split", choices=("tune", "final", "all"), default="all")
+    ap.add_argument(
+        "--systems",
+        default=",".join(report.SYSTEMS),
+        help=f"comma-separated systems to ask (default: all of {', '.join(report.SYSTEMS)})",
+    )
     ap.add_argument("--max-steps", type=int, help="training steps (default: doclora's own choice)")
     ap.add_argument("--max-tokens", type=int, default=128, help="answer length for every system")
     ap.add_argument("--url", help="a running gateway instead of starting the stack here")
@@ -211,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", metavar="WHAT_CHANGED", help="append a section to RESULTS.md")
     ap.add_argument("--report-only", metavar="JSON", help="rebuild the tables and chart of a saved run")
     args = ap.parse_args(argv)
+    asked = {s.strip() for s in args.systems.split(",") if s.strip()}
+    if not asked or asked - set(report.SYSTEMS):
+        ap.error(f"--systems: use names of {', '.join(report.SYSTEMS)}")
+    args.systems = [s for s in report.SYSTEMS if s in asked]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`/`timeout` still stop the stack
 

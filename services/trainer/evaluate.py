@@ -70,11 +70,17 @@ def generate_answers(
     max_new_tokens: int = 48,
     batch_size: int = 8,
     should_stop: Callable[[], bool] | None = None,
+    by_length: bool = True,
 ) -> list[str]:
     """Greedy answers to `questions`, prompted with the chat template exactly as in training.
 
-    Batches are left-padded; `should_stop` is polled between batches and True ends early with the
-    answers so far (the caller decides what a partial evaluation means).
+    Prompts are batched by length (shortest first; `by_length=False`: in the order given, for
+    comparison in bench/bench_exam.py), so a batch pads little: exam prompts with
+    passages run from ~100 to ~1,300 tokens, and one long prompt in a batch of short ones made the
+    whole batch pay for its length. Batches are left-padded; the answers come back in the order of
+    `questions`. `should_stop` is polled between batches and True ends early with the answers of
+    the longest leading run of questions answered so far (the caller decides what a partial
+    evaluation means).
     """
     from transformers import GenerationConfig
 
@@ -84,21 +90,28 @@ def generate_answers(
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos
     )
-    answers: list[str] = []
+    prompts = [_prompt(tokenizer, q, system_prompt) for q in questions]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i) if by_length else i)
+    answers: dict[int, str] = {}
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in range(0, len(questions), batch_size):
+        for start in range(0, len(order), batch_size):
             if should_stop is not None and should_stop():
                 break
-            prompts = [_prompt(tokenizer, q, system_prompt) for q in questions[start : start + batch_size]]
-            enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+            batch = order[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in batch], add_special_tokens=False, padding=True, return_tensors="pt"
+            ).to(device)
             out = model.generate(**enc, generation_config=gen)
             new = out[:, enc["input_ids"].shape[1] :]
-            answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+            decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+            answers.update(zip(batch, (t.strip() for t in decoded), strict=True))
     finally:
         tokenizer.padding_side = side
-    return answers
+    done = next((i for i in range(len(prompts)) if i not in answers), len(prompts))
+    return [answers[i] for i in range(done)]
 
 
 def evaluate_adapter(

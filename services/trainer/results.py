@@ -90,7 +90,7 @@ def evaluate_run(
             system_prompt=cfg.system_prompt,
             max_pairs=cfg.eval_max_pairs,
             max_new_tokens=cfg.eval_max_new_tokens,
-            batch_size=cfg.eval_batch_size,
+            batch_size=cfg.eval_generate_batch_size,
             should_stop=should_stop,
         )
         if should_stop is not None and should_stop():
