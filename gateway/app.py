@@ -18,6 +18,7 @@ from gateway.clients import Clients
 from gateway.common import error, http_status
 from gateway.routes import bots, documents, health, openai, pairs, sessions, sources, web
 from services.common.config import Settings
+from services.common.errors import DocloraError
 
 log = logging.getLogger(__name__)
 # Pasted text travels as JSON; refuse bodies far over the text limit before reading them.
@@ -27,6 +28,12 @@ ROUTERS = (health, sources, sessions, documents, pairs, bots, openai, web)
 
 async def rpc_error(request: Request, exc: grpc.aio.AioRpcError):
     return error(http_status(exc.code()), exc.code().name, exc.details() or exc.code().name)
+
+
+async def domain_error(request: Request, exc: DocloraError):
+    """A domain error raised in the gateway itself (a name with no enum value, say), as the services'
+    would come back."""
+    return error(http_status(grpc.StatusCode[exc.code]), exc.code, str(exc))
 
 
 async def bad_request(request: Request, exc: RequestValidationError):
@@ -71,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or Settings.from_env()
     app.add_exception_handler(grpc.aio.AioRpcError, rpc_error)
+    app.add_exception_handler(DocloraError, domain_error)
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_exception_handler(Exception, internal)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -8,13 +8,7 @@ from doclora.v1 import inference_pb2
 from gateway.clients import Clients
 from gateway.common import responses, to_json
 from gateway.schemas import ChatBody
-
-ANSWER_MODES = {
-    None: inference_pb2.ANSWER_MODE_UNSPECIFIED,
-    "both": inference_pb2.ANSWER_MODE_BOTH,
-    "adapter": inference_pb2.ANSWER_MODE_ADAPTER,
-    "retrieval": inference_pb2.ANSWER_MODE_RETRIEVAL,
-}
+from services.common.options import ANSWER_MODE
 
 
 def chat_request(bot_id: str, body: ChatBody) -> inference_pb2.ChatRequest:
@@ -28,7 +22,7 @@ def chat_request(bot_id: str, body: ChatBody) -> inference_pb2.ChatRequest:
         bot_id=bot_id,
         messages=[inference_pb2.ChatMessage(role=m.role, content=m.content) for m in body.messages],
         options=opts,
-        mode=ANSWER_MODES[body.mode],
+        mode=ANSWER_MODE.numbers([body.mode])[0] if body.mode else inference_pb2.ANSWER_MODE_UNSPECIFIED,
     )
 
 

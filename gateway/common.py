@@ -13,7 +13,9 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf.json_format import MessageToDict
 
+from doclora.v1 import session_pb2
 from gateway.clients import Clients
+from services.common.options import CHOICES, choice_names
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -43,7 +45,14 @@ ClientsDep = Annotated[Clients, Depends(clients)]
 
 
 def to_json(msg) -> dict:
-    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    """A message as JSON; a session's options show their choices by lowercase name under the keys of
+    the deprecated string fields (`answer_mode`, ...), as before the enum fields came."""
+    out = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    if isinstance(msg, session_pb2.Session) and "options" in out:
+        for choice in CHOICES:
+            del out["options"][choice.field]
+        out["options"].update(choice_names(msg.options))
+    return out
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:

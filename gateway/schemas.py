@@ -7,6 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from services.common.options import ANSWER_MODES, QA_BACKENDS
+
+# the lowercase names of the JSON API ("" = the server's default); sessions carry them as enum values
+AnswerModeName = Literal["", *ANSWER_MODES]
+QaBackendName = Literal["", *QA_BACKENDS]
+
 
 class SessionCreate(BaseModel):
     text: str | None = Field(None, description="Pasted text to learn from.")
@@ -21,14 +27,12 @@ class SessionCreate(BaseModel):
     max_steps: int | None = Field(
         None, ge=1, le=100_000, description="Training steps; default from data size."
     )
-    answer_mode: Literal["", "both", "adapter", "retrieval"] = Field(
+    answer_mode: AnswerModeName = Field(
         "",
         description="Where chat answers come from by default (see the chat `mode`); empty = the "
         "server's default (DOCLORA_ANSWER_MODE).",
     )
-    qagen_backend: Literal["", "extractive", "local", "openai"] = Field(
-        "", description="QA generator; empty = the server's default."
-    )
+    qagen_backend: QaBackendName = Field("", description="QA generator; empty = the server's default.")
     strategies: list[str] = Field(
         default_factory=list, max_length=32, description="QA strategies; empty = all."
     )

@@ -282,7 +282,7 @@ def test_a_sliding_window_model_answers_like_generate(tokenizer):
 def test_int8_weights_keep_each_answer_independent_of_its_batch(make_engine):
     """With int8 weights (activations quantized per row in a decode step) batched answers still equal
     the answers alone, adapters included, and `close` gives back plain fp32 layers."""
-    from services.inference.quant import Int8Linear
+    from services.inference.int8 import Int8Linear
 
     jobs = [(0, "a"), (1, None), (2, "b")]
     engine, _ = make_engine(capacity=2, int8=True)
@@ -297,7 +297,7 @@ def test_int8_weights_keep_each_answer_independent_of_its_batch(make_engine):
 
 def test_an_int8_linear_stays_close_to_fp32():
     """The int8 forward of a linear layer is within a few percent of fp32 on ordinary activations."""
-    from services.inference.quant import quantize_int8
+    from services.inference.int8 import quantize_int8
 
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(96, 80))

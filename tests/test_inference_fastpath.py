@@ -27,7 +27,7 @@ def test_a_decode_step_gives_the_logits_of_the_models_own_forward(make_engine, t
         list(engine.stream_chat(CHAT, adapter, GREEDY))
     cache = engine.adapters
     assert cache._mixed.step is not None
-    # with int8 weights q/k/v and gate/up run fused (quant.FusedInt8), adapters' terms added after
+    # with int8 weights q/k/v and gate/up run fused (int8.FusedInt8), adapters' terms added after
     fused = cache._mixed.step.fused
     assert (
         (len(fused) == 2 and all(f[0] is not None and f[2] is not None for f in fused)) if int8 else not fused

@@ -197,21 +197,26 @@ async def test_a_bot_answers_in_its_sessions_mode_else_the_servers_default(
     server_mode, session_mode, adapter_used, passages_read
 ):
     """DOCLORA_ANSWER_MODE decides where a bot's answers come from unless its session chose."""
+    options = session_pb2.SessionOptions(answer_mode=session_mode)
+    assert await answer_source(options, server_mode) == (adapter_used, passages_read)
+
+
+async def answer_source(options: session_pb2.SessionOptions, server_mode: str = "retrieval"):
+    """Where a READY bot with these options answers from, DOCLORA_ANSWER_MODE being `server_mode`:
+    (the adapter used, whether passages were read), its citations agreeing with the latter."""
     import dataclasses
 
     rt = FakeRuntime()
     rt.settings = dataclasses.replace(rt.settings, answer_mode=server_mode)
     engine = FakeEngine()
     service = InferenceServicer(rt, engine, embedder=None)
-    rt.sessions.add(
-        "s1", S.SESSION_STATE_READY, "s1", options=session_pb2.SessionOptions(answer_mode=session_mode)
-    )
+    rt.sessions.add("s1", S.SESSION_STATE_READY, "s1", options=options)
     store_chunks(rt, "s1", ["The hello desk opens at nine."])
     out = await chat(service, "s1", "hello?")
     adapter_id, messages = engine.calls[-1]
-    assert adapter_id == adapter_used
-    assert ("Passages from the documents" in messages[-1]["content"]) is passages_read
+    passages_read = "Passages from the documents" in messages[-1]["content"]
     assert bool(out[0].citations) is passages_read
+    return adapter_id, passages_read
 
 
 def test_an_unknown_default_answer_mode_stops_the_service_at_start():

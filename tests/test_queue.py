@@ -1,4 +1,4 @@
-"""The training queue: positions computed from session records (services/common/queue.py), and
+"""The training queue: positions computed from session records (services/common/queue_position.py), and
 urgent work jumping the queue on a real nats-server (services/common/bus.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from doclora.v1 import session_pb2
 from services.common.bus import Bus
-from services.common.queue import mark_train_queued, queue_order, queue_positions
+from services.common.queue_position import mark_train_queued, queue_order, queue_positions
 
 S = session_pb2.SessionState
 

@@ -140,13 +140,13 @@ def test_forced_gradient_checkpointing_gives_the_same_losses_and_is_undone_after
 )
 def test_qlora_is_chosen_only_with_cuda_and_bitsandbytes(choice, device, has_bnb, size, expected):
     """The choice logic only: this machine has no GPU, so the 4-bit load itself is not run here."""
-    from services.trainer.quant import choose_quantization
+    from services.trainer.base_weights import choose_quantization
 
     assert choose_quantization(choice, device, has_bnb, size) == expected
 
 
 def test_an_unknown_quantization_choice_is_refused():
-    from services.trainer.quant import choose_quantization
+    from services.trainer.base_weights import choose_quantization
 
     with pytest.raises(InvalidArgument):
         choose_quantization("2bit", "cuda", True, None)
@@ -158,7 +158,7 @@ def test_on_a_cpu_the_training_model_is_the_plain_base_model(monkeypatch, caplog
     from types import SimpleNamespace
 
     import services.common.model as model_module
-    from services.trainer import quant
+    from services.trainer import base_weights
 
     calls = []
     monkeypatch.setattr(
@@ -167,7 +167,7 @@ def test_on_a_cpu_the_training_model_is_the_plain_base_model(monkeypatch, caplog
         lambda s, for_training=False: calls.append(for_training) or ("m", "t"),
     )
     settings = SimpleNamespace(device="cpu", train_quantization="4bit")
-    assert quant.load_training_model(settings) == ("m", "t") and calls == [True]
+    assert base_weights.load_training_model(settings) == ("m", "t") and calls == [True]
     assert "4-bit training needs CUDA" in caplog.text
 
 

@@ -4,14 +4,13 @@ stream on to IngestService.Upload in 1 MiB chunks; ingest checks each file's siz
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter, File, Form, UploadFile
 
 from doclora.v1 import ingest_pb2, session_pb2, session_service_pb2
 from gateway.clients import Clients
 from gateway.common import ClientsDep, error, to_json
-from gateway.schemas import SessionCreate, SourceBody
+from gateway.schemas import QaBackendName, SessionCreate, SourceBody
+from services.common.options import set_choices
 
 UPLOAD_CHUNK = 1024 * 1024
 UPLOAD_TIMEOUT_S = 3600.0
@@ -20,9 +19,17 @@ router = APIRouter(tags=["sessions"])
 
 
 def session_options(
-    system_prompt: str, max_steps: int | None, answer_mode: str = "", **more
+    system_prompt: str,
+    max_steps: int | None,
+    answer_mode: str = "",
+    *,
+    qagen_backend: str = "",
+    strategies: list[str] | None = None,
+    **more,
 ) -> session_pb2.SessionOptions:
-    opts = session_pb2.SessionOptions(system_prompt=system_prompt, answer_mode=answer_mode, **more)
+    """The options of a new session; the JSON API's lowercase names go in as the enum fields."""
+    opts = session_pb2.SessionOptions(system_prompt=system_prompt, **more)
+    set_choices(opts, answer_mode=answer_mode, qa_backend=qagen_backend, strategies=strategies or ())
     if max_steps is not None:
         opts.max_steps = max_steps
     return opts
@@ -80,7 +87,7 @@ async def create_session_from_files(
     max_steps: int | None = Form(None, ge=1, le=100_000),
     system_prompt: str = Form(""),
     review: bool = Form(False, description="Wait for approval of the QA pairs before training."),
-    qagen_backend: Literal["", "extractive", "local", "openai"] = Form(""),
+    qagen_backend: QaBackendName = Form(""),
 ):
     """Create a session from uploaded files, text and links in one multipart form."""
     sources = [session_service_pb2.Source(text=text)] if text else []

@@ -14,7 +14,7 @@ from services.common import events
 from services.common.bus import Bus
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition
-from services.common.queue import mark_train_queued
+from services.common.queue_position import mark_train_queued
 from services.common.sessions import STAGE_STATE, SessionRepo, stage_name
 from services.common.store import ArtifactStore
 

@@ -2,7 +2,7 @@
 running requests, and loads that don't stall the chats already running.
 
 Adapters are added to a single PEFT model by name and run side by side: `run(names, ...)` applies
-each row's own adapter (or none, for "__base__"), through lora.py's lean layers or PEFT's
+each row's own adapter (or none, for "__base__"), through lora_rows.py's lean layers or PEFT's
 per-adapter forwards (mixed_forward.py), so switching adapters costs nothing and one batch can mix
 them. Changing the model's modules happens under `lock`, which every forward holds too.
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from services.inference import fastpath, lora
+from services.inference import fastpath, lora_rows
 from services.inference.mixed_forward import MixedForward
 from services.inference.peft_slots import PeftSlots
 from services.inference.staging import Staged, Stager
@@ -41,7 +41,7 @@ __all__ = ["BASE", "AdapterCache", "Staged"]
 
 log = logging.getLogger(__name__)
 
-BASE = lora.BASE  # PEFT's adapter name for "no adapter" in a mixed batch
+BASE = lora_rows.BASE  # PEFT's adapter name for "no adapter" in a mixed batch
 
 
 class AdapterCache:
@@ -116,7 +116,7 @@ class AdapterCache:
 
     @property
     def row_exact(self) -> bool:
-        """Whether LoRA terms of a decode step are computed row by row (lora.PlanHolder.row_exact)."""
+        """Whether LoRA terms of a decode step are computed row by row (lora_rows.PlanHolder.row_exact)."""
         return self._slots.holder.row_exact
 
     @row_exact.setter
@@ -141,7 +141,7 @@ class AdapterCache:
         """Logits of one forward over a batch whose row i uses adapter `names[i]` ("__base__": none).
 
         `cache` is the step's `kv.BatchKV`; `inputs` the other forward arguments, row-aligned.
-        With only vanilla LoRA adapters loaded the batch runs once through lora.py's lean layers.
+        With only vanilla LoRA adapters loaded the batch runs once through lora_rows.py's lean layers.
         PEFT can't mix other kinds (DoRA, say) in one batch, so while one is loaded the batch runs
         as one forward per adapter, each the way PEFT runs that adapter alone.
         """

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from doclora.v1 import inference_pb2, session_pb2
 from services.common import keys
 from services.common.errors import FailedPrecondition, NotFound
-from services.common.options import ANSWER_MODES
+from services.common.options import ANSWER_MODE, ANSWER_MODES, answer_mode_name
 from services.common.passages import Hit, read_session_passages, with_passages
 from services.common.runtime import Runtime
 from services.common.sessions import state_name
@@ -21,12 +21,7 @@ from services.inference.retrieve import Embedder, Index, IndexCache, build_index
 
 S = session_pb2.SessionState
 BASE_BOT = "base"
-MODES = {
-    inference_pb2.ANSWER_MODE_BOTH: "both",
-    inference_pb2.ANSWER_MODE_ADAPTER: "adapter",
-    inference_pb2.ANSWER_MODE_RETRIEVAL: "retrieval",
-}
-MODE_BY_NAME = {name: name for name in ANSWER_MODES}
+MODES = ANSWER_MODE.names  # AnswerMode value -> "both", "adapter", "retrieval"
 
 
 def citation(index: int, hit: Hit) -> inference_pb2.Citation:
@@ -97,7 +92,7 @@ class Bots:
         """Where the answer comes from: the request's mode, else the session's, else the server's
         default (DOCLORA_ANSWER_MODE); the base model alone has only itself."""
         return MODES.get(requested) or (
-            (MODE_BY_NAME.get(rec.options.answer_mode) or self.rt.settings.answer_mode) if rec else "adapter"
+            (answer_mode_name(rec.options) or self.rt.settings.answer_mode) if rec else "adapter"
         )
 
     async def prepare(self, bot_id: str, messages: list[dict[str, str]], requested_mode: int) -> Turn:

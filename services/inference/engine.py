@@ -5,9 +5,9 @@ forwards what `ChatEngine.astream_chat` yields.
 
 One copy of the base model per process serves every adapter through PEFT (adapters.py). Chats run
 together: a scheduler thread (scheduler.py) decodes all running requests in one forward per step,
-whatever their adapters (lora.py), and newcomers join between steps; each request keeps its own
+whatever their adapters (lora_rows.py), and newcomers join between steps; each request keeps its own
 KV cache (kv.py), so its answer is the one it would get alone (bit for bit with int8 weights,
-quant.py; in fp32 the CPU's matmul kernels change with the row count, so logits can move in the
+int8.py; in fp32 the CPU's matmul kernels change with the row count, so logits can move in the
 last bits). The requester's side only validates and builds the prompt, then reads the text pieces
 the scheduler posts; a cold adapter loads on the adapter cache's loader thread meanwhile
 (adapters.py), and the chats already decoding pause only while it is moved in (milliseconds). Decode steps of Llama-layout models go
@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from services.inference import kv, quant
+from services.inference import int8 as int8_weights
+from services.inference import kv
 from services.inference.adapters import AdapterCache
 from services.inference.scheduler import DONE, ERROR, PIECE, Request, Scheduler
 from services.inference.text import IncrementalDecoder, StopScanner
@@ -164,8 +165,8 @@ class ChatEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.adapters = adapters
-        # int8 reads a quarter of the weight bytes per token (quant.py); answers differ from fp32's
-        self.int8 = int8 and quant.quantize_int8(model) > 0
+        # int8 reads a quarter of the weight bytes per token (int8.py); answers differ from fp32's
+        self.int8 = int8 and int8_weights.quantize_int8(model) > 0
         if self.int8:
             adapters.fuse_int8()
         # int8 turns tiny float differences into different roundings, so LoRA goes row by row there
@@ -186,7 +187,7 @@ class ChatEngine:
         self.adapters.detach()
         kv.uninstall(self.model, self._attn_before)
         if self.int8:
-            quant.dequantize(self.model)
+            int8_weights.dequantize(self.model)
 
     # ---- public API
 

@@ -4,7 +4,7 @@ less Python around it.
 In a decode step each row adds one token, and on a CPU a 135M model spends about as long in
 transformers' module machinery (nn.Module calls, kwargs plumbing, decorators, mask and output
 bookkeeping) as in the attention and norms themselves. This walks the decoder layers directly,
-calling the model's own linear modules (so int8 layers and the LoRA layers of lora.py apply
+calling the model's own linear modules (so int8 layers and the LoRA layers of lora_rows.py apply
 unchanged) and repeating transformers' operations in their order, so logits are bit for bit the
 ones the model's own forward gives. Prefill chunks still go through the model's forward.
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from services.inference import kv, lora
+from services.inference import kv, lora_rows
 
 
 class DecodeStep:
@@ -44,9 +44,9 @@ class DecodeStep:
         self.fused: list[tuple[Any, list, Any, list]] = []
 
     def fuse_int8(self) -> int:
-        """With int8 weights, run q/k/v and gate/up as one matmul each (quant.FusedInt8: the same
+        """With int8 weights, run q/k/v and gate/up as one matmul each (int8.FusedInt8: the same
         outputs, three and two calls fewer per layer); returns how many groups were fused."""
-        from services.inference.quant import FusedInt8
+        from services.inference.int8 import FusedInt8
 
         self.fused = []
         for _, _, attn, _, _, mlp in self.layers:
@@ -97,7 +97,7 @@ class DecodeStep:
             fused = self.fused[idx] if self.fused else None
             projections = (attn.q_proj, attn.k_proj, attn.v_proj)
             if fused is not None and fused[0] is not None and _same(fused[1], projections):
-                q, k, v = (lora.project(m, h, b) for m, b in zip(projections, fused[0](h), strict=True))
+                q, k, v = (lora_rows.project(m, h, b) for m, b in zip(projections, fused[0](h), strict=True))
             else:
                 q, k, v = (m(h) for m in projections)
             q = q.view(shape).transpose(1, 2)
@@ -112,7 +112,7 @@ class DecodeStep:
             h = _rms_norm(hidden, w_post, eps_post)
             pair = (mlp.gate_proj, mlp.up_proj)
             if fused is not None and fused[2] is not None and _same(fused[3], pair):
-                gate, up = (lora.project(m, h, b) for m, b in zip(pair, fused[2](h), strict=True))
+                gate, up = (lora_rows.project(m, h, b) for m, b in zip(pair, fused[2](h), strict=True))
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)

@@ -1,7 +1,7 @@
 """One forward over a batch whose rows use different adapters of the shared model.
 
 Each row of a step names its own adapter (or "__base__" for none). With only vanilla LoRA adapters
-in the model, the batch runs once: the step's `lora.Plan` goes into the `PlanHolder` that lora.py's
+in the model, the batch runs once: the step's `lora_rows.Plan` goes into the `PlanHolder` that lora_rows.py's
 patched layers read, so switching adapters costs nothing and one batch can mix them. PEFT can't mix
 other kinds (DoRA, say) in one batch, so while one is loaded the batch runs as one forward per
 adapter, each the way PEFT runs that adapter alone. Decode steps of Llama-layout models go through
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from services.inference import fastpath, lora
+from services.inference import fastpath, lora_rows
 from services.inference.peft_slots import PeftSlots, normal_tensors
 
 
@@ -39,7 +39,7 @@ class MixedForward:
             return self.forward(model, input_ids, cache, inputs)
         if set(slots.peft.peft_config) <= slots.vanilla:
             holder = slots.holder
-            holder.plan = lora.Plan.of(names, input_ids.device)
+            holder.plan = lora_rows.Plan.of(names, input_ids.device)
             holder.base_only = holder.plan is None
             try:
                 return self.forward(model, input_ids, cache, inputs)
@@ -62,7 +62,7 @@ class MixedForward:
                 k: v.index_select(0, idx) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
             }
             sub = cache.select(rows)
-            if name == lora.BASE:
+            if name == lora_rows.BASE:
                 with peft.disable_adapter():
                     out = model(input_ids=input_ids.index_select(0, idx), cache=sub, **part).logits
             else:

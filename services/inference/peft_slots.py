@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from services.common.errors import FailedPrecondition
-from services.inference import lora
+from services.inference import lora_rows
 from services.inference.staging import Staged
 
 
@@ -38,8 +38,8 @@ class PeftSlots:
     def __init__(self) -> None:
         self.base: torch.nn.Module | None = None
         self.peft: Any = None  # the PeftModel around the base, made when the first adapter loads
-        self.holder = lora.PlanHolder()  # the current step's rows -> adapters, for lora.py's layers
-        self.vanilla: set[str] = set()  # PEFT names of plain-LoRA adapters (lora.is_vanilla)
+        self.holder = lora_rows.PlanHolder()  # the current step's rows -> adapters, for lora_rows.py's layers
+        self.vanilla: set[str] = set()  # PEFT names of plain-LoRA adapters (lora_rows.is_vanilla)
         self.sizes: dict[str, int] = {}  # PEFT name -> bytes of its tensors, while in the model
         self._live_layers: list[Any] = []  # the live model's LoRA layers (for quick deletes)
         self._orphan: str | None = None  # deleted last, still in the model (PEFT needs one adapter)
@@ -194,12 +194,12 @@ class PeftSlots:
                     str(folder), adapter_name=name, is_trainable=False, torch_device=device
                 )
             self.peft.eval()
-        lora.patch(self.peft, self.holder)
+        lora_rows.patch(self.peft, self.holder)
         self._live_layers = [m for m in self.peft.modules() if isinstance(m, LoraLayer)]
         self.sizes[name] = sum(
             p.numel() * p.element_size() for n, p in self.peft.named_parameters() if f".{name}." in n
         )
-        if lora.is_vanilla(self.peft, name):
+        if lora_rows.is_vanilla(self.peft, name):
             self.vanilla.add(name)
 
     def drop_orphan(self) -> None:

@@ -301,7 +301,7 @@ class Scheduler:
             self._running.append(req)
 
     def _decode(self, rows: list[Request]) -> None:
-        rows = sorted(rows, key=lambda r: r.name)  # each adapter's rows together: lora.py slices them
+        rows = sorted(rows, key=lambda r: r.name)  # each adapter's rows together: lora_rows.py slices them
         logits = self._forward(rows, [[r.next_token] for r in rows], [[r.cache.length] for r in rows])
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(rows))

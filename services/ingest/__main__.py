@@ -1,6 +1,6 @@
 """`python -m services.ingest`: SessionService + IngestService, and the ingest worker."""
 
-from services.common.app import run_service
+from services.common.entry import run_service
 
 
 async def setup(rt):

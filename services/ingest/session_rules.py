@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Iterable
 from doclora.v1 import events_pb2, session_pb2, session_service_pb2
 from services.common import events, keys
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from services.common.options import check_session_options
-from services.common.queue import mark_train_queued, queue_positions, waiting_for_training
+from services.common.options import check_session_options, merge_options
+from services.common.queue_position import mark_train_queued, queue_positions, waiting_for_training
 from services.common.runtime import Runtime
 from services.common.sessions import FINAL_STATES, stage_name, state_name
 from services.ingest.sources import add_source, drop_original
@@ -243,7 +243,7 @@ async def retrain_session(
 
     def change(r):
         if override is not None:
-            r.options.MergeFrom(override)
+            merge_options(r.options, override)
         r.continue_from = r.adapter_id if ready and not from_scratch else ""
 
     rec = await rt.restart(rec.session_id, stage, allowed_from=set(FINAL_STATES), change=change)

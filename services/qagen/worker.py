@@ -26,6 +26,7 @@ from services.common import events, keys
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.jsonl import from_jsonl
+from services.common.options import qa_backend_name, strategy_names
 from services.common.qapair import QAPair, read_pairs
 from services.common.runtime import Runtime
 from services.common.sessions import mark_stage
@@ -107,7 +108,7 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
     await _generate_all(rt, rec, qa, plan, progress, length_fn)
 
     n_failed = sum(len(v) for v in qa.failed.values())
-    stats_pb, held_out = _finish_pairs(qa, settings, rec.options.qagen_backend or settings.qagen_backend)
+    stats_pb, held_out = _finish_pairs(qa, settings, qa_backend_name(rec.options) or settings.qagen_backend)
     await events.progress(
         rt.bus, sid, session_pb2.STAGE_QAGEN, progress.total, progress.total, f"{len(qa.pairs)} pairs"
     )
@@ -166,7 +167,7 @@ async def _generate_all(
                 await qa.save()
                 continue
             if generator is None:
-                generator = make_generator(rt.settings, rec.options.qagen_backend)
+                generator = make_generator(rt.settings, qa_backend_name(rec.options))
             previous = [
                 QAPair.from_dict(p) for p in qa.pairs if p.get("doc_id") == doc.doc_id and p.get("chunk_id")
             ]
@@ -175,7 +176,7 @@ async def _generate_all(
                 generator,
                 chunks,
                 doc_title=doc.name,
-                strategies=list(rec.options.strategies) or None,
+                strategies=strategy_names(rec.options) or None,
                 progress=progress,
                 previous=previous,
                 retry_chunks=[f["chunk_id"] for f in qa.failed.get(doc.doc_id, [])],

@@ -287,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.trainer import checkpoint
     from services.trainer.adapter_io import read_adapter
+    from services.trainer.base_weights import load_training_model
     from services.trainer.config import LoraTrainConfig
     from services.trainer.loop import train_lora
-    from services.trainer.quant import load_training_model
     from services.trainer.steps import TrainingCancelled
 
     settings, world, rank = _init_process(args)

@@ -38,6 +38,7 @@ from typing import Any
 from doclora.v1 import events_pb2, session_pb2
 from services.common import events, keys
 from services.common.errors import DocloraError, NotFound
+from services.common.options import answer_mode_name
 from services.common.passages import read_session_passages
 from services.common.qapair import read_pairs
 from services.common.runtime import Runtime, StaleRound, check_round
@@ -78,9 +79,9 @@ def _train_blocking(
     arguments. `on_checkpoint(data, step)` gets each checkpoint serialised."""
     from services.trainer import checkpoint
     from services.trainer.adapter_io import read_adapter
+    from services.trainer.base_weights import load_training_model
     from services.trainer.config import LoraTrainConfig
     from services.trainer.loop import train_lora
-    from services.trainer.quant import load_training_model
 
     model, tokenizer = load_training_model(settings)
     cfg = LoraTrainConfig.from_settings(settings, **config)
@@ -346,7 +347,9 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
     metrics.setdefault("steps", run.last_progress.get("step", 0))
     metrics.setdefault("total_steps", run.last_progress.get("total_steps", 0))
     stats = train_stats(metrics, seconds, started_from)
-    stats.exam.CopyFrom(exam_stats(metrics, job.pairs, rec.options.answer_mode or rt.settings.answer_mode))
+    stats.exam.CopyFrom(
+        exam_stats(metrics, job.pairs, answer_mode_name(rec.options) or rt.settings.answer_mode)
+    )
     await _finish(rt, run, stats, seconds, metrics)
 
 
