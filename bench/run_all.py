@@ -22,6 +22,7 @@ BENCHES = {
     "trainer": ("bench/bench_trainer.py", ["--steps", "4", "--pairs", "16"]),
     "inference": ("bench/bench_inference.py", ["--tokens", "24", "--threads", "1", "--chats", "4"]),
     "qagen_local": ("bench/bench_qagen_local.py", ["--chunks", "2"]),
+    "html_extract": ("bench/bench_html_extract.py", ["--rounds", "5"]),
 }
 
 

@@ -204,10 +204,9 @@ async def test_a_bot_answers_in_its_sessions_mode_else_the_servers_default(
 async def answer_source(options: session_pb2.SessionOptions, server_mode: str = "retrieval"):
     """Where a READY bot with these options answers from, DOCLORA_ANSWER_MODE being `server_mode`:
     (the adapter used, whether passages were read), its citations agreeing with the latter."""
-    import dataclasses
 
     rt = FakeRuntime()
-    rt.settings = dataclasses.replace(rt.settings, answer_mode=server_mode)
+    rt.settings = rt.settings.replace(answer_mode=server_mode)
     engine = FakeEngine()
     service = InferenceServicer(rt, engine, embedder=None)
     rt.sessions.add("s1", S.SESSION_STATE_READY, "s1", options=options)
@@ -221,9 +220,8 @@ async def answer_source(options: session_pb2.SessionOptions, server_mode: str = 
 
 def test_an_unknown_default_answer_mode_stops_the_service_at_start():
     """A misspelt DOCLORA_ANSWER_MODE is refused when the servicer is built, naming the choices."""
-    import dataclasses
 
     rt = FakeRuntime()
-    rt.settings = dataclasses.replace(rt.settings, answer_mode="retreival")
+    rt.settings = rt.settings.replace(answer_mode="retreival")
     with pytest.raises(ValueError, match="both, adapter, retrieval"):
         InferenceServicer(rt, FakeEngine(), embedder=None)

@@ -51,8 +51,8 @@ def doc_chunks(markers=MARKERS) -> list[Chunk]:
 
 class FakeChatServer(ThreadingHTTPServer):
     """Chat completions on a free loopback port. The first scripted marker found in the user message
-    picks the replies: a queue of actions ("ok", "429", "500", "400", "slow", "delay", "malformed",
-    "invented"); the last action repeats. It counts requests per marker and concurrent requests."""
+    picks the replies: a queue of actions ("ok", "429", "500", "400", "wait" (429 with Retry-After: 1),
+    "slow", "delay", "malformed", "invented"); the last action repeats. It counts requests per marker and concurrent requests."""
 
     daemon_threads = True
 
@@ -114,6 +114,8 @@ class _Handler(BaseHTTPRequestHandler):
             if action in ("429", "500", "400"):
                 headers = {"Retry-After": "0"} if action == "429" else {}
                 return self._send(int(action), {"error": {"message": f"scripted {action}"}}, headers)
+            if action == "wait":
+                return self._send(429, {"error": {"message": "scripted wait"}}, {"Retry-After": "1"})
             if action == "slow":
                 time.sleep(1.0)
             if action == "delay":
@@ -162,17 +164,8 @@ def server():
     srv.server_close()
 
 
-class SleepRecorder:
-    def __init__(self):
-        self.delays: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        time.sleep(seconds)
-
-
 def openai_gen(server: FakeChatServer, **kw) -> OpenAIGenerator:
-    options = {"concurrency": 2, "timeout": 2.0, "backoff_base": 0.01, "jitter": 0.0, "max_retries": 3}
+    options = {"concurrency": 2, "timeout": 2.0, "max_retries": 3}
     return OpenAIGenerator(server.base_url, "test-key", "tiny-model", **(options | kw))
 
 
@@ -192,7 +185,8 @@ def test_the_openai_backend_speaks_the_chat_completions_protocol(server):
     body, headers = server.bodies[0], server.headers_seen[0]
     assert body["model"] == "tiny-model" and body["messages"][0]["role"] == "system"
     assert chunk.text in body["messages"][1]["content"]
-    assert headers["Authorization"] == "Bearer test-key"
+    # header names are case-insensitive (the SDK sends them in lower case)
+    assert {k.lower(): v for k, v in headers.items()}["authorization"] == "Bearer test-key"
 
 
 def test_json_mode_asks_for_an_object_and_the_wrapped_array_is_accepted(server):
@@ -224,23 +218,31 @@ def test_each_strategy_is_its_own_prompt_and_document_questions_are_asked_once()
 
 
 def test_429_and_500_are_retried_with_exponential_backoff(server):
-    """Two failures then success: three requests, waits of base, then twice base."""
+    """Two failures then success: three requests, after the SDK's waits of about 0.5 s, then 1 s
+    (less up to a quarter of jitter)."""
     server.script["ALPHA"] = ["429", "500", "ok"]
-    sleep = SleepRecorder()
-    with openai_gen(server, sleep=sleep, backoff_base=0.02) as gen:
+    started = time.monotonic()
+    with openai_gen(server) as gen:
         pairs = gen.generate(doc_chunks()[0], doc_title=None, strategies=["quiz"])
     assert len(pairs) == 1
     assert server.requests["ALPHA"] == 3
-    assert sleep.delays == [0.02, 0.04]
+    assert time.monotonic() - started >= 0.75 * (0.5 + 1.0)
 
 
-def test_backoff_doubles_up_to_its_cap_and_honours_retry_after():
-    """Delays grow 2x per try, stop at backoff_max, and are never shorter than Retry-After."""
-    gen = OpenAIGenerator("http://127.0.0.1:9/v1", backoff_base=0.5, backoff_max=3.0, jitter=0.0)
-    assert [gen.backoff(n) for n in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
-    assert gen.backoff(0, retry_after=2.5) == 2.5
-    assert gen.backoff(0, retry_after=60) == 3.0
-    gen.close()
+def test_the_sdk_client_has_the_settings_and_honours_retry_after(server):
+    """The official async client with our timeout and retries; a 429's Retry-After sets the wait."""
+    import openai
+
+    with openai_gen(server, timeout=7.0, max_retries=5) as gen:
+        assert isinstance(gen.client, openai.AsyncOpenAI)
+        assert (gen.client.max_retries, gen.client.timeout) == (5, 7.0)
+        server.script["ALPHA"] = ["wait", "ok"]
+        started = time.monotonic()
+        assert len(gen.generate(doc_chunks()[0], doc_title=None, strategies=["quiz"])) == 1
+    assert server.requests["ALPHA"] == 2 and time.monotonic() - started >= 1.0
+    with OpenAIGenerator(server.base_url, "", "tiny-model") as keyless:  # no key: no Authorization
+        keyless.generate(doc_chunks()[1], doc_title=None, strategies=["quiz"])
+    assert "authorization" not in {k.lower() for k in server.headers_seen[-1]}
 
 
 def test_a_slow_response_times_out_and_is_retried(server):

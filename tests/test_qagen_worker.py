@@ -32,7 +32,7 @@ TENANT = "default"
 
 @pytest.fixture
 def rt(runtime):
-    settings = dataclasses.replace(runtime.settings, qagen_chunk_tokens=0, qagen_eval_min_pairs=10)
+    settings = runtime.settings.replace(qagen_chunk_tokens=0, qagen_eval_min_pairs=10)
     worker._length_fn.cache_clear()
     return dataclasses.replace(runtime, settings=settings)
 
@@ -75,7 +75,7 @@ def _pairs(rt: Runtime, sid: str) -> list[dict]:
 async def test_generation_stores_grounded_pairs_with_a_held_out_split_and_queues_training(rt):
     """Every chunk gets pairs; with a held-out fraction set, whole chunks are held out as "eval";
     the session moves to TRAINING."""
-    rt = dataclasses.replace(rt, settings=dataclasses.replace(rt.settings, qagen_eval_fraction=0.1))
+    rt = dataclasses.replace(rt, settings=rt.settings.replace(qagen_eval_fraction=0.1))
     rec = await _session(rt, {"d1": sectioned_doc()})
     after = await _run(rt, rec)
     pairs = _pairs(rt, rec.session_id)
@@ -95,7 +95,7 @@ async def test_generation_stores_grounded_pairs_with_a_held_out_split_and_queues
 async def test_by_default_every_fact_trains_and_rewordings_of_trained_facts_are_kept_for_the_exam(rt):
     """No chunk is held out by default; up to `qagen_exam_pairs` rewordings are marked "exam",
     one per fact, each a paraphrase whose original trains; the stats count them."""
-    rt = dataclasses.replace(rt, settings=dataclasses.replace(rt.settings, qagen_exam_pairs=5))
+    rt = dataclasses.replace(rt, settings=rt.settings.replace(qagen_exam_pairs=5))
     assert rt.settings.qagen_eval_fraction == 0.0
     rec = await _session(rt, {"d1": sectioned_doc()})
     after = await _run(rt, rec)
@@ -138,7 +138,7 @@ async def test_chunks_are_sized_in_base_model_tokens_when_its_tokenizer_loads(rt
 
     tok = real_tokenizer()
     monkeypatch.setattr(worker, "_length_fn", lambda settings: token_length(tok))
-    rt.settings = dataclasses.replace(rt.settings, qagen_chunk_tokens=48, qagen_chunk_overlap=8)
+    rt.settings = rt.settings.replace(qagen_chunk_tokens=48, qagen_chunk_overlap=8)
     rec = await _session(rt, {"d1": sectioned_doc() * 3})
     await _run(rt, rec)
     chunks = from_jsonl(rt.store.get_bytes(keys.chunks(TENANT, rec.session_id)))
@@ -235,8 +235,8 @@ async def test_done_documents_are_not_generated_again(rt, monkeypatch):
 
 
 def test_the_openai_backend_is_built_from_the_settings(rt):
-    settings = dataclasses.replace(
-        rt.settings, qagen_openai_url="http://127.0.0.1:9/v1", qagen_openai_model="m", qagen_concurrency=3
+    settings = rt.settings.replace(
+        qagen_openai_url="http://127.0.0.1:9/v1", qagen_openai_model="m", qagen_concurrency=3
     )
     gen = worker.make_generator(settings, "openai")
     try:
@@ -253,9 +253,7 @@ def test_the_openai_backend_is_built_from_the_settings(rt):
 
 
 async def test_a_session_generates_through_an_openai_compatible_endpoint(rt, server):  # noqa: F811
-    rt.settings = dataclasses.replace(
-        rt.settings, qagen_openai_url=server.base_url, qagen_openai_model="fake"
-    )
+    rt.settings = rt.settings.replace(qagen_openai_url=server.base_url, qagen_openai_model="fake")
     rec = await _session(rt, {"d1": sectioned_doc()}, qagen_backend="openai", strategies=["quiz"])
     after = await _run(rt, rec)
     pairs = _pairs(rt, rec.session_id)

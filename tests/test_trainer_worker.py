@@ -64,8 +64,7 @@ def rt(runtime, tokenizer, monkeypatch):
     )
     monkeypatch.setattr(worker, "CANCEL_POLL_S", 0.2)
     # the precision "auto" picks depends on the CPU; these tests check what gets reported
-    settings = dataclasses.replace(
-        runtime.settings,
+    settings = runtime.settings.replace(
         train_precision="fp32",
         qagen_eval_min_pairs=8,
         qagen_eval_fraction=0.2,
@@ -345,7 +344,13 @@ async def test_after_training_the_session_shows_its_exam_on_reworded_and_out_of_
     ]  # fmt: skip
     rt.store.put_bytes(keys.chunks(TENANT, sid), to_jsonl(chunks))
     reworded = [
-        dict(p, pair_id=f"x{i}", question=f"Which code does crate {i} carry?", variant_of=p["pair_id"], split="exam")
+        dict(
+            p,
+            pair_id=f"x{i}",
+            question=f"Which code does crate {i} carry?",
+            variant_of=p["pair_id"],
+            split="exam",
+        )
         for i, p in enumerate(PAIRS[:3])
     ]
     marked = [dict(p, split="train") for p in PAIRS] + reworded
@@ -379,7 +384,13 @@ def test_the_exam_lists_misses_in_the_bots_own_answer_mode():
     from services.trainer.exam import exam_stats
 
     def answer(base, adapter, pid="x"):
-        return {"pair_id": pid, "question": "q", "reference": "the code is 1037", "base": base, "adapter": adapter}
+        return {
+            "pair_id": pid,
+            "question": "q",
+            "reference": "the code is 1037",
+            "base": base,
+            "adapter": adapter,
+        }
 
     metrics = {
         "eval_exam_answers": [answer("no idea", "1037", "x"), answer("1037", "no idea", "y")],
@@ -389,7 +400,11 @@ def test_the_exam_lists_misses_in_the_bots_own_answer_mode():
     }  # fmt: skip
     pairs = [{"pair_id": "x", "question": "What code?"}, {"pair_id": "y", "question": "Which code?"}]
     both = exam_stats(metrics, pairs, "both")
-    assert (both.mode, both.missed, [m.question for m in both.misses]) == ("both", 2, ["What code?", "Which code?"])
+    assert (both.mode, both.missed, [m.question for m in both.misses]) == (
+        "both",
+        2,
+        ["What code?", "Which code?"],
+    )
     retrieval = exam_stats(metrics, pairs, "retrieval")
     assert (retrieval.missed, [m.answer for m in retrieval.misses]) == (1, ["wrong"])
     adapter = exam_stats(metrics, pairs, "adapter")
@@ -462,8 +477,7 @@ def rt2(rt, tokenizer, tmp_path) -> Runtime:
     folder = tmp_path / "tiny-model"
     tiny_llama(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    settings = dataclasses.replace(
-        rt.settings,
+    settings = rt.settings.replace(
         base_model=str(folder),
         model_cache=str(tmp_path / "cache"),
         device="cpu",

@@ -1,34 +1,34 @@
 """Typed settings for every doclora process, read from environment variables in one place.
 
 Every setting has a default that works on one machine (the embedded stack of `doclora up`).
+`Settings(...)` is the defaults with keyword overrides; `Settings.from_env()` reads each field from
+`DOCLORA_<FIELD>` (pydantic-settings) and fails at start-up on a value of the wrong type, naming
+the variable. Secrets are `SecretStr`: read them with `.get_secret_value()`; `effective_settings`
+shows them masked.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "DOCLORA_"
+MASK = "****"
+_TYPE_NAMES = {
+    bool: "a boolean (1/true/yes/on or 0/false/no/off)",
+    int: "an integer",
+    float: "a number",
+    str: "text",
+    SecretStr: "text",
+}
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    return int(raw) if raw not in (None, "") else default
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    return float(raw) if raw not in (None, "") else default
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    return raw.strip().lower() in ("1", "true", "yes", "on")
+class SettingsError(ValueError):
+    """A `DOCLORA_*` variable whose value does not fit its setting's type."""
 
 
 def _default_cache() -> str:
@@ -36,9 +36,12 @@ def _default_cache() -> str:
     return str(Path(base) / "doclora" / "models")
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
     """All settings; build with `Settings.from_env()`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="forbid", validate_default=True
+    )
 
     # where the local stack keeps its data, logs and pid files
     state_dir: str = ".doclora"
@@ -59,7 +62,7 @@ class Settings:
     # S3-compatible object store
     s3_endpoint: str = "127.0.0.1:8333"
     s3_access_key: str = "doclora"
-    s3_secret_key: str = "doclora-secret"
+    s3_secret_key: SecretStr = SecretStr("doclora-secret")
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     s3_bucket: str = "doclora"
@@ -73,12 +76,15 @@ class Settings:
     listen_addr: str = ""
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
+    # a `: ping` comment on an idle Server-Sent Events stream every this many seconds, so a proxy
+    # does not drop a progress stream while its session waits in the queue
+    sse_ping_s: float = 15.0
     grpc_grace_s: float = 5.0
     rpc_timeout_s: float = 30.0
 
     # models
     base_model: str = "smollm2"  # "smollm2" = the bundled SmolLM2-135M-Instruct GGUF; else HF id or path
-    model_cache: str = field(default_factory=_default_cache)
+    model_cache: str = Field(default_factory=_default_cache)
     device: str = "auto"  # auto | cpu | cuda
 
     # limits
@@ -96,7 +102,7 @@ class Settings:
     # QA generation
     qagen_backend: str = "extractive"  # extractive | local | openai (a session may choose another)
     qagen_openai_url: str = ""  # an OpenAI-compatible endpoint ending in /v1 (vLLM, Ollama, OpenAI)
-    qagen_openai_key: str = ""
+    qagen_openai_key: SecretStr = SecretStr("")
     qagen_openai_model: str = ""
     qagen_concurrency: int = 4  # requests in flight to the endpoint
     qagen_timeout_s: float = 60.0  # per request
@@ -149,18 +155,55 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Read every field from `DOCLORA_<FIELD>` (upper case), falling back to the default."""
-        values = {}
-        defaults = cls()
-        for f in fields(cls):
-            name = "DOCLORA_" + f.name.upper()
-            current = getattr(defaults, f.name)
-            if isinstance(current, bool):
-                values[f.name] = _env_bool(name, current)
-            elif isinstance(current, int):
-                values[f.name] = _env_int(name, current)
-            elif isinstance(current, float):
-                values[f.name] = _env_float(name, current)
-            else:
-                values[f.name] = _env(name, current)
-        return cls(**values)
+        """Read every field from `DOCLORA_<FIELD>` (upper case; unset or empty: the default).
+
+        A value that does not fit raises `SettingsError` naming the variable and the expected type.
+        """
+        values = EnvSettingsSource(cls)()
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
+
+    def replace(self, **changes: Any) -> Settings:
+        """A new, validated Settings with `changes` (a bad value raises `SettingsError`)."""
+        try:
+            return type(self)(**{**{name: getattr(self, name) for name in type(self).model_fields}, **changes})
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **_sources: Any):
+        # `Settings(...)` is the defaults and its arguments only; the environment is `from_env`'s
+        return (init_settings,)
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        field = Settings.model_fields.get(name)
+        expected = _TYPE_NAMES.get(field.annotation, str(field.annotation)) if field else "a known setting"
+        variable = f"{ENV_PREFIX}{name.upper()}={error.get('input')!r}"
+        problems.append(f"{variable}: expected {expected} ({error['msg']})")
+    return "bad settings in the environment: " + "; ".join(problems)
+
+
+def _as_text(value: Any, reveal: bool) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value() if reveal else (MASK if value.get_secret_value() else "")
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def settings_env(settings: Settings, *, reveal: bool = True) -> dict[str, str]:
+    """Every setting as its `DOCLORA_*` variable and text, for a child process (secrets revealed)."""
+    names = type(settings).model_fields
+    return {ENV_PREFIX + name.upper(): _as_text(getattr(settings, name), reveal) for name in names}
+
+
+def effective_settings(settings: Settings) -> dict[str, str]:
+    """Every setting's value as text by its `DOCLORA_*` variable, secrets masked (`****`; an unset
+    secret stays empty), for `doclora config`."""
+    return settings_env(settings, reveal=False)

@@ -327,7 +327,7 @@ class ArtifactStore:
         return cls(
             settings.s3_endpoint,
             settings.s3_access_key,
-            settings.s3_secret_key,
+            settings.s3_secret_key.get_secret_value(),
             secure=settings.s3_secure,
             region=settings.s3_region,
             bucket=settings.s3_bucket,

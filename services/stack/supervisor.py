@@ -162,7 +162,7 @@ class Stack:
             self.s3 = start_seaweedfs(
                 self.dir / "s3",
                 access_key=s.s3_access_key,
-                secret_key=s.s3_secret_key,
+                secret_key=s.s3_secret_key.get_secret_value(),
                 s3_port=port,
                 log_path=self.logs / "s3.log",
             )

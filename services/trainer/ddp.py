@@ -25,7 +25,6 @@ all stop when the process named by DOCLORA_TRAIN_OWNER_PID (the trainer service)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -199,13 +198,13 @@ def _init_process(args: argparse.Namespace) -> tuple[Any, int, int]:
     )
     settings = Settings.from_env()
     if args.base_model:
-        settings = dataclasses.replace(settings, base_model=args.base_model)
+        settings = settings.replace(base_model=args.base_model)
     cuda = torch.cuda.is_available() and settings.device.strip().lower() != "cpu"
     if cuda:
         torch.cuda.set_device(local_rank)
-        settings = dataclasses.replace(settings, device=f"cuda:{local_rank}")
+        settings = settings.replace(device=f"cuda:{local_rank}")
     else:
-        settings = dataclasses.replace(settings, device="cpu")
+        settings = settings.replace(device="cpu")
     if world > 1:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return settings, world, rank

@@ -20,7 +20,6 @@ TrainingProcessFailed with the tail of their output. Workers are killed with tor
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import logging
@@ -33,6 +32,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from services.common.config import Settings, settings_env
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,8 @@ def child_env(settings: Any) -> dict[str, str]:
     from services.trainer.ddp import OWNER_ENV
 
     env = dict(os.environ)
-    if dataclasses.is_dataclass(settings):
-        for f in dataclasses.fields(settings):
-            value = getattr(settings, f.name)
-            text = ("1" if value else "0") if isinstance(value, bool) else str(value)
-            env["DOCLORA_" + f.name.upper()] = text
+    if isinstance(settings, Settings):
+        env.update(settings_env(settings))  # secrets revealed: the job is this service's own process
     env[OWNER_ENV] = str(os.getpid())
     roots = []
     for package in ("services", "doclora"):

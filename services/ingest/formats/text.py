@@ -1,4 +1,5 @@
-"""Plain text and Markdown: find the encoding, refuse binary data, normalise to NFC."""
+"""Plain text and Markdown: find the encoding (charset-normalizer for legacy code pages), refuse binary
+data, normalise to NFC."""
 
 from __future__ import annotations
 
@@ -49,12 +50,38 @@ def _utf16_without_bom(data: bytes) -> str | None:
         return None
 
 
-def decode_text(data: bytes, charset: str | None = None) -> str:
-    """Bytes -> str: a byte-order mark, else `charset` (when it works), else UTF-8, else cp1252.
+def _legacy_decode(data: bytes) -> str:
+    """Bytes that are not UTF-8 in the legacy encoding charset-normalizer finds most plausible.
 
-    cp1252 is the usual encoding of text that is not UTF-8 (Windows "ANSI"); it is a superset of
-    the printable part of latin-1, and bytes it leaves undefined fall back to latin-1. Binary data
-    (NULs, many control characters) is refused rather than decoded into garbage.
+    Ties (short or plain Western text fits several code pages equally well) go to the likelier
+    language, then to cp1252 (Windows "ANSI", the usual encoding of such text), then to the Windows
+    code pages. BOM-less UTF-16/32 guesses are left to `_utf16_without_bom`; with no plausible
+    encoding at all, cp1252 (latin-1 for the bytes it leaves undefined) decodes what it can.
+    """
+    from charset_normalizer import from_bytes
+
+    matches = list(from_bytes(data))
+
+    def rank(m) -> tuple:
+        return (m.chaos, -m.coherence, m.language == "Unknown", not m.encoding.startswith("cp125"))
+
+    if matches:
+        top = rank(min(matches, key=rank))[:2]
+        tied = [m for m in matches if rank(m)[:2] == top]
+        legacy = [m for m in tied if not m.encoding.startswith(("utf_16", "utf_32"))]
+        if legacy and not any("cp1252" in m.could_be_from_charset for m in tied):
+            return str(min(legacy, key=rank))
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def decode_text(data: bytes, charset: str | None = None) -> str:
+    """Bytes -> str: a byte-order mark, else `charset` (when it works), else UTF-8, else the legacy
+    encoding charset-normalizer detects (cp1252 when the text fits it as well as any other).
+
+    Binary data (NULs, many control characters) is refused rather than decoded into garbage.
     """
     for bom, encoding in _BOMS:
         if data.startswith(bom):
@@ -89,10 +116,7 @@ def decode_text(data: bytes, charset: str | None = None) -> str:
     wide = _utf16_without_bom(data)
     if wide is not None and not _looks_binary(wide):
         return wide
-    try:
-        text = data.decode("cp1252")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
+    text = _legacy_decode(data)
     if _looks_binary(text):
         raise InvalidArgument(NOT_TEXT)
     return text

@@ -17,13 +17,12 @@ from services.qagen.backends.extractive import ExtractiveGenerator
 
 @functools.lru_cache(maxsize=1)
 def _local_generator(settings: Settings):
-    from dataclasses import replace
 
     from services.common.model import load_base_model
     from services.qagen.backends.local import LocalGenerator
 
     model_settings = (
-        replace(settings, base_model=settings.qagen_local_model) if settings.qagen_local_model else settings
+        settings.replace(base_model=settings.qagen_local_model) if settings.qagen_local_model else settings
     )
     model, tokenizer = load_base_model(model_settings)
     return LocalGenerator(model, tokenizer)
@@ -43,7 +42,7 @@ def make_generator(settings: Settings, backend: str):
 
         return OpenAIGenerator(
             settings.qagen_openai_url,
-            settings.qagen_openai_key,
+            settings.qagen_openai_key.get_secret_value(),
             settings.qagen_openai_model,
             concurrency=settings.qagen_concurrency,
             timeout=settings.qagen_timeout_s,
