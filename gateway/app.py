@@ -1,11 +1,14 @@
 """The HTTP gateway: REST under /api/v1, Server-Sent Events for progress and chat, an
 OpenAI-compatible /v1/chat/completions, and the web UI. It holds no business logic: every route maps
 to one gRPC call. This module assembles the app: settings and gRPC channels on `app.state`, the body
-size limit, the handlers that turn every error into the JSON error envelope, and the routers of
-`gateway.routes` in a fixed order (the order of the route table and of the OpenAPI paths)."""
+size limit, the handlers that turn every error into the JSON error envelope (OpenAI's shape under
+/v1), and the routers of `gateway.routes` in a fixed order (the order of the route table and of the
+OpenAPI paths). FastAPI's own /docs and /redoc load their scripts from a CDN; `routes.docs` serves
+Swagger UI from the installed swagger-ui-bundle instead."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -15,40 +18,59 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.clients import Clients
-from gateway.common import error, http_status
-from gateway.routes import bots, documents, health, openai, pairs, sessions, sources, web
+from gateway.common import OpenAIError, error, http_status, openai_error, openai_rpc_error
+from gateway.routes import bots, docs, documents, health, openai, pairs, sessions, sources, web
 from services.common.config import Settings
 from services.common.errors import DocloraError
 
 log = logging.getLogger(__name__)
 # Pasted text travels as JSON; refuse bodies far over the text limit before reading them.
 BODY_SLACK = 64 * 1024
-ROUTERS = (health, sources, sessions, documents, pairs, bots, openai, web)
+ROUTERS = (health, sources, sessions, documents, pairs, bots, openai, docs, web)
+
+
+def is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def reply(request: Request, status: int, code: str, message: str, param: str | None = None):
+    """The error envelope of the path: OpenAI's under /v1 (`code` in lowercase), doclora's elsewhere."""
+    if is_openai(request):
+        return openai_error(OpenAIError(status, message, code=code.lower(), param=param))
+    return error(status, code, message)
 
 
 async def rpc_error(request: Request, exc: grpc.aio.AioRpcError):
+    if is_openai(request):
+        return openai_error(openai_rpc_error(exc))
     return error(http_status(exc.code()), exc.code().name, exc.details() or exc.code().name)
 
 
 async def domain_error(request: Request, exc: DocloraError):
     """A domain error raised in the gateway itself (a name with no enum value, say), as the services'
     would come back."""
-    return error(http_status(grpc.StatusCode[exc.code]), exc.code, str(exc))
+    return reply(request, http_status(grpc.StatusCode[exc.code]), exc.code, str(exc))
 
 
 async def bad_request(request: Request, exc: RequestValidationError):
-    parts = [f"{'.'.join(str(x) for x in e.get('loc', []))}: {e.get('msg')}" for e in exc.errors()]
-    return error(400, "INVALID_ARGUMENT", "; ".join(parts) or "malformed request")
+    locs = [[str(x) for x in e.get("loc", [])] for e in exc.errors()]
+    parts = [f"{'.'.join(loc)}: {e.get('msg')}" for loc, e in zip(locs, exc.errors(), strict=True)]
+    param = ".".join(locs[0][1:] if locs[0][:1] == ["body"] else locs[0]) if locs else None
+    return reply(request, 400, "INVALID_ARGUMENT", "; ".join(parts) or "malformed request", param or None)
 
 
 async def internal(request: Request, exc: Exception):
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error(500, "INTERNAL", "internal error; see the gateway log")
+    return reply(request, 500, "INTERNAL", "internal error; see the gateway log")
 
 
 async def http_error(request: Request, exc: StarletteHTTPException):
     codes = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 413: "RESOURCE_EXHAUSTED"}
-    return error(exc.status_code, codes.get(exc.status_code, "INVALID_ARGUMENT"), str(exc.detail))
+    return reply(request, exc.status_code, codes.get(exc.status_code, "INVALID_ARGUMENT"), str(exc.detail))
+
+
+async def openai_refusal(request: Request, exc: OpenAIError):
+    return openai_error(exc)
 
 
 async def limit_body(request: Request, call_next):
@@ -58,30 +80,38 @@ async def limit_body(request: Request, call_next):
     if request.headers.get("content-type", "").startswith("multipart/"):
         limit = settings.max_upload_bytes + BODY_SLACK  # files stream on; ingest checks each
     if length and length.isdigit() and int(length) > limit:
-        return error(413, "RESOURCE_EXHAUSTED", f"request body of {length} bytes is too large")
+        return reply(request, 413, "RESOURCE_EXHAUSTED", f"request body of {length} bytes is too large")
     return await call_next(request)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     app.state.clients = Clients.connect(app.state.settings)
+    loop = type(asyncio.get_running_loop())
+    log.info("gateway event loop: %s.%s", loop.__module__, loop.__name__)  # uvloop.Loop when installed
     yield
     await app.state.clients.close()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, sse_ping_s: float | None = None) -> FastAPI:
+    """The gateway app; Server-Sent Events streams send a `: ping` comment every `sse_ping_s` seconds
+    (default: DOCLORA_SSE_PING_S, 15)."""
     app = FastAPI(
         title="doclora",
         version="0.1.0",
         description="Turn documents into a chat bot that knows them.",
         lifespan=lifespan,
+        docs_url=None,  # routes.docs serves /docs from local files
+        redoc_url=None,  # ReDoc comes from a CDN only: blank offline
     )
-    app.state.settings = settings or Settings.from_env()
+    app.state.settings = settings = settings or Settings.from_env()
+    app.state.sse_ping_s = sse_ping_s if sse_ping_s is not None else settings.sse_ping_s
     app.add_exception_handler(grpc.aio.AioRpcError, rpc_error)
     app.add_exception_handler(DocloraError, domain_error)
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_exception_handler(Exception, internal)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(OpenAIError, openai_refusal)
     app.middleware("http")(limit_body)
     for module in ROUTERS:
         app.include_router(module.router)

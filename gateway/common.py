@@ -1,7 +1,9 @@
 """What the app and every route module share, the one place each of these lives: the gRPC clients
 taken from `request.app.state` (as the `ClientsDep` dependency), gRPC status -> HTTP status, the JSON
-error envelope `{"error": {"code", "message"}}`, protobuf -> JSON, reading a server stream whose
-first message was already read, and Server-Sent Events framing."""
+error envelopes (doclora's `{"error": {"code", "message"}}` and OpenAI's `{"error": {"message", "type",
+"param", "code"}}` under /v1), protobuf -> JSON, reading a server stream whose first message was
+already read, and Server-Sent Events (framed by sse-starlette, with `: ping` keep-alive comments and
+the stream closed when the client goes away)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from typing import Annotated
 
 import grpc
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from google.protobuf.json_format import MessageToDict
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from doclora.v1 import session_pb2
 from gateway.clients import Clients
@@ -32,8 +35,42 @@ HTTP_STATUS = {
 }
 
 
+# OpenAI's error `type` by HTTP status (anything else at or above 500 is a `server_error`)
+OPENAI_ERROR_TYPE = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+# Every SSE line ends in "\n" (not sse-starlette's default "\r\n"): OpenAI streams are exactly
+# `data: {json}\n\n`. Idle streams get a comment every DOCLORA_SSE_PING_S seconds, which EventSource and
+# SSE clients skip and which keeps proxies from closing a progress stream waiting in the queue.
+SSE_SEP = "\n"
+
+
 def http_status(code: grpc.StatusCode) -> int:
     return HTTP_STATUS.get(code, 500)
+
+
+class OpenAIError(Exception):
+    """An error of the OpenAI-compatible API, answered as OpenAI does (`openai_error`)."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict:
+        kind = OPENAI_ERROR_TYPE.get(self.status) or (
+            "server_error" if self.status >= 500 else "invalid_request_error"
+        )
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def openai_error(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def openai_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
+    """A failed gRPC call as the OpenAI API says it: a full inference queue is a 429 (which the
+    OpenAI SDKs retry after a back-off), the rest keeps its HTTP status."""
+    code = exc.code()
+    status = 429 if code == grpc.StatusCode.RESOURCE_EXHAUSTED else http_status(code)
+    return OpenAIError(status, exc.details() or code.name, code=code.name.lower())
 
 
 def clients(request: Request) -> Clients:
@@ -71,17 +108,30 @@ async def responses(call, first):
         call.cancel()
 
 
-def sse(event: str | None, data: dict) -> bytes:
-    """One Server-Sent Event; `event` None gives the data-only frame OpenAI streams use."""
-    head = f"event: {event}\n" if event is not None else ""
-    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+def sse(event: str | None, data: dict | str) -> ServerSentEvent:
+    """One Server-Sent Event of JSON `data` (a str as it is); `event` None gives the data-only frame
+    OpenAI streams use."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return ServerSentEvent(text, event=event, sep=SSE_SEP)
 
 
-def sse_error(exc: grpc.aio.AioRpcError) -> bytes:
+def sse_error(exc: grpc.aio.AioRpcError) -> ServerSentEvent:
     """The `error` event that ends a stream whose gRPC call failed after the response began."""
     return sse("error", {"error": {"code": exc.code().name, "message": exc.details()}})
 
 
-def event_stream(events) -> StreamingResponse:
-    """A Server-Sent Events response of the doclora routes (progress, chat), never cached."""
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def ping() -> ServerSentEvent:
+    return ServerSentEvent(comment="ping", sep=SSE_SEP)
+
+
+def event_stream(request: Request, events) -> EventSourceResponse:
+    """A Server-Sent Events response (progress, chat, OpenAI chunks), never cached, with a `: ping`
+    comment every `app.state.sse_ping_s` seconds; when the client disconnects, `events` is closed
+    (so the gRPC stream under it is cancelled)."""
+    return EventSourceResponse(
+        events,
+        headers={"Cache-Control": "no-cache"},
+        ping=request.app.state.sse_ping_s,
+        sep=SSE_SEP,
+        ping_message_factory=ping,
+    )

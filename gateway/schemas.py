@@ -86,6 +86,39 @@ class ChatBody(BaseModel):
     )
 
 
+class ContentPart(BaseModel):
+    """A part of an OpenAI message's content; only `text` parts are answered (others are refused)."""
+
+    type: str
+    text: str | None = None
+
+
+class OpenAIMessage(BaseModel):
+    role: str = "user"
+    content: str | list[ContentPart] | None = Field(
+        None, description="Text, or a list of content parts whose `text` parts are joined."
+    )
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="End the stream with a chunk carrying the usage.")
+
+
+class ResponseFormat(BaseModel):
+    type: str = Field("text", description="Only `text` is answered.")
+
+
 class OpenAIChatBody(ChatBody):
+    """OpenAI's chat completion request; fields doclora does not know are ignored, as OpenAI does."""
+
     model: str = Field(description="The bot id, or 'base' for the base model alone.")
-    stream: bool = False
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=4096, description="Replaces `max_tokens` (which is still read)."
+    )
+    temperature: float | None = Field(0.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, description="Answers per request; only 1.")
+    response_format: ResponseFormat | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -413,53 +412,6 @@ def test_an_unknown_upload_id_is_not_found(stack):
     _, base = stack
     resp = httpx.post(f"{base}/api/v1/sessions", json={"upload_ids": ["u0123456789abcdef"]}, timeout=TIMEOUT)
     assert resp.status_code == 404, resp.text
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); CI installs it"
-)
-def test_the_web_ui_learns_from_pasted_text_and_chats_in_a_real_browser(stack):
-    """In headless Chromium: an empty form shows the server's error; pasted text shows progress
-    until READY, then a question gets a streamed answer in the page."""
-    from playwright.sync_api import sync_playwright
-
-    _, base = stack
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
-            page = browser.new_page()
-            page.goto(base + "/")
-            page.click("#go")
-            page.wait_for_function("document.querySelector('#learn-error').textContent.length > 0")
-            assert "source" in page.text_content("#learn-error")
-
-            page.fill("#name", "orchard in a browser")
-            page.fill("#text", TEXT)
-            page.fill("#steps", "6")
-            page.click("#go")
-            page.wait_for_function(
-                "document.querySelector('#state').textContent === 'READY'", timeout=600_000
-            )
-            assert "train" in page.text_content("#log")
-            # the exam after training is on the page
-            assert "reworded questions about trained facts" in page.text_content("#train-stats")
-            assert "missed (retrieval mode)" in page.text_content("#train-stats")
-            page.fill("#question", "When was the Lumen Orchard founded?")
-            page.click("#send")
-            page.wait_for_function(
-                "document.querySelectorAll('.msg.bot').length === 1 && "
-                "document.querySelector('.msg.bot').textContent.trim().length > 0",
-                timeout=300_000,
-            )
-            assert page.text_content(".msg.user").startswith("You: When was")
-        finally:
-            browser.close()
 
 
 def test_a_document_with_almost_no_text_fails_with_not_enough_text(stack):

@@ -45,3 +45,41 @@ def test_every_router_module_is_included_once_and_no_route_is_served_twice():
         for route in router.routes
     ]
     assert sorted(defined) == sorted(served)
+
+
+def test_docs_serve_swagger_ui_from_local_files():
+    """/docs names no external URL, and the script, style sheet and icon it loads answer from the
+    gateway (swagger-ui-bundle's files); the OpenAPI document it reads is there too."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Settings())) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+        assert not re.search(r"https?://", page.text), page.text
+        assets = re.findall(r"""(?:src|href)=["'](/docs/assets/[^"']+)""", page.text)
+        assert len(assets) == 3, page.text
+        for url in assets:
+            resp = client.get(url)
+            assert resp.status_code == 200 and len(resp.content) > 100, url
+        assert client.get("/docs/assets/index.html").status_code == 404
+        assert client.get("/openapi.json").json()["info"]["title"] == "doclora"
+
+
+def test_the_gateway_server_uses_uvloop_and_httptools():
+    """`python -m gateway` serves on uvicorn's "auto" loop and HTTP parser, which are uvloop and
+    httptools when `uvicorn[standard]` is installed."""
+    import uvloop
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from gateway.__main__ import server_config
+
+    config = server_config(Settings(), create_app(Settings()))
+    config.load()
+    assert config.http_protocol_class is HttpToolsProtocol
+    loop = config.get_loop_factory()()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()

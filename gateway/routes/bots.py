@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import grpc
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from doclora.v1 import trainer_pb2
 from gateway.chat import chat_request, collect, finish_name, open_chat
@@ -25,7 +25,7 @@ async def get_adapter(adapter_id: str, c: ClientsDep):
 
 
 @router.post("/api/v1/bots/{bot_id}/chat")
-async def chat(bot_id: str, body: ChatBody, c: ClientsDep):
+async def chat(bot_id: str, body: ChatBody, request: Request, c: ClientsDep):
     """Chat with a bot; `stream: true` (default) answers with Server-Sent Events `delta` and `done`."""
     call, first = await open_chat(c, chat_request(bot_id, body))
     if not body.stream:
@@ -47,4 +47,4 @@ async def chat(bot_id: str, body: ChatBody, c: ClientsDep):
         except grpc.aio.AioRpcError as exc:
             yield sse_error(exc)
 
-    return event_stream(stream())
+    return event_stream(request, stream())

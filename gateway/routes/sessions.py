@@ -4,7 +4,7 @@ training again, and watching its progress as Server-Sent Events."""
 from __future__ import annotations
 
 import grpc
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from doclora.v1 import session_service_pb2
 from gateway.common import ClientsDep, error, event_stream, responses, sse, sse_error, to_json
@@ -63,7 +63,7 @@ async def retrain_session(session_id: str, c: ClientsDep, body: RetrainBody | No
 
 
 @router.get("/api/v1/sessions/{session_id}/events")
-async def session_events(session_id: str, c: ClientsDep):
+async def session_events(session_id: str, request: Request, c: ClientsDep):
     """Server-Sent Events: each event's kind (state, progress, finished, failed) with the session."""
     call = c.sessions.WatchSession(session_service_pb2.WatchSessionRequest(session_id=session_id))
     # Read the first message before answering, so an unknown session is a 404, not an empty stream.
@@ -79,4 +79,4 @@ async def session_events(session_id: str, c: ClientsDep):
         except grpc.aio.AioRpcError as exc:
             yield sse_error(exc)
 
-    return event_stream(stream())
+    return event_stream(request, stream())
