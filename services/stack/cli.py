@@ -1,9 +1,10 @@
-"""`doclora`: run the local stack (up / down / status, here) and use it (learn / qa / exam / chat /
-sessions, in client.py, over the gateway's HTTP API)."""
+"""`doclora`: run the local stack (up / down / status / config, here) and use it (learn / qa / exam /
+chat / sessions / cancel, in client.py, over the gateway's HTTP API)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import signal
@@ -13,9 +14,10 @@ import sys
 import threading
 import time
 
-from services.common.config import Settings
+from services.common.config import Settings, SettingsError, effective_settings
 from services.stack.client import (
     cmd_approve,
+    cmd_cancel,
     cmd_chat,
     cmd_exam,
     cmd_learn,
@@ -23,6 +25,7 @@ from services.stack.client import (
     cmd_retrain,
     cmd_sessions,
     gateway_url,
+    print_json,
 )
 
 
@@ -166,15 +169,32 @@ def cmd_status(args) -> int:
     settings = Settings.from_env()
     info = read_stack(settings)
     state = health(settings)
-    print("doclora " + ("running" if info else "not started by `doclora up` here"))
-    _print_status(state)
+    if args.json:
+        print_json({"running": bool(info), "healthy": all(state.values()), "parts": state})
+    else:
+        print("doclora " + ("running" if info else "not started by `doclora up` here"))
+        _print_status(state)
     return 0 if all(state.values()) else 1
+
+
+def cmd_config(args) -> int:
+    """The settings in effect (environment over defaults), by variable, with secrets masked."""
+    values = effective_settings(Settings.from_env())
+    if args.json:
+        print_json(values)
+    else:
+        for name, value in values.items():
+            print(f"{name}={value}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     p = argparse.ArgumentParser(prog="doclora", description="Turn documents into a chat bot that knows them.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('doclora')}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     up = sub.add_parser("up", help="start the local stack")
     up.add_argument("-d", "--detach", action="store_true", help="run in the background")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every part")
@@ -182,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     down = sub.add_parser("down", help="stop the local stack")
     down.add_argument("--timeout", type=float, default=60.0)
     down.set_defaults(fn=cmd_down)
-    sub.add_parser("status", help="health of each part").set_defaults(fn=cmd_status)
+    sub.add_parser("status", parents=[as_json], help="health of each part").set_defaults(fn=cmd_status)
+    sub.add_parser("config", parents=[as_json], help="the settings in effect, secrets masked").set_defaults(
+        fn=cmd_config
+    )
     learn = sub.add_parser("learn", help="learn a bot from files, links or text")
     learn.add_argument(
         "sources", nargs="+", help="file paths (PDF, DOCX, HTML, TXT, MD, QA JSONL/CSV), links, or text"
@@ -193,10 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     learn.add_argument("--no-wait", action="store_true")
     learn.add_argument("--review", action="store_true", help="stop after generation to review the pairs")
     learn.set_defaults(fn=cmd_learn)
-    qa = sub.add_parser("qa", help="show a session's question-answer pairs")
+    qa = sub.add_parser("qa", parents=[as_json], help="show a session's question-answer pairs")
     qa.add_argument("session")
     qa.add_argument("--limit", type=int, default=100)
-    qa.add_argument("--json", action="store_true")
     qa.add_argument(
         "--export", choices=("openai", "alpaca", "sharegpt"), help="write every pair as JSON lines"
     )
@@ -213,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     retrain.add_argument("--max-steps", type=int, default=0)
     retrain.add_argument("--no-wait", action="store_true")
     retrain.set_defaults(fn=cmd_retrain)
-    exam = sub.add_parser("exam", help="how a bot did on its exam after training, and what it still gets wrong")
+    exam = sub.add_parser(
+        "exam",
+        parents=[as_json],
+        help="how a bot did on its exam after training, and what it still gets wrong",
+    )
     exam.add_argument("session")
-    exam.add_argument("--json", action="store_true", help="the exam as JSON")
     exam.set_defaults(fn=cmd_exam)
     chat = sub.add_parser("chat", help="chat with a bot ('base' for the base model)")
     chat.add_argument("bot")
@@ -223,12 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--max-tokens", type=int, default=0)
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.set_defaults(fn=cmd_chat)
-    sub.add_parser("sessions", help="list sessions").set_defaults(fn=cmd_sessions)
+    sub.add_parser("sessions", parents=[as_json], help="list sessions").set_defaults(fn=cmd_sessions)
+    cancel = sub.add_parser("cancel", parents=[as_json], help="stop a session that is not finished")
+    cancel.add_argument("session")
+    cancel.set_defaults(fn=cmd_cancel)
     args = p.parse_args(argv)
     import httpx
 
     try:
         return args.fn(args)
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except httpx.ConnectError:
         settings = Settings.from_env()
         print(

@@ -1,12 +1,13 @@
 """The `doclora` commands that use a running stack through the gateway's HTTP API: learn, approve,
-retrain, qa, exam, chat and sessions, with the progress follower they share. Stack control (up,
-down, status) is in cli.py, which wires both into one command line."""
+retrain, cancel, qa, exam, chat and sessions, with the progress follower they share. Stack control
+(up, down, status) and config are in cli.py, which wires both into one command line."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from services.common.config import Settings
@@ -35,9 +36,17 @@ def _check(resp) -> dict:
     return resp.json()
 
 
+def print_json(obj) -> None:
+    """`--json` output: one JSON document on stdout, nothing else."""
+    print(json.dumps(obj, ensure_ascii=False, indent=2))
+
+
 def _sse(resp):
+    """(event, data) of each Server-Sent Event; comment lines (`: ping` keep-alives) are skipped."""
     event, data = None, []
     for line in resp.iter_lines():
+        if line.startswith(":"):
+            continue
         if line.startswith("event:"):
             event = line[6:].strip()
         elif line.startswith("data:"):
@@ -53,11 +62,49 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return "[" + "#" * fill + "-" * (width - fill) + f"] {done}/{total}"
 
 
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(round(seconds))
+    return f"ETA {s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"ETA {s // 60}m{s % 60:02d}s"
+
+
+class Rates:
+    """Each stage's ETA: the one its progress events carry, else the rate measured here since the
+    stage's first event (steps done over the time they took)."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.first: dict[str, tuple[float, int]] = {}  # stage -> (time, done) of its first event
+
+    def eta(self, p: dict) -> float | None:
+        stage, done, total = p.get("stage", ""), int(p.get("done", 0)), int(p.get("total", 0))
+        now = self.clock()
+        t0, d0 = self.first.get(stage, (now, done))
+        if done < d0:  # the stage started again
+            t0, d0 = now, done
+        self.first[stage] = (t0, d0)
+        if p.get("eta_s") is not None:
+            return float(p["eta_s"])
+        if total and done >= total:
+            return 0.0
+        if done > d0 and now > t0 and total:
+            return (total - done) * (now - t0) / (done - d0)
+        return None
+
+    def line(self, p: dict) -> str:
+        """The progress bar of one progress event, with its stage and ETA."""
+        stage = p.get("stage", "").removeprefix("STAGE_").lower()
+        bar = _bar(int(p.get("done", 0)), int(p.get("total", 0)))
+        return " ".join(x for x in (f"{stage:<7}", bar, _eta(self.eta(p)), p.get("message", "")) if x)
+
+
 def follow(settings: Settings, sid: str, out=sys.stdout, stop_at=None) -> str:
     """Print a session's progress until it ends (or reaches a state in `stop_at`); returns the
     state name it stopped at."""
     stop_at = FINAL | set(stop_at or ())
     state = ""
+    rates = Rates()
     with _client(settings) as c, c.stream("GET", f"/api/v1/sessions/{sid}/events") as resp:
         if resp.status_code >= 400:
             resp.read()
@@ -66,10 +113,7 @@ def follow(settings: Settings, sid: str, out=sys.stdout, stop_at=None) -> str:
             ev, sess = payload["event"], payload["session"]
             state = sess["state"].removeprefix("SESSION_STATE_")
             if "progress" in ev:
-                p = ev["progress"]
-                stage = p.get("stage", "").removeprefix("STAGE_").lower()
-                line = f"\r{stage:<7} {_bar(int(p.get('done', 0)), int(p.get('total', 0)))} {p.get('message', '')}"
-                out.write(line[:120].ljust(120))
+                out.write("\r" + rates.line(ev["progress"])[:119].ljust(119))
             else:
                 out.write(f"\n{state}")
                 if state == "FAILED":
@@ -159,7 +203,9 @@ def exam_lines(exam: dict, misses: int = 10) -> list[str]:
             f"  out-of-document questions declined: {exam.get('retrieval_declined', 0):.0%} reading passages,"
             f" {exam.get('both_declined', 0):.0%} with the adapter (of {exam['absent']})"
         )
-    lines.append(f"  missed in {exam.get('mode') or 'adapter'} mode: {exam.get('missed', 0)} of {exam['reworded']}")
+    lines.append(
+        f"  missed in {exam.get('mode') or 'adapter'} mode: {exam.get('missed', 0)} of {exam['reworded']}"
+    )
     for m in (exam.get("misses") or [])[:misses]:
         lines.append(f"  - {m['question']}\n    expected: {m['expected']}\n    answered: {m['answer']}")
     return lines
@@ -171,10 +217,22 @@ def cmd_exam(args) -> int:
     with _client(settings) as c:
         rec = _check(c.get(f"/api/v1/sessions/{args.session}"))
     if args.json:
-        print(json.dumps(rec.get("train", {}).get("exam") or {}, ensure_ascii=False, indent=2))
+        print_json(rec.get("train", {}).get("exam") or {})
         return 0
     for line in exam_lines(rec.get("train", {}).get("exam") or {}):
         print(line)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    """Stop a session that is not finished yet."""
+    settings = Settings.from_env()
+    with _client(settings) as c:
+        sess = _check(c.post(f"/api/v1/sessions/{args.session}/cancel"))
+    if args.json:
+        print_json(sess)
+    else:
+        print(f"{sess['session_id']}  {sess['state'].removeprefix('SESSION_STATE_')}")
     return 0
 
 
@@ -219,13 +277,12 @@ def cmd_qa(args) -> int:
         return 0
     with _client(settings) as c:
         data = _check(c.get(f"/api/v1/sessions/{args.session}/qa", params={"page_size": args.limit}))
+    if args.json:
+        print_json(data)
+        return 0
     for p in data["pairs"]:
-        if args.json:
-            print(json.dumps(p, ensure_ascii=False))
-        else:
-            print(f"Q: {p['question']}\nA: {p['answer']}\n")
-    if not args.json:
-        print(f"({len(data['pairs'])} of {data['total']} pairs)")
+        print(f"Q: {p['question']}\nA: {p['answer']}\n")
+    print(f"({len(data['pairs'])} of {data['total']} pairs)")
     return 0
 
 
@@ -277,6 +334,9 @@ def cmd_sessions(args) -> int:
     settings = Settings.from_env()
     with _client(settings) as c:
         data = _check(c.get("/api/v1/sessions"))
+    if args.json:
+        print_json(data)
+        return 0
     for s in data["sessions"]:
         print(f"{s['session_id']}  {s['state'].removeprefix('SESSION_STATE_'):<10} {s['name']}")
     return 0
