@@ -12,12 +12,15 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.test_e2e import CHROMIUM, MORE_TEXT, TEXT, TIMEOUT, docs_server, stack  # noqa: F401
+from tests.test_e2e import MORE_TEXT, TEXT, TIMEOUT, docs_server, stack  # noqa: F401
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [
     pytest.mark.e2e,
