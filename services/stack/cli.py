@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `doclora config | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing to flush at exit
+        return 0
     except httpx.ConnectError:
         settings = Settings.from_env()
         print(
