@@ -60,10 +60,11 @@ class LoraTrainConfig:
     eval_batch_size: int = 8
     # generation eval of base vs adapter on the held-out pairs: at most this many, this long
     eval_generate: bool = True
-    # prompts per generate() call in that eval, batched by length: on 2 CPU cores an exam set of 16
-    # prompts (11-784 tokens, 32 new) took 44 s in batches of 2 against 72 s in batches of 8 and
-    # 138 s in batches of 8 in the order given, the trainer before (bench/bench_exam.py)
-    eval_generate_batch_size: int = 2
+    # prompts per generate() call in that eval, batched by length: on 2 quiet CPU cores an exam set
+    # of 16 prompts (11-784 tokens, 32 new) took 24.6 s in batches of 8 by length, 27.6 s of 4,
+    # 38.1 s of 2, and 38.2 s in batches of 8 in the order given, the trainer before
+    # (bench/bench_exam.py)
+    eval_generate_batch_size: int = 8
     eval_max_pairs: int = 32
     eval_max_new_tokens: int = 48
     # on_checkpoint is called every this many steps / seconds (0 = never on that count)
