@@ -93,9 +93,9 @@ async def lifespan(app: FastAPI):
     await app.state.clients.close()
 
 
-def create_app(settings: Settings | None = None, *, sse_ping_s: float | None = None) -> FastAPI:
-    """The gateway app; Server-Sent Events streams send a `: ping` comment every `sse_ping_s` seconds
-    (default: DOCLORA_SSE_PING_S, 15)."""
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway app; Server-Sent Events streams send a `: ping` comment every
+    `settings.sse_ping_s` seconds (DOCLORA_SSE_PING_S, 15)."""
     app = FastAPI(
         title="doclora",
         version="0.1.0",
@@ -105,7 +105,6 @@ def create_app(settings: Settings | None = None, *, sse_ping_s: float | None = N
         redoc_url=None,  # ReDoc comes from a CDN only: blank offline
     )
     app.state.settings = settings = settings or Settings.from_env()
-    app.state.sse_ping_s = sse_ping_s if sse_ping_s is not None else settings.sse_ping_s
     app.add_exception_handler(grpc.aio.AioRpcError, rpc_error)
     app.add_exception_handler(DocloraError, domain_error)
     app.add_exception_handler(RequestValidationError, bad_request)

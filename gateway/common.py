@@ -126,12 +126,12 @@ def ping() -> ServerSentEvent:
 
 def event_stream(request: Request, events) -> EventSourceResponse:
     """A Server-Sent Events response (progress, chat, OpenAI chunks), never cached, with a `: ping`
-    comment every `app.state.sse_ping_s` seconds; when the client disconnects, `events` is closed
+    comment every `settings.sse_ping_s` seconds; when the client disconnects, `events` is closed
     (so the gRPC stream under it is cancelled)."""
     return EventSourceResponse(
         events,
         headers={"Cache-Control": "no-cache"},
-        ping=request.app.state.sse_ping_s,
+        ping=request.app.state.settings.sse_ping_s,
         sep=SSE_SEP,
         ping_message_factory=ping,
     )

@@ -73,7 +73,7 @@ def over(call: ScriptedCall) -> SimpleNamespace:
 
 def app_over(call: ScriptedCall):
     """The gateway app (pings every 0.05 s) on `over(call)`."""
-    app = create_app(Settings(), sse_ping_s=0.05)
+    app = create_app(Settings(sse_ping_s=0.05))
     app.state.clients = over(call)
     return app
 

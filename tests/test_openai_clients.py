@@ -47,9 +47,9 @@ SERVICERS = {"inference": ("inference_addr", _inference), "sessions": ("ingest_a
 
 
 @contextlib.contextmanager
-def running_gateway(nats_server, seaweedfs, parts: tuple[str, ...], **app_kw):
+def running_gateway(nats_server, seaweedfs, parts: tuple[str, ...], **setting_kw):
     """The gateway's URL and the Runtime of its services: the named `SERVICERS` as gRPC servers and
-    the gateway app (`create_app(settings, **app_kw)`) under uvicorn, on free loopback ports and a
+    the gateway app (settings changed by `setting_kw`) under uvicorn, on free loopback ports and a
     new bucket, running on one event loop in a thread until the block ends."""
     from gateway.__main__ import server_config
     from gateway.app import create_app
@@ -67,8 +67,9 @@ def running_gateway(nats_server, seaweedfs, parts: tuple[str, ...], **app_kw):
         gateway_port=free_port(),
         inference_max_new_tokens=16,
         **ports,
+        **setting_kw,
     )
-    server = uvicorn.Server(server_config(settings, create_app(settings, **app_kw)))
+    server = uvicorn.Server(server_config(settings, create_app(settings)))
     loop = asyncio.new_event_loop()
     ready, stop, out = threading.Event(), asyncio.Event(), {}
 
