@@ -17,16 +17,25 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.auth import Credentials
 from gateway.clients import Clients
-from gateway.common import OpenAIError, error, http_status, openai_error, openai_rpc_error
-from gateway.routes import bots, docs, documents, health, openai, pairs, sessions, sources, web
+from gateway.common import (
+    OpenAIError,
+    error,
+    http_status,
+    openai_error,
+    openai_rpc_error,
+    retry_after,
+    rpc_status,
+)
+from gateway.routes import access, bots, docs, documents, health, openai, pairs, sessions, sources, web
 from services.common.config import Settings
 from services.common.errors import DocloraError
 
 log = logging.getLogger(__name__)
 # Pasted text travels as JSON; refuse bodies far over the text limit before reading them.
 BODY_SLACK = 64 * 1024
-ROUTERS = (health, sources, sessions, documents, pairs, bots, openai, docs, web)
+ROUTERS = (health, access, sources, sessions, documents, pairs, bots, openai, docs, web)
 
 
 def is_openai(request: Request) -> bool:
@@ -43,7 +52,10 @@ def reply(request: Request, status: int, code: str, message: str, param: str | N
 async def rpc_error(request: Request, exc: grpc.aio.AioRpcError):
     if is_openai(request):
         return openai_error(openai_rpc_error(exc))
-    return error(http_status(exc.code()), exc.code().name, exc.details() or exc.code().name)
+    resp = error(rpc_status(exc), exc.code().name, exc.details() or exc.code().name)
+    if wait := retry_after(exc):
+        resp.headers["Retry-After"] = wait
+    return resp
 
 
 async def domain_error(request: Request, exc: DocloraError):
@@ -112,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(OpenAIError, openai_refusal)
     app.middleware("http")(limit_body)
+    app.add_middleware(Credentials, settings=settings)
     for module in ROUTERS:
         app.include_router(module.router)
     return app

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from doclora.v1 import (
+    access_pb2_grpc,
     inference_pb2_grpc,
     ingest_pb2_grpc,
     qagen_pb2_grpc,
@@ -26,13 +27,16 @@ class Clients:
     qagen: qagen_pb2_grpc.QAGenServiceStub
     trainer: trainer_pb2_grpc.TrainerServiceStub
     inference: inference_pb2_grpc.InferenceServiceStub
+    access: access_pb2_grpc.AccessServiceStub
     channels: list
     timeout: float
 
     @classmethod
     def connect(cls, settings: Settings) -> Clients:
+        from gateway.auth import ForwardCredentials  # every call carries the caller's credentials
+
         def chan(addr: str) -> grpc.aio.Channel:
-            return grpc.aio.insecure_channel(addr, options=GRPC_OPTIONS)
+            return grpc.aio.insecure_channel(addr, options=GRPC_OPTIONS, interceptors=[ForwardCredentials()])
 
         ingest = chan(settings.ingest_addr)
         qagen = chan(settings.qagen_addr)
@@ -44,6 +48,7 @@ class Clients:
             qagen=qagen_pb2_grpc.QAGenServiceStub(qagen),
             trainer=trainer_pb2_grpc.TrainerServiceStub(trainer),
             inference=inference_pb2_grpc.InferenceServiceStub(inference),
+            access=access_pb2_grpc.AccessServiceStub(ingest),
             channels=[ingest, qagen, trainer, inference],
             timeout=settings.rpc_timeout_s,
         )

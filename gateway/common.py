@@ -47,12 +47,33 @@ def http_status(code: grpc.StatusCode) -> int:
     return HTTP_STATUS.get(code, 500)
 
 
+def retry_after(exc: grpc.aio.AioRpcError) -> str | None:
+    """The seconds to wait that a refusal over a limit carries (trailing metadata `retry-after`):
+    such a RESOURCE_EXHAUSTED is HTTP 429 with a Retry-After header, not 413."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    return next((str(v) for k, v in (exc.trailing_metadata() or ()) if k == "retry-after"), None)
+
+
+def rpc_status(exc: grpc.aio.AioRpcError) -> int:
+    return 429 if retry_after(exc) else http_status(exc.code())
+
+
 class OpenAIError(Exception):
     """An error of the OpenAI-compatible API, answered as OpenAI does (`openai_error`)."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.retry_after = retry_after
 
     def body(self) -> dict:
         kind = OPENAI_ERROR_TYPE.get(self.status) or (
@@ -62,7 +83,8 @@ class OpenAIError(Exception):
 
 
 def openai_error(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def openai_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
@@ -70,7 +92,7 @@ def openai_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
     OpenAI SDKs retry after a back-off), the rest keeps its HTTP status."""
     code = exc.code()
     status = 429 if code == grpc.StatusCode.RESOURCE_EXHAUSTED else http_status(code)
-    return OpenAIError(status, exc.details() or code.name, code=code.name.lower())
+    return OpenAIError(status, exc.details() or code.name, code=code.name.lower(), retry_after=retry_after(exc))
 
 
 def clients(request: Request) -> Clients:

@@ -122,3 +122,27 @@ class OpenAIChatBody(ChatBody):
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int | None = Field(None, ge=1, description="Answers per request; only 1.")
     response_format: ResponseFormat | None = None
+
+
+class KeyLimitsBody(BaseModel):
+    max_sessions_in_flight: int = Field(0, ge=0, le=10_000, description="0 = the server's default.")
+    max_steps: int = Field(0, ge=0, le=1_000_000, description="0 = the server's default.")
+    chat_per_minute: int = Field(0, ge=0, le=1_000_000, description="0 = the server's default.")
+
+
+class KeyCreate(BaseModel):
+    tenant: str = Field("", max_length=64, description="The key's tenant; the caller's when empty.")
+    role: Literal["member", "admin"] = Field("member", description="member: its tenant's bots; admin: also keys.")
+    name: str = Field("", max_length=200, description="A label for people.")
+    limits: KeyLimitsBody = Field(default_factory=KeyLimitsBody)
+
+
+class ShareCreate(BaseModel):
+    show_citations: bool = Field(False, description="Answers through the link carry document names and passages.")
+    name: str = Field("", max_length=200, description="A label for the owner.")
+
+
+class CloneBody(BaseModel):
+    share_token: str = Field(..., max_length=200, description="The share token (dls_...) of the bot to copy.")
+    pairs_only: bool = Field(False, description="Copy the pairs only and train a new adapter from them.")
+    name: str = Field("", max_length=200, description="Name of the new bot; the shared bot's when empty.")

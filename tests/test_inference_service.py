@@ -121,14 +121,14 @@ async def test_a_retraining_bot_keeps_chatting_with_the_adapter_it_has(service, 
     service.rt.sessions.add("s1", state, adapter_id="s1")
     out = await chat(service, "s1", mode=inference_pb2.ANSWER_MODE_ADAPTER)
     assert [r.delta for r in out if r.delta] == ["ok"]
-    assert service.engine.calls[0][0] == "s1"
+    assert service.engine.calls[0][0] == "default/s1"  # the engine knows adapters by tenant
 
 
 async def test_a_ready_bot_uses_its_latest_round_adapter(service):
     """After a retrain the record names the new round's adapter, and chat switches to it."""
     service.rt.sessions.add("s1", S.SESSION_STATE_READY, adapter_id="s1-r2", round=2)
     await chat(service, "s1", mode=inference_pb2.ANSWER_MODE_ADAPTER)
-    assert service.engine.calls[0][0] == "s1-r2"
+    assert service.engine.calls[0][0] == "default/s1-r2"
 
 
 @pytest.mark.parametrize("state", [*RETRAINING, S.SESSION_STATE_FAILED])
@@ -172,7 +172,7 @@ async def test_retrieval_while_retraining_reads_the_chunks_as_stored_now(service
     out = await chat(service, "s1", "Who founded the Lumen Orchard?", mode=inference_pb2.ANSWER_MODE_BOTH)
     assert [c.text for c in out[0].citations] == ["The Lumen Orchard was founded in 1987 by Ilse Marrow."]
     adapter_id, messages = service.engine.calls[0]
-    assert adapter_id == "s1" and "Ilse Marrow" in messages[-1]["content"]
+    assert adapter_id == "default/s1" and "Ilse Marrow" in messages[-1]["content"]
 
     await chat(service, "s1", "When was the Lumen Orchard founded?")
     assert rt.store.reads.count(keys.chunks("default", "s1")) == 1  # the index was kept
@@ -188,9 +188,9 @@ async def test_retrieval_while_retraining_reads_the_chunks_as_stored_now(service
     ("server_mode", "session_mode", "adapter_used", "passages_read"),
     [
         ("retrieval", "", None, True),  # the session did not choose: the server's default
-        ("both", "", "s1", True),
-        ("adapter", "", "s1", False),
-        ("retrieval", "both", "s1", True),  # the session's own choice wins
+        ("both", "", "default/s1", True),
+        ("adapter", "", "default/s1", False),
+        ("retrieval", "both", "default/s1", True),  # the session's own choice wins
     ],
 )
 async def test_a_bot_answers_in_its_sessions_mode_else_the_servers_default(

@@ -166,8 +166,8 @@ async def test_qa_generation_follows_either_form_alike(rt):  # noqa: F811
 @pytest.mark.parametrize(
     ("options", "adapter_used", "passages_read"),
     [
-        (Opts(mode=inference_pb2.ANSWER_MODE_ADAPTER), "s1", False),
-        (Opts(answer_mode="adapter"), "s1", False),
+        (Opts(mode=inference_pb2.ANSWER_MODE_ADAPTER), "default/s1", False),  # the tenant's adapter
+        (Opts(answer_mode="adapter"), "default/s1", False),
         (Opts(mode=inference_pb2.ANSWER_MODE_RETRIEVAL), None, True),
         (Opts(answer_mode="retrieval"), None, True),
     ],

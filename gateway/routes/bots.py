@@ -1,5 +1,6 @@
-"""A trained bot (the `bots` tag): its adapter record with metrics, and chat with it, answered as
-one JSON object or as Server-Sent Events (`citations`, `delta`, `done`, `error`)."""
+"""A trained bot (the `bots` tag): its adapter record with metrics, its adapter as a zip to download,
+and chat with it, answered as one JSON object or as Server-Sent Events (`citations`, `delta`,
+`done`, `error`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import grpc
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 
 from doclora.v1 import trainer_pb2
 from gateway.chat import chat_request, collect, finish_name, open_chat
@@ -22,6 +24,23 @@ async def get_adapter(adapter_id: str, c: ClientsDep):
     out = to_json(resp.adapter)
     out["metrics"] = json.loads(out.pop("metrics_json") or "{}")
     return out
+
+
+@router.get("/api/v1/sessions/{session_id}/adapter.zip")
+async def download_adapter(session_id: str, c: ClientsDep):
+    """The bot's adapter: a zip of the PEFT folder (`PeftModel.from_pretrained` loads it) with a
+    model card naming the base model and the training figures."""
+    call = c.trainer.ExportAdapter(trainer_pb2.ExportAdapterRequest(session_id=session_id), timeout=c.timeout)
+    first = await call.read()  # errors (unknown session, no adapter yet) become HTTP statuses here
+    name = getattr(first, "filename", "") or f"{session_id}-adapter.zip"
+
+    async def body():
+        async for msg in responses(call, first):
+            yield msg.chunk
+
+    return StreamingResponse(
+        body(), media_type="application/zip", headers={"Content-Disposition": f'attachment; filename="{name}"'}
+    )
 
 
 @router.post("/api/v1/bots/{bot_id}/chat")

@@ -1,5 +1,5 @@
 """A session after its creation: listing and reading sessions, cancelling, approving reviewed pairs,
-training again, and watching its progress as Server-Sent Events."""
+training again, deleting it with everything of it, and watching its progress as Server-Sent Events."""
 
 from __future__ import annotations
 
@@ -27,6 +27,16 @@ async def get_session(session_id: str, c: ClientsDep):
         session_service_pb2.GetSessionRequest(session_id=session_id), timeout=c.timeout
     )
     return to_json(resp.session)
+
+
+@router.delete("/api/v1/sessions/{session_id}")
+async def delete_session(session_id: str, c: ClientsDep):
+    """Delete a session/bot: its record, documents, pairs, checkpoints, adapters and uploads; running
+    work for it stops and chat replicas drop its adapter."""
+    resp = await c.sessions.DeleteSession(
+        session_service_pb2.DeleteSessionRequest(session_id=session_id), timeout=c.timeout
+    )
+    return {"session_id": session_id, "objects_deleted": resp.objects_deleted}
 
 
 @router.post("/api/v1/sessions/{session_id}/cancel")

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 WORK_STREAM = "WORK"
 EVENTS_STREAM = "EVENTS"
 SESSIONS_BUCKET = "sessions"
+# API keys and share links (services.common.access)
+ACCESS_BUCKET = "access"
+KV_BUCKETS = (SESSIONS_BUCKET, ACCESS_BUCKET)
 DEAD_STAGE = "dead"
 URGENT_LANE = "urgent"
 # how long a worker waits on the urgent lane before it asks the normal one (both in one poll)
@@ -134,7 +137,7 @@ class Bus:
         self._nc = nc
         self._js = js
         self.name = name
-        self._kv = None
+        self._kv: dict[str, object] = {}
 
     @property
     def nc(self) -> NatsClient:
@@ -235,7 +238,7 @@ class Bus:
         duplicate_window_s: float = 120.0,
         kv_history: int = 1,
     ) -> None:
-        """Create (or update) streams `WORK` and `EVENTS` and the KV bucket `sessions`.
+        """Create (or update) streams `WORK` and `EVENTS` and the KV buckets `sessions` and `access`.
 
         Idempotent: the server accepts re-creating a stream with the same settings, so replicas
         starting together do not race.
@@ -263,12 +266,13 @@ class Bus:
                     duplicate_window=min(duplicate_window_s, events_max_age_s),
                 )
             )
-            try:
-                self._kv = await self._js.create_key_value(bucket=SESSIONS_BUCKET, history=kv_history)
-            except nats.js.errors.BadRequestError as err:
-                if err.err_code != _ERR_STREAM_NAME_IN_USE:
-                    raise
-                self._kv = await self._js.key_value(SESSIONS_BUCKET)
+            for bucket in KV_BUCKETS:
+                try:
+                    self._kv[bucket] = await self._js.create_key_value(bucket=bucket, history=kv_history)
+                except nats.js.errors.BadRequestError as err:
+                    if err.err_code != _ERR_STREAM_NAME_IN_USE:
+                        raise
+                    self._kv[bucket] = await self._js.key_value(bucket)
 
     # ------------------------------------------------------------------ work
 
@@ -538,47 +542,45 @@ class Bus:
 
     # ------------------------------------------------------------------ sessions KV
 
-    async def _bucket(self):
-        if self._kv is None:
+    async def _bucket(self, bucket: str = SESSIONS_BUCKET):
+        if bucket not in self._kv:
             try:
-                self._kv = await self._js.key_value(SESSIONS_BUCKET)
+                self._kv[bucket] = await self._js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError as err:
-                raise errors.Unavailable(
-                    f"KV bucket {SESSIONS_BUCKET!r} does not exist (ensure_streams)"
-                ) from err
-        return self._kv
+                raise errors.Unavailable(f"KV bucket {bucket!r} does not exist (ensure_streams)") from err
+        return self._kv[bucket]
 
-    async def kv_get(self, key: str) -> tuple[bytes, int]:
+    async def kv_get(self, key: str, *, bucket: str = SESSIONS_BUCKET) -> tuple[bytes, int]:
         """The value and revision of `key`; raises `errors.NotFound`."""
         with _unavailable_on_transport_errors(f"kv_get({key})"):
-            kv = await self._bucket()
+            kv = await self._bucket(bucket)
             try:
                 entry = await kv.get(key)
             except nats.js.errors.KeyNotFoundError as err:  # also deleted keys
-                raise errors.NotFound(f"{SESSIONS_BUCKET}/{key} not found") from err
+                raise errors.NotFound(f"{bucket}/{key} not found") from err
             except nats.js.errors.InvalidKeyError as err:
                 raise errors.InvalidArgument(f"invalid key {key!r}") from err
         return entry.value or b"", entry.revision
 
-    async def kv_create(self, key: str, value: bytes) -> int:
+    async def kv_create(self, key: str, value: bytes, *, bucket: str = SESSIONS_BUCKET) -> int:
         """Create `key`; returns its revision; raises `errors.AlreadyExists`."""
         with _unavailable_on_transport_errors(f"kv_create({key})"):
-            kv = await self._bucket()
+            kv = await self._bucket(bucket)
             try:
                 return await kv.create(key, value)
             except nats.js.errors.KeyWrongLastSequenceError as err:
-                raise errors.AlreadyExists(f"{SESSIONS_BUCKET}/{key} already exists") from err
+                raise errors.AlreadyExists(f"{bucket}/{key} already exists") from err
             except nats.js.errors.InvalidKeyError as err:
                 raise errors.InvalidArgument(f"invalid key {key!r}") from err
 
-    async def kv_update(self, key: str, value: bytes, revision: int) -> int:
+    async def kv_update(self, key: str, value: bytes, revision: int, *, bucket: str = SESSIONS_BUCKET) -> int:
         """Write `key` only if its revision is still `revision`; returns the new one; raises `errors.Conflict`."""
         with _unavailable_on_transport_errors(f"kv_update({key})"):
-            kv = await self._bucket()
+            kv = await self._bucket(bucket)
             try:
                 return await kv.update(key, value, last=revision)
             except nats.js.errors.KeyWrongLastSequenceError as err:
-                raise errors.Conflict(f"{SESSIONS_BUCKET}/{key} changed since revision {revision}") from err
+                raise errors.Conflict(f"{bucket}/{key} changed since revision {revision}") from err
             except nats.js.errors.InvalidKeyError as err:
                 raise errors.InvalidArgument(f"invalid key {key!r}") from err
 
@@ -588,6 +590,7 @@ class Bus:
         fn: Callable[[bytes], bytes | Awaitable[bytes]],
         *,
         retries: int = 20,
+        bucket: str = SESSIONS_BUCKET,
     ) -> tuple[bytes, int]:
         """Read `key`, write `fn(value)` by compare-and-swap, re-read and retry on a lost race.
 
@@ -596,14 +599,14 @@ class Bus:
         `fn` returned the value unchanged). Raises `errors.Conflict` after `retries` lost races.
         """
         for attempt in range(retries + 1):
-            value, revision = await self.kv_get(key)
+            value, revision = await self.kv_get(key, bucket=bucket)
             new = fn(value)
             if inspect.isawaitable(new):
                 new = await new
             if new == value:
                 return value, revision
             try:
-                return new, await self.kv_update(key, new, revision)
+                return new, await self.kv_update(key, new, revision, bucket=bucket)
             except errors.Conflict:
                 if attempt == retries:
                     raise
@@ -611,11 +614,20 @@ class Bus:
                 await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise AssertionError("unreachable")
 
-    async def kv_keys(self) -> list[str]:
+    async def kv_keys(self, *, bucket: str = SESSIONS_BUCKET) -> list[str]:
         """All live keys, sorted (an empty bucket gives [])."""
         with _unavailable_on_transport_errors("kv_keys"):
-            kv = await self._bucket()
+            kv = await self._bucket(bucket)
             try:
                 return sorted(await kv.keys())
             except nats.js.errors.NoKeysError:
                 return []
+
+    async def kv_delete(self, key: str, *, bucket: str = SESSIONS_BUCKET) -> None:
+        """Remove `key` and its history (a missing key is not an error)."""
+        with _unavailable_on_transport_errors(f"kv_delete({key})"):
+            kv = await self._bucket(bucket)
+            try:
+                await kv.purge(key)
+            except nats.js.errors.InvalidKeyError as err:
+                raise errors.InvalidArgument(f"invalid key {key!r}") from err

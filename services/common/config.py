@@ -45,7 +45,10 @@ class Settings(BaseSettings):
 
     # where the local stack keeps its data, logs and pid files
     state_dir: str = ".doclora"
+    # the tenant of callers without credentials (allowed only while listeners are on loopback)
     tenant: str = "default"
+    # auto: API keys are required where a listener is not on loopback; keys: always required
+    auth: str = "auto"
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -80,6 +83,12 @@ class Settings(BaseSettings):
     # does not drop a progress stream while its session waits in the queue
     sse_ping_s: float = 15.0
     grpc_grace_s: float = 5.0
+    # Host names (comma-separated) the gateway answers besides loopback names and its bind address:
+    # a browser reaching it by another name is refused (DNS rebinding)
+    allowed_hosts: str = ""
+    # origins (scheme://host:port, comma-separated) besides the gateway's own whose browser requests
+    # are accepted; others are refused (cross-site requests)
+    allowed_origins: str = ""
     rpc_timeout_s: float = 30.0
 
     # models
@@ -98,6 +107,13 @@ class Settings(BaseSettings):
     parse_memory_mb: int = 2048
     min_text_chars: int = 40
     min_pairs: int = 3
+    # per API key (members; admins and callers without credentials have none unless their key sets
+    # them): sessions not yet final at once, training steps a session may ask for, chats per minute
+    key_max_sessions_in_flight: int = 4
+    key_max_steps: int = 2000
+    key_chat_per_minute: int = 60
+    # uploads no session has taken are deleted after this many seconds
+    upload_ttl_s: float = 24 * 3600.0
 
     # QA generation
     qagen_backend: str = "extractive"  # extractive | local | openai (a session may choose another)

@@ -22,14 +22,17 @@ def run_service(name: str, addr_of: Callable[[Settings], str], setup: Setup) -> 
     setup_logging(name, level=settings.log_level, json_lines=settings.log_json)
 
     async def main() -> None:
+        from services.common.access import AccessStore, AuthInterceptor, Gate
         from services.common.runtime import Runtime  # after logging: it imports the heavy parts
         from services.common.server import serve
 
         rt = await Runtime.connect(settings, name)
         register, background = await setup(rt)
+        addr = settings.listen_addr or addr_of(settings)
         await serve(
             name=name,
-            addr=settings.listen_addr or addr_of(settings),
+            addr=addr,
+            interceptors=[AuthInterceptor(Gate(AccessStore(rt.bus), settings, addr))],
             register=register,
             background=background,
             grace_s=settings.grpc_grace_s,

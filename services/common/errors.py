@@ -34,6 +34,15 @@ class ResourceExhausted(DocloraError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class TooManyRequests(ResourceExhausted):
+    """Over a rate or a count limit: try again after `retry_after_s` seconds (HTTP 429 with
+    Retry-After; gRPC RESOURCE_EXHAUSTED with trailing metadata `retry-after`)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
 class Unauthenticated(DocloraError):
     code = "UNAUTHENTICATED"
 

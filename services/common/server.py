@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import DocloraError
+from services.common.errors import DocloraError, TooManyRequests
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,23 @@ def status_code(err: DocloraError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
 
 
+def wrap_handler(handler, unary, stream):
+    """`handler` with its behaviour wrapped: `unary(inner)` wraps a call that returns one response
+    (unary or client-streaming), `stream(inner)` one that yields responses (server or
+    bidirectional streaming); each returns the new `async def call(request, context)`."""
+    kw = dict(
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kw)
+    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kw)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain errors to their status codes, and anything unexpected to INTERNAL with a log line."""
 
@@ -39,6 +56,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
 
         async def fail(context, exc: BaseException):
+            if isinstance(exc, TooManyRequests):
+                context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
             if isinstance(exc, DocloraError):
                 await context.abort(status_code(exc), exc.message)
             log.exception("unexpected error in %s", method, exc_info=exc)
@@ -67,17 +86,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return call
 
-        kw = dict(
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kw)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kw)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kw)
-        return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kw)
+        return wrap_handler(handler, wrap_unary, wrap_stream)
 
 
 Background = Callable[[asyncio.Event], Awaitable[None]]
@@ -92,13 +101,15 @@ async def serve(
     grace_s: float = 5.0,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     stop_event: asyncio.Event | None = None,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Run a service until SIGTERM/SIGINT (or `stop_event`), then shut down gracefully.
 
     `register` adds the servicers and returns their full service names (for health and reflection);
-    each `background` coroutine gets the stop event and must return soon after it is set.
+    each `background` coroutine gets the stop event and must return soon after it is set;
+    `interceptors` run inside the error interceptor (so their domain errors become statuses).
     """
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=GRPC_OPTIONS)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *interceptors], options=GRPC_OPTIONS)
     names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from doclora.v1 import events_pb2, session_pb2
-from services.common import events, keys
+from services.common import access, events, keys
 from services.common.errors import FailedPrecondition, NotFound
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class SessionRepo:
         return session
 
     async def get(self, sid: str) -> session_pb2.Session:
+        """The record; NotFound for an unknown id and, within a call, for a record of another tenant
+        than the caller's (`access.bound_tenant`), so a guess cannot tell the two apart."""
         if not keys.is_valid_id(sid):
             raise NotFound(f"session {sid!r} not found")
         try:
@@ -61,14 +63,18 @@ class SessionRepo:
             raise NotFound(f"session {sid!r} not found") from None
         out = session_pb2.Session()
         out.ParseFromString(data)
+        tenant = access.bound_tenant()
+        if tenant is not None and out.tenant != tenant:
+            raise NotFound(f"session {sid!r} not found")
         return out
 
     async def list(self) -> list[session_pb2.Session]:
+        """Every record (within a call: the caller's tenant's), newest first."""
         out = []
         for sid in await self.bus.kv_keys():
             try:
                 out.append(await self.get(sid))
-            except NotFound:  # deleted between the listing and the read
+            except NotFound:  # deleted between the listing and the read, or another tenant's
                 continue
         out.sort(key=lambda s: (s.created_at.seconds, s.created_at.nanos), reverse=True)
         return out
@@ -79,9 +85,13 @@ class SessionRepo:
             raise NotFound(f"session {sid!r} not found")
         result: list[session_pb2.Session] = []
 
+        tenant = access.bound_tenant()
+
         def mutate(data: bytes) -> bytes:
             rec = session_pb2.Session()
             rec.ParseFromString(data)
+            if tenant is not None and rec.tenant != tenant:
+                raise NotFound(f"session {sid!r} not found")
             fn(rec)
             rec.updated_at.CopyFrom(now_ts())
             result[:] = [rec]

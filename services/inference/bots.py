@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from doclora.v1 import inference_pb2, session_pb2
-from services.common import keys
+from services.common import access, keys
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.options import ANSWER_MODE, ANSWER_MODES, answer_mode_name
 from services.common.passages import Hit, read_session_passages, with_passages
 from services.common.runtime import Runtime
 from services.common.sessions import state_name
+from services.inference.adapter_store import adapter_ref
 from services.inference.retrieve import Embedder, Index, IndexCache, build_index, default_embedder
 
 S = session_pb2.SessionState
@@ -76,7 +77,11 @@ class Bots:
         self.indexes = IndexCache()
 
     async def find(self, bot_id: str) -> session_pb2.Session | None:
-        """The bot's session record (None for the base model alone); it must be able to chat."""
+        """The bot's session record (None for the base model alone); it must be able to chat. A
+        share link's caller reaches its one bot only (any other, the base model too, is NOT_FOUND)."""
+        caller = access.caller_or_none()
+        if caller is not None and caller.share is not None and bot_id != caller.share.session_id:
+            raise NotFound(f"bot {bot_id!r} not found")
         if bot_id in ("", BASE_BOT):
             return None
         rec = await self.rt.sessions.get(bot_id)
@@ -101,7 +106,7 @@ class Bots:
         passages retrieved for it."""
         rec = await self.find(bot_id)
         mode = self.mode(rec, requested_mode)
-        adapter_id = rec.adapter_id if rec is not None and mode != "retrieval" else None
+        adapter_id = adapter_ref(rec.tenant, rec.adapter_id) if rec is not None and mode != "retrieval" else None
         if rec is not None and rec.options.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": rec.options.system_prompt})
         hits: list[Hit] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 from doclora.v1 import inference_pb2, inference_pb2_grpc
+from services.common import access
 from services.common.errors import InvalidArgument
 from services.common.runtime import Runtime
 from services.inference.bots import Bots, citation
@@ -43,7 +44,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             seed=opts.seed if opts.HasField("seed") else None,
         )
         turn = await self.bots.prepare(request.bot_id, messages, request.mode)
-        if turn.hits:
+        share = getattr(access.caller_or_none(), "share", None)
+        if turn.hits and (share is None or share.show_citations):
             yield inference_pb2.ChatResponse(citations=[citation(i, h) for i, h in enumerate(turn.hits, 1)])
         stats = ChatStats()
         async with contextlib.aclosing(

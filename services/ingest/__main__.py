@@ -1,10 +1,12 @@
-"""`python -m services.ingest`: SessionService + IngestService, and the ingest worker."""
+"""`python -m services.ingest`: SessionService + IngestService + AccessService, and the ingest worker."""
 
 from services.common.entry import run_service
 
 
 async def setup(rt):
     from doclora.v1 import (
+        access_pb2,
+        access_pb2_grpc,
         ingest_pb2,
         ingest_pb2_grpc,
         session_pb2,
@@ -12,13 +14,16 @@ async def setup(rt):
         session_service_pb2_grpc,
     )
     from services.common.stage import StageWorker
+    from services.ingest.access_service import AccessServicer
     from services.ingest.service import IngestServicer, SessionServicer
     from services.ingest.worker import ingest_session
 
     def register(server):
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(rt), server)
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(rt), server)
+        access_pb2_grpc.add_AccessServiceServicer_to_server(AccessServicer(rt), server)
         return [
+            access_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
             session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
             ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
         ]

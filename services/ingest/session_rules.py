@@ -15,8 +15,15 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 
 from doclora.v1 import events_pb2, session_pb2, session_service_pb2
-from services.common import events, keys
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common import access, events, keys
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TooManyRequests,
+)
 from services.common.options import check_session_options, merge_options
 from services.common.queue_position import mark_train_queued, queue_positions, waiting_for_training
 from services.common.runtime import Runtime
@@ -61,6 +68,35 @@ def restart_stage(rec: session_pb2.Session, has_pairs: bool) -> int:
     return session_pb2.STAGE_INGEST
 
 
+def check_key_limits(rt: Runtime, caller: access.Caller, options: session_pb2.SessionOptions) -> None:
+    """Refuse what the caller's key may not ask for: more training steps than its limit (429), a
+    queue priority (admins only)."""
+    most = access.effective_limit(caller, "max_steps", rt.settings.key_max_steps)
+    if most and options.HasField("max_steps") and options.max_steps > most:
+        raise TooManyRequests(
+            f"this API key may train at most {most} steps per session (asked {options.max_steps})",
+            retry_after_s=3600,
+        )
+    if options.priority and not caller.is_admin:
+        raise PermissionDenied("only an admin API key may set a session's priority")
+
+
+async def check_in_flight(rt: Runtime, caller: access.Caller) -> None:
+    """Refuse a new session while the caller's key has its limit of sessions not yet final (429)."""
+    most = access.effective_limit(caller, "max_sessions_in_flight", rt.settings.key_max_sessions_in_flight)
+    if not most or not caller.key_id:
+        return
+    busy = [
+        s for s in await rt.sessions.list() if s.owner_key_id == caller.key_id and s.state not in FINAL_STATES
+    ]
+    if len(busy) >= most:
+        raise TooManyRequests(
+            f"this API key has {len(busy)} sessions in progress (at most {most}); try again when one "
+            "has finished",
+            retry_after_s=60,
+        )
+
+
 async def create_session(
     rt: Runtime,
     name: str,
@@ -72,7 +108,10 @@ async def create_session(
     if not sources:
         raise InvalidArgument("a session needs at least one source")
     check_session_options(options)
-    tenant = rt.settings.tenant
+    caller = access.acting(rt.settings)
+    check_key_limits(rt, caller, options)
+    await check_in_flight(rt, caller)
+    tenant = caller.tenant
     sid = keys.new_id()
     docs = []
     seen = set()
@@ -93,6 +132,7 @@ async def create_session(
         state=S.SESSION_STATE_QUEUED,
         documents=docs,
         options=options,
+        owner_key_id=caller.key_id,
     )
     for doc_id, password in passwords.items():
         session.options.passwords[doc_id] = password
@@ -233,6 +273,7 @@ async def retrain_session(
         override = session_pb2.SessionOptions.FromString(override.SerializeToString())
         override.ClearField("passwords")
         check_session_options(override)
+        check_key_limits(rt, access.acting(rt.settings), override)
     try:
         await rt.io(rt.store.stat, keys.qa_pairs(rec.tenant, rec.session_id))
         has_pairs = True

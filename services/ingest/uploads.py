@@ -11,7 +11,7 @@ import queue
 import re
 
 from doclora.v1 import ingest_pb2
-from services.common import keys
+from services.common import access, keys
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.runtime import Runtime
 
@@ -67,7 +67,7 @@ async def receive_upload(rt: Runtime, requests) -> ingest_pb2.UploadResponse:
         raise InvalidArgument("an upload must start with its header")
     filename = clean_filename(first.header.filename)
     upload_id = keys.new_id("u")
-    key = keys.upload(rt.settings.tenant, upload_id)
+    key = keys.upload(access.acting(rt.settings).tenant, upload_id)
     limit = rt.settings.max_upload_bytes
     reader = QueueReader()
     put = asyncio.create_task(

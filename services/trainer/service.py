@@ -4,7 +4,7 @@ is the train stage's (worker.py), started by work items, not by an RPC."""
 from __future__ import annotations
 
 from doclora.v1 import trainer_pb2, trainer_pb2_grpc
-from services.common import keys
+from services.common import access, keys
 from services.common.errors import NotFound
 from services.common.runtime import Runtime
 
@@ -16,7 +16,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def GetAdapter(self, request, context):
         if not keys.is_valid_id(request.adapter_id):
             raise NotFound(f"adapter {request.adapter_id!r} not found")
-        prefix = keys.adapter_prefix(self.rt.settings.tenant, request.adapter_id)
+        prefix = keys.adapter_prefix(access.acting(self.rt.settings).tenant, request.adapter_id)
         try:
             meta = await self.rt.io(self.rt.store.get_json, prefix + "doclora.json")
             metrics = await self.rt.io(self.rt.store.get_bytes, prefix + "metrics.json")
