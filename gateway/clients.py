@@ -33,10 +33,10 @@ class Clients:
 
     @classmethod
     def connect(cls, settings: Settings) -> Clients:
-        from gateway.auth import ForwardCredentials  # every call carries the caller's credentials
+        from gateway.auth import forward_credentials  # every call carries the caller's credentials
 
         def chan(addr: str) -> grpc.aio.Channel:
-            return grpc.aio.insecure_channel(addr, options=GRPC_OPTIONS, interceptors=[ForwardCredentials()])
+            return grpc.aio.insecure_channel(addr, options=GRPC_OPTIONS, interceptors=forward_credentials())
 
         ingest = chan(settings.ingest_addr)
         qagen = chan(settings.qagen_addr)

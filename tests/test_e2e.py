@@ -81,9 +81,11 @@ def stack(tmp_path_factory, docs_server):
     assert down.returncode == 0, down.stderr
 
 
-def events_until_final(base: str, sid: str, timeout: float = 600) -> list[tuple[str, dict]]:
+def events_until_final(
+    base: str, sid: str, timeout: float = 600, headers: dict | None = None
+) -> list[tuple[str, dict]]:
     out = []
-    with httpx.Client(base_url=base, timeout=httpx.Timeout(10, read=timeout)) as c:
+    with httpx.Client(base_url=base, timeout=httpx.Timeout(10, read=timeout), headers=headers) as c:
         with c.stream("GET", f"/api/v1/sessions/{sid}/events") as resp:
             assert resp.status_code == 200
             kind, data = None, None

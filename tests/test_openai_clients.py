@@ -33,12 +33,17 @@ async def _inference(rt):
 
 
 async def _sessions(rt):
-    from doclora.v1 import session_service_pb2, session_service_pb2_grpc
+    from doclora.v1 import access_pb2, access_pb2_grpc, session_service_pb2, session_service_pb2_grpc
+    from services.ingest.access_service import AccessServicer
     from services.ingest.service import SessionServicer
 
     def register(server):
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(rt), server)
-        return [session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name]
+        access_pb2_grpc.add_AccessServiceServicer_to_server(AccessServicer(rt), server)
+        return [
+            session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+            access_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
+        ]
 
     return register
 
@@ -50,7 +55,9 @@ SERVICERS = {"inference": ("inference_addr", _inference), "sessions": ("ingest_a
 def running_gateway(nats_server, seaweedfs, parts: tuple[str, ...], **setting_kw):
     """The gateway's URL and the Runtime of its services: the named `SERVICERS` as gRPC servers and
     the gateway app (settings changed by `setting_kw`) under uvicorn, on free loopback ports and a
-    new bucket, running on one event loop in a thread until the block ends."""
+    new bucket, running on one event loop in a thread until the block ends. Each service checks
+    its callers' credentials as `doclora up` runs it (`services.common.access`)."""
+    from services.common.access import AccessStore, AuthInterceptor, Gate
     from gateway.__main__ import server_config
     from gateway.app import create_app
     from services.common.runtime import Runtime
@@ -79,7 +86,9 @@ def running_gateway(nats_server, seaweedfs, parts: tuple[str, ...], **setting_kw
             tasks = []
             for part in parts:
                 field, setup = SERVICERS[part]
-                kw = dict(name=part, addr=ports[field], register=await setup(rt), grace_s=0.5)
+                gate = Gate(AccessStore(rt.bus), settings, ports[field])
+                kw = dict(name=part, addr=ports[field], register=await setup(rt), grace_s=0.5,
+                          interceptors=[AuthInterceptor(gate)])  # fmt: skip
                 tasks.append(asyncio.create_task(serve(**kw, stop_event=stop)))
             tasks.append(asyncio.create_task(server.serve()))
             while not server.started:

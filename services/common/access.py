@@ -286,7 +286,7 @@ class Gate:
         """The caller of `method`, or None for an open method called without credentials."""
         header = next((v for k, v in metadata if k == "authorization"), "")
         if not header:
-            if method.startswith(OPEN_METHODS):
+            if self.required and method.startswith(OPEN_METHODS):
                 return None
             if self.required:
                 raise Unauthenticated(

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     tenant: str = "default"
     # auto: API keys are required where a listener is not on loopback; keys: always required
     auth: str = "auto"
+    # the API key (dlk_...) the CLI sends to the gateway
+    api_key: SecretStr = SecretStr("")
     log_level: str = "INFO"
     log_json: bool = False
 

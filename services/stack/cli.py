@@ -19,11 +19,15 @@ from services.stack.client import (
     cmd_approve,
     cmd_cancel,
     cmd_chat,
+    cmd_delete,
+    cmd_download,
     cmd_exam,
+    cmd_keys,
     cmd_learn,
     cmd_qa,
     cmd_retrain,
     cmd_sessions,
+    cmd_share,
     gateway_url,
     print_json,
 )
@@ -252,6 +256,34 @@ def main(argv: list[str] | None = None) -> int:
     cancel = sub.add_parser("cancel", parents=[as_json], help="stop a session that is not finished")
     cancel.add_argument("session")
     cancel.set_defaults(fn=cmd_cancel)
+    delete = sub.add_parser("delete", parents=[as_json], help="delete a bot with everything of it, or one document")
+    delete.add_argument("session")
+    delete.add_argument("--document", default="", help="delete only this document (its id)")
+    delete.set_defaults(fn=cmd_delete)
+    download = sub.add_parser("download", help="save a bot's adapter (zip) or dataset (JSON lines)")
+    download.add_argument("session")
+    download.add_argument("what", choices=("adapter", "dataset"))
+    download.add_argument("--format", choices=("openai", "alpaca", "sharegpt"), default="openai")
+    download.add_argument("-o", "--output", default="", help="file to write (default: the server's name)")
+    download.set_defaults(fn=cmd_download)
+    share = sub.add_parser("share", parents=[as_json], help="make, list or revoke a bot's share links")
+    share.add_argument("session", nargs="?", default="")
+    share.add_argument("--citations", action="store_true", help="answers through the link show their passages")
+    share.add_argument("--name", default="")
+    share.add_argument("--list", action="store_true", help="list the bot's links")
+    share.add_argument("--revoke", default="", metavar="SHARE_ID")
+    share.set_defaults(fn=cmd_share)
+    keys = sub.add_parser("keys", parents=[as_json], help="API keys: create, list, revoke (admins)")
+    keys.add_argument("action", choices=("create", "list", "revoke"))
+    keys.add_argument("key_id", nargs="?", default="")
+    keys.add_argument("--tenant", default="", help="the key's tenant (create; default: yours) or a filter (list)")
+    keys.add_argument("--role", choices=("member", "admin"), default="member")
+    keys.add_argument("--name", default="")
+    keys.add_argument("--all", action="store_true", help="list revoked keys too")
+    keys.add_argument(
+        "--nats", default="", metavar="URL", help="create the key straight in NATS (the first admin key of a server)"
+    )
+    keys.set_defaults(fn=cmd_keys)
     args = p.parse_args(argv)
     import httpx
 

@@ -1,5 +1,6 @@
 """The `doclora` commands that use a running stack through the gateway's HTTP API: learn, approve,
-retrain, cancel, qa, exam, chat and sessions, with the progress follower they share. Stack control
+retrain, cancel, qa, exam, chat, sessions, delete, download, share and keys, with the progress
+follower they share. Each sends DOCLORA_API_KEY as its bearer token when set. Stack control
 (up, down, status) and config are in cli.py, which wires both into one command line."""
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ def gateway_url(settings: Settings) -> str:
 def _client(settings: Settings):
     import httpx
 
-    return httpx.Client(base_url=gateway_url(settings), timeout=httpx.Timeout(30.0, read=None))
+    key = settings.api_key.get_secret_value()
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    return httpx.Client(base_url=gateway_url(settings), timeout=httpx.Timeout(30.0, read=None), headers=headers)
 
 
 def _check(resp) -> dict:
@@ -339,4 +342,123 @@ def cmd_sessions(args) -> int:
         return 0
     for s in data["sessions"]:
         print(f"{s['session_id']}  {s['state'].removeprefix('SESSION_STATE_'):<10} {s['name']}")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    """Delete a bot (everything of it), or one of its documents with --document."""
+    settings = Settings.from_env()
+    with _client(settings) as c:
+        if args.document:
+            out = _check(c.delete(f"/api/v1/sessions/{args.session}/documents/{args.document}"))
+        else:
+            out = _check(c.delete(f"/api/v1/sessions/{args.session}"))
+    if args.json:
+        print_json(out)
+    else:
+        what = f"document {args.document} of {args.session}" if args.document else args.session
+        print(f"deleted {what} ({out['objects_deleted']} stored objects)")
+    return 0
+
+
+def cmd_download(args) -> int:
+    """Save a bot's adapter (zip with a model card) or its dataset (JSON lines) to a file."""
+    settings = Settings.from_env()
+    path = "adapter.zip" if args.what == "adapter" else f"qa/export?format={args.format}"
+    with _client(settings) as c, c.stream("GET", f"/api/v1/sessions/{args.session}/{path}") as resp:
+        if resp.status_code >= 400:
+            resp.read()
+            _check(resp)
+        disposition = resp.headers.get("content-disposition", "")
+        name = args.output or (disposition.split('filename="')[-1].rstrip('"') if "filename=" in disposition else "")
+        name = name or f"{args.session}-{args.what}"
+        with open(name, "wb") as f:
+            for part in resp.iter_bytes():
+                f.write(part)
+    print(name)
+    return 0
+
+
+def cmd_share(args) -> int:
+    """Make, list or revoke a bot's share links."""
+    settings = Settings.from_env()
+    with _client(settings) as c:
+        if args.revoke:
+            out = _check(c.delete(f"/api/v1/shares/{args.revoke}"))
+            line = f"revoked {out['share']['share_id']}"
+        elif args.list:
+            out = _check(c.get(f"/api/v1/sessions/{args.session}/shares"))
+            rows = [f"{s['share_id']}  citations={'yes' if s['show_citations'] else 'no'}  {s['name']}" for s in out["shares"]]
+            line = "\n".join(rows) or "no share links"
+        else:
+            body = {"show_citations": args.citations, "name": args.name}
+            out = _check(c.post(f"/api/v1/sessions/{args.session}/shares", json=body))
+            out["url"] = gateway_url(settings) + out["url"]
+            line = f"{out['url']}\n(shown once; revoke with `doclora share --revoke {out['share']['share_id']}`)"
+    if args.json:
+        print_json(out)
+    else:
+        print(line)
+    return 0
+
+
+def key_line(k: dict) -> str:
+    revoked = f"  revoked {k['revoked_at']}" if k.get("revoked_at") else ""
+    return f"{k['key_id']}  {k['tenant']}  {k['role']}  {k.get('name', '')}{revoked}"
+
+
+async def _create_key_direct(settings: Settings, nats_url: str, tenant: str, role: str, name: str) -> dict:
+    """Create a key straight in the NATS KV bucket (the first admin key of a server that asks for
+    keys already), as an admin acting for the CLI."""
+    from doclora.v1 import access_pb2
+    from services.common import access
+    from services.common.bus import Bus
+    from services.common.sessions import now_ts
+
+    bus = await Bus.connect(nats_url, name="doclora-cli")
+    try:
+        await bus.ensure_streams(events_max_age_s=settings.events_max_age_s)
+        token, key_id, digest = access.new_token(access.KEY_PREFIX)
+        key = access_pb2.ApiKey(
+            key_id=key_id,
+            tenant=access.check_tenant_name(tenant),
+            role=access.ROLE.ROLE_ADMIN if role == "admin" else access.ROLE.ROLE_MEMBER,
+            name=name,
+            secret_sha256=digest,
+            created_at=now_ts(),
+        )
+        await access.AccessStore(bus).add_key(key)
+    finally:
+        await bus.close()
+    return {"key": {"key_id": key_id, "tenant": tenant, "role": role, "name": name, "revoked_at": None}, "token": token}
+
+
+def cmd_keys(args) -> int:
+    """API keys: create (token shown once), list, revoke."""
+    import asyncio
+
+    settings = Settings.from_env()
+    if args.action == "create" and args.nats:
+        out = asyncio.run(_create_key_direct(settings, args.nats, args.tenant or settings.tenant, args.role, args.name))
+    else:
+        with _client(settings) as c:
+            if args.action == "create":
+                body = {"tenant": args.tenant, "role": args.role, "name": args.name}
+                out = _check(c.post("/api/v1/keys", json=body))
+            elif args.action == "list":
+                out = _check(c.get("/api/v1/keys", params={"tenant": args.tenant, "include_revoked": args.all}))
+            else:
+                if not args.key_id:
+                    raise SystemExit("doclora keys revoke KEY_ID")
+                out = _check(c.delete(f"/api/v1/keys/{args.key_id}"))
+    if args.json:
+        print_json(out)
+    elif args.action == "create":
+        print(out["token"])
+        print(f"key {out['key']['key_id']} for tenant {out['key']['tenant']} ({out['key']['role']}); "
+              "the token is shown once: keep it (DOCLORA_API_KEY)", file=sys.stderr)
+    elif args.action == "list":
+        print("\n".join(key_line(k) for k in out["keys"]) or "no keys")
+    else:
+        print(f"revoked {out['key']['key_id']}")
     return 0
