@@ -1,9 +1,9 @@
 """The HTTP gateway: REST under /api/v1, Server-Sent Events for progress and chat, an
 OpenAI-compatible /v1/chat/completions, and the web UI. It holds no business logic: every route maps
-to one gRPC call. This module assembles the app: settings and gRPC channels on `app.state`, the body
-size limit, the handlers that turn every error into the JSON error envelope (OpenAI's shape under
+to one gRPC call. This module assembles the app: settings and gRPC channels on `app.state`, the handlers that turn every error into the JSON error envelope (OpenAI's shape under
 /v1), and the routers of `gateway.routes` in a fixed order (the order of the route table and of the
-OpenAPI paths). FastAPI's own /docs and /redoc load their scripts from a CDN; `routes.docs` serves
+OpenAPI paths), behind the guard (`gateway.guard`: Host, Origin, body size) and the credentials
+(`gateway.auth`). FastAPI's own /docs and /redoc load their scripts from a CDN; `routes.docs` serves
 Swagger UI from the installed swagger-ui-bundle instead."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from gateway.auth import Credentials
 from gateway.clients import Clients
 from gateway.common import (
     OpenAIError,
+    envelope,
     error,
     http_status,
     openai_error,
@@ -28,13 +29,12 @@ from gateway.common import (
     retry_after,
     rpc_status,
 )
+from gateway.guard import install as install_guard
 from gateway.routes import access, bots, docs, documents, health, openai, pairs, sessions, sources, web
 from services.common.config import Settings
 from services.common.errors import DocloraError
 
 log = logging.getLogger(__name__)
-# Pasted text travels as JSON; refuse bodies far over the text limit before reading them.
-BODY_SLACK = 64 * 1024
 ROUTERS = (health, access, sources, sessions, documents, pairs, bots, openai, docs, web)
 
 
@@ -43,10 +43,8 @@ def is_openai(request: Request) -> bool:
 
 
 def reply(request: Request, status: int, code: str, message: str, param: str | None = None):
-    """The error envelope of the path: OpenAI's under /v1 (`code` in lowercase), doclora's elsewhere."""
-    if is_openai(request):
-        return openai_error(OpenAIError(status, message, code=code.lower(), param=param))
-    return error(status, code, message)
+    """The error envelope of the request's path (`common.envelope`)."""
+    return envelope(request.url.path, status, code, message, param)
 
 
 async def rpc_error(request: Request, exc: grpc.aio.AioRpcError):
@@ -85,17 +83,6 @@ async def openai_refusal(request: Request, exc: OpenAIError):
     return openai_error(exc)
 
 
-async def limit_body(request: Request, call_next):
-    settings: Settings = request.app.state.settings
-    length = request.headers.get("content-length")
-    limit = settings.max_text_bytes * 2 + BODY_SLACK
-    if request.headers.get("content-type", "").startswith("multipart/"):
-        limit = settings.max_upload_bytes + BODY_SLACK  # files stream on; ingest checks each
-    if length and length.isdigit() and int(length) > limit:
-        return reply(request, 413, "RESOURCE_EXHAUSTED", f"request body of {length} bytes is too large")
-    return await call_next(request)
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     app.state.clients = Clients.connect(app.state.settings)
@@ -123,8 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, internal)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(OpenAIError, openai_refusal)
-    app.middleware("http")(limit_body)
     app.add_middleware(Credentials, settings=settings)
+    install_guard(app, settings)  # added last, so it runs first: Host, Origin, body size
     for module in ROUTERS:
         app.include_router(module.router)
     return app

@@ -13,7 +13,7 @@ import contextvars
 
 import grpc
 
-from gateway.common import OpenAIError, error, openai_error
+from gateway.common import envelope
 from services.common.access import is_loopback_addr, keys_required
 from services.common.config import Settings
 from services.common.server import GRPC_OPTIONS
@@ -71,10 +71,7 @@ class Credentials:
         path = scope["path"]
         if self.required and not header and path.startswith(GUARDED) and path not in OPEN:
             message = "this server requires an API key: send 'Authorization: Bearer dlk_...'"
-            if path.startswith("/v1/"):
-                resp = openai_error(OpenAIError(401, message, code="unauthenticated"))
-            else:
-                resp = error(401, "UNAUTHENTICATED", message)
+            resp = envelope(path, 401, "UNAUTHENTICATED", message)
             resp.headers["WWW-Authenticate"] = "Bearer"
             return await resp(scope, receive, send)
         token = _AUTHORIZATION.set(header)

@@ -118,6 +118,13 @@ def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+def envelope(path: str, status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
+    """The error envelope of `path`: OpenAI's under /v1 (`code` in lowercase), doclora's elsewhere."""
+    if path.startswith("/v1/"):
+        return openai_error(OpenAIError(status, message, code=code.lower(), param=param))
+    return error(status, code, message)
+
+
 async def responses(call, first):
     """The messages of a server stream whose first message was already read (so that its errors
     became HTTP statuses); cancels the call when left."""

@@ -126,10 +126,10 @@ def test_tenant_b_gets_not_found_for_every_object_of_tenant_a_over_http(world):
     w = world
     ghost = secrets.token_hex(8)
     with httpx.Client(base_url=w["base"], timeout=TIMEOUT, headers=bearer(w["b"])) as c:
-        for (method, path, body), (_, ghost_path, _) in zip(
+        for (method, path, body), (_, ghost_path, ghost_body) in zip(
             http_routes(w, w["sid"]), http_routes(w, ghost), strict=True
         ):
-            resp, unknown = send(c, method, path, body), send(c, method, ghost_path, body)
+            resp, unknown = send(c, method, path, body), send(c, method, ghost_path, ghost_body)
             assert resp.status_code == 404, (method, path, resp.status_code, resp.text)
             assert unknown.status_code == 404, (method, ghost_path, unknown.status_code)
             # the same answer as for a made-up id, the id aside: nothing to tell them apart

@@ -54,7 +54,7 @@ def test_docs_serve_swagger_ui_from_local_files():
 
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(Settings())) as client:
+    with TestClient(create_app(Settings()), base_url="http://localhost") as client:  # a loopback Host
         page = client.get("/docs")
         assert page.status_code == 200 and "SwaggerUIBundle" in page.text
         assert not re.search(r"https?://", page.text), page.text

@@ -27,7 +27,7 @@ def test_an_idle_progress_stream_gets_ping_comments_the_cli_skips(nats_server, s
     comments (every 0.2 s here, 15 s by default); the CLI reads the same lines as one event."""
     with running_gateway(nats_server, seaweedfs, ("sessions",), sse_ping_s=0.2) as (url, rt, loop):
         sid = keys.new_id()
-        rec = session_pb2.Session(session_id=sid, tenant="t", state=session_pb2.SESSION_STATE_QUEUED)
+        rec = session_pb2.Session(session_id=sid, tenant="default", state=session_pb2.SESSION_STATE_QUEUED)
         asyncio.run_coroutine_threadsafe(rt.sessions.create(rec), loop).result(30)
         ingesting = rt.sessions.transition(sid, session_pb2.SESSION_STATE_INGESTING)  # publishes an event
         asyncio.run_coroutine_threadsafe(ingesting, loop).result(30)
@@ -93,12 +93,12 @@ async def test_an_openai_stream_failing_midway_sends_an_error_chunk_then_done():
 
     app = app_over(script())
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
         body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "stream": True}
         raw = (await http.post("/v1/chat/completions", json=body)).text
         app.state.clients = over(script())  # the same failure for the client
         client = openai.AsyncOpenAI(
-            base_url="http://gw/v1", api_key="unused", http_client=http, max_retries=0
+            base_url="http://localhost/v1", api_key="unused", http_client=http, max_retries=0
         )
         got = []
         with pytest.raises(openai.APIError, match="inference went away"):
@@ -147,9 +147,9 @@ async def test_a_client_leaving_a_progress_stream_cancels_the_grpc_call():
         "raw_path": b"/api/v1/sessions/s1/events",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"gw")],
+        "headers": [(b"host", b"localhost")],
         "client": ("127.0.0.1", 1),
-        "server": ("gw", 80),
+        "server": ("localhost", 80),
         "state": {},
     }
     await asyncio.wait_for(app(scope, receive, send), 10)

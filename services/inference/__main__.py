@@ -11,6 +11,7 @@ async def setup(rt):
     from services.common.model import load_base_model, pick_device
     from services.inference.adapter_store import adapter_fetcher
     from services.inference.engine import AdapterCache, ChatEngine
+    from services.inference.forget import forgetter
     from services.inference.service import InferenceServicer
 
     model, tokenizer = await asyncio.to_thread(load_base_model, rt.settings)
@@ -36,7 +37,8 @@ async def setup(rt):
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(rt, engine), server)
         return [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
 
-    return register, []
+    # deleted sessions' adapters leave memory and the cache folder on every replica
+    return register, [forgetter(rt, adapters, cache_dir)]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ async def setup(rt):
     )
     from services.common.stage import StageWorker
     from services.ingest.access_service import AccessServicer
+    from services.ingest.deletion import sweep_orphans_forever
     from services.ingest.service import IngestServicer, SessionServicer
+    from services.ingest.uploads import expire_uploads_forever
     from services.ingest.worker import ingest_session
 
     def register(server):
@@ -29,7 +31,12 @@ async def setup(rt):
         ]
 
     worker = StageWorker(rt, session_pb2.STAGE_INGEST, lambda item, rec: ingest_session(rt, item, rec))
-    return register, [worker.run]
+    # uploads no session took expire; objects written for a session after it was deleted are swept
+    return register, [
+        worker.run,
+        lambda stop: expire_uploads_forever(rt, stop),
+        lambda stop: sweep_orphans_forever(rt, stop),
+    ]
 
 
 if __name__ == "__main__":

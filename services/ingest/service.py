@@ -5,7 +5,7 @@ SessionService is the front door. Creating a session stores each source's origin
 nothing a person handed over is lost, then writes the record and queues ingest (the rules are in
 `session_rules.py`, the source intake in `sources.py`). IngestService takes uploads (`uploads.py`),
 adds a document to a session and reads documents back. Every record sent out goes through
-`redact`."""
+`redact`. Deleting sessions and documents is in `deletion.py`, cloning a shared bot in `clone.py`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import contextlib
 from doclora.v1 import ingest_pb2, ingest_pb2_grpc, session_service_pb2, session_service_pb2_grpc
 from services.common.runtime import Runtime
 from services.ingest import session_rules as rules
+from services.ingest.clone import clone_shared_bot
+from services.ingest.deletion import delete_document, delete_session
 from services.ingest.session_rules import redact
 from services.ingest.uploads import receive_upload
 
@@ -52,6 +54,18 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         override = request.options if request.HasField("options") else None
         rec = await rules.retrain_session(self.rt, request.session_id, override, request.from_scratch)
         return session_service_pb2.RetrainSessionResponse(session=redact(rec))
+
+    async def DeleteSession(self, request, context):
+        removed = await delete_session(self.rt, request.session_id)
+        return session_service_pb2.DeleteSessionResponse(objects_deleted=removed)
+
+    async def DeleteDocument(self, request, context):
+        rec, removed = await delete_document(self.rt, request.session_id, request.doc_id)
+        return session_service_pb2.DeleteDocumentResponse(session=redact(rec), objects_deleted=removed)
+
+    async def CloneSharedBot(self, request, context):
+        rec = await clone_shared_bot(self.rt, request.share_token, request.pairs_only, request.name)
+        return session_service_pb2.CloneSharedBotResponse(session=redact(rec))
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):

@@ -1,6 +1,10 @@
 """Uploads arrive as a gRPC client stream and go straight into the store in parts: an async stream on
 one side, the store's blocking multipart writer on a thread on the other, joined by a small bounded
-queue, so memory stays flat however large the file."""
+queue, so memory stays flat however large the file.
+
+An upload waits under `{tenant}/uploads/{upload_id}/` until a session takes it (moved into the
+session); one no session took is deleted `upload_ttl_s` after it was stored (`expire_uploads`, run
+periodically by `expire_uploads_forever`)."""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ import contextlib
 import logging
 import queue
 import re
+import time
 
 from doclora.v1 import ingest_pb2
 from services.common import access, keys
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import DocloraError, InvalidArgument, ResourceExhausted
 from services.common.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -21,6 +26,8 @@ _EOF = object()
 # S3 parts of 8 MiB (5 MiB is the minimum): memory per upload stays near two parts
 UPLOAD_PART = 8 * 1024 * 1024
 _SAFE_NAME = re.compile(r"[^\w.\- ()\[\]]+")
+# how often the sweep looks for expired uploads, at most (and at least a few times per ttl)
+EXPIRE_EVERY_S = 600.0
 
 
 def clean_filename(name: str) -> str:
@@ -118,3 +125,40 @@ async def receive_upload(rt: Runtime, requests) -> ingest_pb2.UploadResponse:
     return ingest_pb2.UploadResponse(
         upload_id=upload_id, filename=filename, size_bytes=result.size, sha256=result.sha256
     )
+
+
+def _expired_uploads(store, now: float, ttl_s: float) -> list[str]:
+    """Blocking: the folders of uploads stored more than `ttl_s` seconds before `now`."""
+    folders = []
+    for tenant_folder in store.list("", recursive=False):
+        tenant = tenant_folder.rstrip("/")
+        if not tenant_folder.endswith("/") or not access.is_tenant_name(tenant):
+            continue
+        for key in store.iter_keys(keys.uploads_prefix(tenant)):
+            modified = store.stat(key).last_modified
+            if modified is not None and now - modified.timestamp() > ttl_s:
+                folders.append(key.rsplit("/", 1)[0] + "/")
+    return sorted(set(folders))
+
+
+async def expire_uploads(rt: Runtime, now: float) -> int:
+    """Delete every upload of every tenant that no session took within `upload_ttl_s` seconds of
+    being stored; returns how many objects went."""
+    removed = 0
+    for folder in await rt.io(_expired_uploads, rt.store, now, rt.settings.upload_ttl_s):
+        removed += await rt.io(rt.store.delete_prefix, folder)
+        log.info("upload %s expired unused", folder)
+    return removed
+
+
+async def expire_uploads_forever(rt: Runtime, stop_event: asyncio.Event) -> None:
+    """`expire_uploads` until `stop_event` is set (a background job of the ingest service), every
+    EXPIRE_EVERY_S seconds or a quarter of the ttl, whichever is shorter."""
+    every = max(1.0, min(EXPIRE_EVERY_S, rt.settings.upload_ttl_s / 4))
+    while not stop_event.is_set():
+        try:
+            await expire_uploads(rt, time.time())
+        except DocloraError as exc:  # the store away: the next round tries again
+            log.warning("upload expiry failed: %s", exc)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop_event.wait(), every)

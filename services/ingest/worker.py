@@ -1,6 +1,8 @@
 """The ingest stage, and only it: each pending document's original -> text.md + pages.json. A bad
 document fails alone; the session goes on with the others, and fails only when none of them gave
-text. Its RPCs are in `service.py`, the source intake in `sources.py`."""
+text. A document's password (for an encrypted PDF) is used for its extraction only: it leaves the
+record in the same compare-and-swap that records the document READY or FAILED. Its RPCs are in
+`service.py`, the source intake in `sources.py`."""
 
 from __future__ import annotations
 
@@ -136,6 +138,8 @@ async def ingest_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb
             for d in r.documents:
                 if d.doc_id == done.doc_id:
                     d.CopyFrom(done)
+            # its password opened it (or failed to): it is not kept once the document's ingest ended
+            r.options.passwords.pop(done.doc_id, None)
 
         rec = await rt.sessions.update(sid, set_doc)
     await events.progress(rt.bus, sid, session_pb2.STAGE_INGEST, len(docs), len(docs), "extracted")

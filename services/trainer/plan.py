@@ -47,12 +47,6 @@ def passages_enabled(options: session_pb2.SessionOptions, settings) -> bool:
     return settings.train_passages
 
 
-def adapter_id_for(sid: str, round: int) -> str:
-    """The id of the adapter a session's `round` trains: the session id for round 0, then
-    `{sid}-r{round}`, so a cache keyed by adapter id never serves an older round's weights."""
-    return sid if round <= 0 else f"{sid}-r{round}"
-
-
 def lora_overrides(options: session_pb2.SessionOptions) -> dict[str, Any]:
     """LoraTrainConfig fields set by a session's options; InvalidArgument for values out of range."""
     out: dict[str, Any] = {}

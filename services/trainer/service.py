@@ -1,5 +1,6 @@
 """TrainerService over gRPC: requests mapped to the adapter store, nothing more. Training itself
-is the train stage's (worker.py), started by work items, not by an RPC."""
+is the train stage's (worker.py), started by work items, not by an RPC; the download of an adapter
+as a zip is built in `export.py`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from doclora.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common import access, keys
 from services.common.errors import NotFound
 from services.common.runtime import Runtime
+from services.trainer.export import export_adapter
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -30,3 +32,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 metrics_json=metrics.decode("utf-8"),
             )
         )
+
+    async def ExportAdapter(self, request, context):
+        async for filename, chunk in export_adapter(self.rt, request.session_id):
+            yield trainer_pb2.ExportAdapterResponse(filename=filename, chunk=chunk)

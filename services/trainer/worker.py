@@ -8,7 +8,7 @@ A redelivered job (the previous trainer died) finds the last checkpoint of its r
 same adapter as an uninterrupted run. The checkpoints are deleted once the adapter is stored or the
 session is cancelled.
 
-Rounds: each round of a session trains its own adapter (`plan.adapter_id_for`), starting from
+Rounds: each round of a session trains its own adapter (`keys.adapter_id_for`), starting from
 `Session.continue_from` when set (continued training, same LoRA shape) and from fresh LoRA weights
 otherwise; the session switches to it when READY. A run whose round was replaced while it trained
 stops and leaves the record to the newer round. Per-session options set the LoRA settings; qagen's
@@ -46,7 +46,6 @@ from services.common.sessions import mark_stage
 from services.trainer.exam import exam_sets, exam_stats
 from services.trainer.plan import (
     PASSAGES_MIN_SEQ_LEN,
-    adapter_id_for,
     checkpoint_key,
     lora_overrides,
     max_steps_for,
@@ -196,7 +195,7 @@ async def _prepare(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Sess
         rt.settings, max_steps_for(rec.options, rt.settings), rec.options.system_prompt, overrides
     )
     return _Job(
-        sid, tenant, this_round, adapter_id_for(sid, this_round), pairs, train_pairs, eval_pairs,
+        sid, tenant, this_round, keys.adapter_id_for(sid, this_round), pairs, train_pairs, eval_pairs,
         extra_evals, passage_counts, config, resume,
     )  # fmt: skip
 
@@ -404,7 +403,7 @@ async def drop_old_adapters(rt: Runtime, tenant: str, sid: str, this_round: int)
     stays (an inference replica that read the record just before this READY may still be loading
     it); it goes when the next round is ready. Idempotent: rounds without an adapter cost a listing."""
     for old_round in range(this_round - 1):
-        prefix = keys.adapter_prefix(tenant, adapter_id_for(sid, old_round))
+        prefix = keys.adapter_prefix(tenant, keys.adapter_id_for(sid, old_round))
         try:
             removed = await rt.io(rt.store.delete_prefix, prefix)
         except DocloraError as exc:  # left for the next round's clean-up
