@@ -57,9 +57,9 @@ def running_gateway(nats_server, seaweedfs, parts: tuple[str, ...], **setting_kw
     the gateway app (settings changed by `setting_kw`) under uvicorn, on free loopback ports and a
     new bucket, running on one event loop in a thread until the block ends. Each service checks
     its callers' credentials as `doclora up` runs it (`services.common.access`)."""
-    from services.common.access import AccessStore, AuthInterceptor, Gate
     from gateway.__main__ import server_config
     from gateway.app import create_app
+    from services.common.access import AccessStore, AuthInterceptor, Gate
     from services.common.runtime import Runtime
     from services.common.server import serve
 
