@@ -7,8 +7,6 @@ session and a session without an adapter are NOT_FOUND."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import json
 import zipfile
@@ -18,13 +16,12 @@ import pytest
 import torch
 
 from doclora.v1 import events_pb2, session_pb2, trainer_pb2, trainer_pb2_grpc
-from services.common import access, keys
+from services.common import keys
 from services.common.errors import NotFound
 from services.common.jsonl import to_jsonl
-from services.common.server import serve
-from services.stack.ports import free_port
 from services.trainer.export import export_adapter, slug
 from services.trainer.service import TrainerServicer
+from tests.fixtures.served import served
 from tests.test_deletion import TENANT_A, TENANT_B, add_key, as_caller, bearer, train_rt  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -111,28 +108,14 @@ async def test_an_exported_adapter_loads_with_peft_and_its_card_names_the_base_m
     assert 'PeftModel.from_pretrained(base, "path/to/this/folder")' in card
 
 
-@contextlib.asynccontextmanager
-async def trainer_stub(rt):
+def trainer_stub(rt):
     """A real TrainerService on a port behind the auth interceptor (API keys required)."""
-    addr = f"127.0.0.1:{free_port()}"
-    gate = access.Gate(access.AccessStore(rt.bus), rt.settings.replace(auth="keys"), addr)
-    stop = asyncio.Event()
 
     def register(server):
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(rt), server)
         return ["doclora.v1.TrainerService"]
 
-    task = asyncio.create_task(
-        serve(name="t", addr=addr, register=register, grace_s=1, stop_event=stop,
-              interceptors=[access.AuthInterceptor(gate)])
-    )  # fmt: skip
-    try:
-        async with grpc.aio.insecure_channel(addr) as ch:
-            await asyncio.wait_for(ch.channel_ready(), 10)
-            yield trainer_pb2_grpc.TrainerServiceStub(ch)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+    return served(rt, register, trainer_pb2_grpc.TrainerServiceStub)
 
 
 async def test_export_over_grpc_streams_chunks_and_hides_other_tenants(runtime, tmp_path, monkeypatch):

@@ -23,10 +23,9 @@ from services.common import access, events, keys
 from services.common.bus import EVENTS_STREAM
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.jsonl import from_jsonl, to_jsonl
-from services.common.server import serve
 from services.ingest.deletion import delete_document, delete_session, sweep_orphans
 from services.ingest.service import SessionServicer
-from services.stack.ports import free_port
+from tests.fixtures.served import served
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 S = session_pb2.SessionState
@@ -449,29 +448,14 @@ async def add_key(bus, tenant: str, role=access_pb2.ROLE_MEMBER) -> str:
     return token
 
 
-@contextlib.asynccontextmanager
-async def session_stub(rt):
+def session_stub(rt):
     """A real SessionService on a port behind the auth interceptor (API keys required)."""
-    addr = f"127.0.0.1:{free_port()}"
-    settings = rt.settings.replace(auth="keys")
-    gate = access.Gate(access.AccessStore(rt.bus), settings, addr)
-    stop = asyncio.Event()
 
     def register(server):
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(rt), server)
         return ["doclora.v1.SessionService"]
 
-    task = asyncio.create_task(
-        serve(name="t", addr=addr, register=register, grace_s=1, stop_event=stop,
-              interceptors=[access.AuthInterceptor(gate)])
-    )  # fmt: skip
-    try:
-        async with grpc.aio.insecure_channel(addr) as ch:
-            await asyncio.wait_for(ch.channel_ready(), 10)
-            yield session_service_pb2_grpc.SessionServiceStub(ch)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+    return served(rt, register, session_service_pb2_grpc.SessionServiceStub)
 
 
 def bearer(token: str):

@@ -188,11 +188,14 @@ class AccessStore:
     async def add_key(self, key: access_pb2.ApiKey) -> None:
         await self.bus.kv_create(f"key.{key.key_id}", key.SerializeToString(), bucket=ACCESS_BUCKET)
 
-    async def get_key(self, key_id: str) -> access_pb2.ApiKey:
+    async def _one(self, kind: str, ident: str, message, what: str):
         try:
-            return await self._get(f"key.{key_id}", access_pb2.ApiKey())
+            return await self._get(f"{kind}.{ident}", message)
         except (NotFound, InvalidArgument):
-            raise NotFound(f"API key {key_id!r} not found") from None
+            raise NotFound(f"{what} {ident!r} not found") from None
+
+    async def get_key(self, key_id: str) -> access_pb2.ApiKey:
+        return await self._one("key", key_id, access_pb2.ApiKey(), "API key")
 
     async def keys(self) -> list[access_pb2.ApiKey]:
         return await self._all("key.", access_pb2.ApiKey())
@@ -210,10 +213,7 @@ class AccessStore:
         await self.bus.kv_create(f"share.{share.share_id}", share.SerializeToString(), bucket=ACCESS_BUCKET)
 
     async def get_share(self, share_id: str) -> access_pb2.ShareLink:
-        try:
-            return await self._get(f"share.{share_id}", access_pb2.ShareLink())
-        except (NotFound, InvalidArgument):
-            raise NotFound(f"share link {share_id!r} not found") from None
+        return await self._one("share", share_id, access_pb2.ShareLink(), "share link")
 
     async def shares(self) -> list[access_pb2.ShareLink]:
         return await self._all("share.", access_pb2.ShareLink())
