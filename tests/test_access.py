@@ -227,7 +227,7 @@ def test_guessing_is_refused_wrong_secrets_and_revoked_keys_are_unauthenticated(
     prefix, key_id, _ = w["a"].split("_", 2)
     forged = f"{prefix}_{key_id}_{secrets.token_urlsafe(32)}"  # A's key id, a guessed secret
     with httpx.Client(base_url=w["base"], timeout=TIMEOUT) as c:
-        for token in (forged, "dlk_0000000000000000_" + "x" * 43, "not-a-token", w["a"] + "x"):
+        for token in (forged, "dlk_0000000000000000_" + "x" * 43, "dls_" + "0" * 16 + "_" + "y" * 43, w["a"] + "x"):
             resp = c.get(f"/api/v1/sessions/{w['sid']}", headers=bearer(token))
             assert resp.status_code == 401, (token, resp.text)
             assert resp.json()["error"]["code"] == "UNAUTHENTICATED"
@@ -245,6 +245,10 @@ def test_guessing_is_refused_wrong_secrets_and_revoked_keys_are_unauthenticated(
         # members do not manage keys
         assert c.post("/api/v1/keys", json={"tenant": "x"}, headers=bearer(w["b"])).status_code == 403
         assert c.get("/api/v1/keys", headers=bearer(w["b"])).status_code == 403
+        # on loopback, a bearer that is not a doclora token (the OpenAI SDKs always send one) is
+        # no credentials: the default tenant
+        assert c.get(f"/api/v1/sessions/{w['sid']}", headers=bearer("sk-unused")).status_code == 404
+        assert c.get("/api/v1/me", headers=bearer("unused")).json()["tenant"] == "default"
         # the anonymous loopback caller is the default tenant's: it sees none of A's
         assert all(s["tenant"] == "default" for s in c.get("/api/v1/sessions").json()["sessions"])
         assert c.get(f"/api/v1/sessions/{w['sid']}").status_code == 404

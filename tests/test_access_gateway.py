@@ -72,6 +72,8 @@ def test_with_auth_keys_every_call_needs_a_key_and_the_first_comes_from_nats(nat
         assert asyncio.run(refusal_to_start(settings, wait_s=10)) is None  # loopback: no question
         refused = httpx.get(f"{url}/api/v1/sessions")
         assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+        # where keys are required, a bearer that is not a doclora token is refused, not ignored
+        assert httpx.get(f"{url}/api/v1/sessions", headers=bearer("sk-unused")).status_code == 401
         assert httpx.get(f"{url}/v1/models").json()["error"]["type"] == "authentication_error"
         me = httpx.get(f"{url}/api/v1/me").json()
         assert me["keys_required"] is True and me["authenticated"] is False and me["keys_exist"] is False
