@@ -32,6 +32,7 @@ from services.common.store import ArtifactStore
 from tests.test_e2e import (  # noqa: F401
     TEXT,
     TIMEOUT,
+    _cli,
     docs_server,  # noqa: F401  (the stack fixture needs it)
     events_until_final,
     stack,
@@ -377,3 +378,39 @@ def test_the_adapter_downloads_as_a_peft_zip_with_a_model_card(world, tmp_path):
     assert "SmolLM2" in text and "PeftModel.from_pretrained" in text
     config = json.loads(zipfile.ZipFile(io.BytesIO(resp.content)).read(next(n for n in names if n.endswith("adapter_config.json"))))
     assert config["r"] >= 1
+
+
+def test_the_cli_makes_keys_shares_and_downloads_with_its_key(world, tmp_path):
+    """`doclora keys create/list/revoke`, then as that key (DOCLORA_API_KEY): `sessions` shows only
+    its tenant's, `share --citations` prints a link that chats, `download adapter/dataset` save
+    files, `delete` of another tenant's bot is refused; a revoked key's CLI exits with the 401."""
+    import zipfile
+
+    w = world
+    made = _cli(w["env"], "keys", "create", "--tenant", "tenant-a", "--name", "cli", "--json")
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)["token"]
+    listed = _cli(w["env"], "keys", "list", "--tenant", "tenant-a")
+    assert json.loads(made.stdout)["key"]["key_id"] in listed.stdout
+    env = {**w["env"], "DOCLORA_API_KEY": token}
+    mine = _cli(env, "sessions", "--json")
+    sessions = json.loads(mine.stdout)["sessions"]
+    assert w["sid"] in [s["session_id"] for s in sessions] and {s["tenant"] for s in sessions} == {"tenant-a"}
+    shared = _cli(env, "share", w["sid"], "--citations", "--json")
+    assert shared.returncode == 0, shared.stderr
+    link = json.loads(shared.stdout)["url"]
+    assert link.startswith(w["base"] + "/s/dls_")
+    share_id = json.loads(shared.stdout)["share"]["share_id"]
+    assert f"{share_id}  citations=yes" in _cli(env, "share", w["sid"], "--list").stdout
+    out = tmp_path / "bot.zip"
+    got = _cli(env, "download", w["sid"], "adapter", "-o", str(out))
+    assert got.returncode == 0 and zipfile.ZipFile(out).namelist(), got.stderr
+    data = tmp_path / "pairs.jsonl"
+    assert _cli(env, "download", w["sid"], "dataset", "-o", str(data)).returncode == 0
+    assert all("messages" in json.loads(line) for line in data.read_text().splitlines())
+    other = _cli({**w["env"], "DOCLORA_API_KEY": w["b"]}, "delete", w["sid"])
+    assert other.returncode != 0 and "404" in other.stderr
+    revoked = _cli(w["env"], "keys", "revoke", token.split("_")[1])
+    assert revoked.returncode == 0, revoked.stderr
+    refused = _cli(env, "sessions")
+    assert refused.returncode != 0 and "401" in refused.stderr
