@@ -181,6 +181,11 @@ async def grpc_refusals(w: dict, token: str) -> dict[str, grpc.StatusCode]:
         "DeletePair": (qagen.DeletePair, qagen_pb2.DeletePairRequest(session_id=sid, pair_id=w["pair_id"])),
         "GetAdapter": (trainer.GetAdapter, trainer_pb2.GetAdapterRequest(adapter_id=w["adapter_id"])),
         "CreateShare": (access.CreateShare, access_pb2.CreateShareRequest(session_id=sid)),
+        # an upload of A's taken into a new session of B's
+        "CreateSession(upload)": (
+            sessions.CreateSession,
+            S.CreateSessionRequest(sources=[S.Source(upload_id=w["upload_id"])]),
+        ),
         "ListShares": (access.ListShares, access_pb2.ListSharesRequest(session_id=sid)),
     }
     streams = {
