@@ -360,42 +360,44 @@ async def test_stopping_a_worker_lets_the_current_handler_finish_and_ack(bus):
 
 
 async def test_watch_events_replays_history_then_follows_live_events(bus):
-    """A watcher first sees the session's past events in order, then new ones; never other sessions'."""
-    await bus.publish_event("s1", "progress", b"1")
-    await bus.publish_event("s2", "progress", b"other session")
-    await bus.publish_event("s1", "stage_finished", b"2")
+    """A watcher first sees the session's past events in order, then new ones; never other sessions'
+    nor another tenant's (events are under `events.{tenant}.{session}.`)."""
+    await bus.publish_event("t", "s1", "progress", b"1")
+    await bus.publish_event("t", "s2", "progress", b"other session")
+    await bus.publish_event("u", "s1", "progress", b"another tenant's session of the same id")
+    await bus.publish_event("t", "s1", "stage_finished", b"2")
 
     got = []
 
     async def watch():
-        async for kind, data in bus.watch_events("s1"):
+        async for kind, data in bus.watch_events("t", "s1"):
             got.append((kind, data))
             if len(got) == 4:
                 return
 
     watcher = asyncio.create_task(watch())
     await wait_until(lambda: len(got) == 2)
-    await bus.publish_event("s1", "progress", b"3")
-    await bus.publish_event("s1", "failed", b"4")
+    await bus.publish_event("t", "s1", "progress", b"3")
+    await bus.publish_event("t", "s1", "failed", b"4")
     await asyncio.wait_for(watcher, 5)
     assert got == [("progress", b"1"), ("stage_finished", b"2"), ("progress", b"3"), ("failed", b"4")]
 
 
 async def test_watch_events_from_now_skips_history(bus):
     """With from_start=False only events published after the watch began arrive."""
-    await bus.publish_event("s1", "progress", b"old")
-    events = bus.watch_events("s1", from_start=False)
+    await bus.publish_event("t", "s1", "progress", b"old")
+    events = bus.watch_events("t", "s1", from_start=False)
     first = asyncio.create_task(anext(events))
     await wait_until(lambda: _consumer_count(bus, "EVENTS", 1))  # the watch has begun
-    await bus.publish_event("s1", "progress", b"new")
+    await bus.publish_event("t", "s1", "progress", b"new")
     assert await asyncio.wait_for(first, 5) == ("progress", b"new")
     await events.aclose()
 
 
 async def test_leaving_watch_events_removes_its_consumer(bus):
     """Breaking out of the iteration deletes the ephemeral consumer it used."""
-    await bus.publish_event("s1", "progress", b"1")
-    async for _ in bus.watch_events("s1"):
+    await bus.publish_event("t", "s1", "progress", b"1")
+    async for _ in bus.watch_events("t", "s1"):
         assert await _consumer_count(bus, "EVENTS", 1)
         break
 

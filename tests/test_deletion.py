@@ -127,7 +127,7 @@ async def test_deleting_a_session_removes_all_of_it_and_nothing_of_another(runti
     rec = await make_session(rt, TENANT_A)
     sid = rec.session_id
     other = await make_session(rt, TENANT_A, sid + "b")  # its adapters match "{sid}*" as a plain prefix
-    await events.publish(rt.bus, sid, events_pb2.Event(state=events_pb2.StateChanged(state=rec.state)))
+    await events.publish(rt.bus, TENANT_A, sid, events_pb2.Event(state=events_pb2.StateChanged(state=rec.state)))
     mine, theirs = objects_of(rt.store, TENANT_A, sid), objects_of(rt.store, TENANT_A, other.session_id)
     assert len(mine) == 16 and len(theirs) == 16 and not set(mine) & set(theirs)
 
@@ -139,7 +139,7 @@ async def test_deleting_a_session_removes_all_of_it_and_nothing_of_another(runti
     with pytest.raises(NotFound):
         await rt.bus.kv_get(sid)
     assert (await rt.sessions.get(other.session_id)).session_id == other.session_id
-    info = await rt.bus.js.stream_info(EVENTS_STREAM, subjects_filter=f"events.{sid}.>")
+    info = await rt.bus.js.stream_info(EVENTS_STREAM, subjects_filter=f"events.{TENANT_A}.{sid}.>")
     assert not info.state.subjects
     assert heard == [{"tenant": TENANT_A, "session_id": sid}]
 

@@ -121,7 +121,7 @@ async def _progress_events(rt: Runtime, sid: str) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
 
     async def read():
-        async with contextlib.aclosing(rt.bus.watch_events(sid)) as stream:
+        async with contextlib.aclosing(rt.bus.watch_events(TENANT, sid)) as stream:
             async for _kind, data in stream:
                 ev = events.parse(data)
                 if ev.WhichOneof("kind") == "progress" and ev.progress.stage == session_pb2.STAGE_QAGEN:

@@ -77,7 +77,7 @@ async def test_transitions_publish_state_and_failure_events(bus):
     await repo.transition(sid, S.SESSION_STATE_INGESTING)
     await repo.fail(sid, session_pb2.STAGE_INGEST, "INVALID_ARGUMENT", "no text")
     seen = []
-    async with contextlib.aclosing(bus.watch_events(sid)) as stream:
+    async with contextlib.aclosing(bus.watch_events("t", sid)) as stream:
         async for kind, data in stream:
             seen.append((kind, events.parse(data)))
             if kind == "failed":

@@ -525,7 +525,7 @@ async def _train_progress(rt: Runtime, sid: str, *, from_start: bool = True) -> 
     from services.common import events
 
     out: list[tuple[int, int]] = []
-    async with contextlib.aclosing(rt.bus.watch_events(sid, from_start=from_start)) as stream:
+    async with contextlib.aclosing(rt.bus.watch_events(TENANT, sid, from_start=from_start)) as stream:
         async for _kind, data in stream:
             ev = events.parse(data)
             if ev.WhichOneof("kind") == "progress" and ev.progress.stage == session_pb2.STAGE_TRAIN:

@@ -7,7 +7,7 @@
   Work published with a priority above 0 goes to `work.{stage}.urgent` instead, a lane with its own
   durable consumer (`work-{stage}-urgent`) that workers poll before the normal one: urgent work
   jumps the queue (first come, first served among urgent work).
-- Events: stream `EVENTS` (limits retention, bounded age), subjects `events.{session}.{kind}`;
+- Events: stream `EVENTS` (limits retention, bounded age), subjects `events.{tenant}.{session}.{kind}`;
   `watch_events` replays a session's history, then follows it live.
 - Sessions: KV bucket `sessions`, written only by compare-and-swap on the revision.
 
@@ -102,6 +102,11 @@ def _token(kind: str, value: str) -> str:
     if not _TOKEN_RE.match(value):
         raise errors.InvalidArgument(f"{kind} must be letters, digits, '-' or '_', got {value!r}")
     return value
+
+
+def event_prefix(tenant: str, session_id: str) -> str:
+    """`events.{tenant}.{session_id}.`: every event subject of a session starts so (under its tenant)."""
+    return f"events.{_token('tenant', tenant)}.{_token('session id', session_id)}."
 
 
 def _work_subject(stage: str, lane: str = "") -> str:
@@ -493,22 +498,22 @@ class Bus:
 
     # ------------------------------------------------------------------ events
 
-    async def publish_event(self, session_id: str, kind: str, data: bytes) -> int:
-        """Publish on `events.{session_id}.{kind}`; returns the stream sequence."""
-        subject = f"events.{_token('session id', session_id)}.{_token('event kind', kind)}"
+    async def publish_event(self, tenant: str, session_id: str, kind: str, data: bytes) -> int:
+        """Publish on `events.{tenant}.{session_id}.{kind}`; returns the stream sequence."""
+        subject = f"{event_prefix(tenant, session_id)}{_token('event kind', kind)}"
         with _unavailable_on_transport_errors(f"publish to {subject}"):
             ack = await self._js.publish(subject, data)
         return ack.seq
 
     async def watch_events(
-        self, session_id: str, *, from_start: bool = True
+        self, tenant: str, session_id: str, *, from_start: bool = True
     ) -> AsyncIterator[tuple[str, bytes]]:
         """Yield `(kind, data)` for a session: its history first (if `from_start`), then live events.
 
         Uses an ordered ephemeral consumer, removed when iteration stops (break, cancel, aclose).
         Close it promptly with `contextlib.aclosing(bus.watch_events(...))`.
         """
-        subject = f"events.{_token('session id', session_id)}.>"
+        subject = event_prefix(tenant, session_id) + ">"
         with _unavailable_on_transport_errors(f"watch {subject}"):
             sub = await self._js.subscribe(
                 subject,
@@ -524,7 +529,7 @@ class Bus:
                     msg = await sub.next_msg(timeout=None)
                 except nats.errors.ConnectionClosedError as err:
                     raise errors.Unavailable(f"NATS connection closed while watching {subject}") from err
-                yield msg.subject.split(".", 2)[2], msg.data
+                yield msg.subject.split(".", 3)[3], msg.data
         finally:
             await self._close_watch(sub)
 

@@ -67,6 +67,7 @@ class Runtime:
         sid = item.session_id
         await events.publish(
             self.bus,
+            item.tenant,
             sid,
             events_pb2.Event(finished=events_pb2.StageFinished(stage=from_stage, seconds=seconds)),
         )

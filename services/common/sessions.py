@@ -131,10 +131,13 @@ class SessionRepo:
         rec = await self.update(sid, change)
         if previous and previous[0] != state:
             await events.publish(
-                self.bus, sid, events_pb2.Event(state=events_pb2.StateChanged(state=state, previous=previous[0]))
+                self.bus,
+                rec.tenant,
+                sid,
+                events_pb2.Event(state=events_pb2.StateChanged(state=state, previous=previous[0])),
             )
         if state == S.SESSION_STATE_FAILED and error is not None:
-            await events.publish(self.bus, sid, events_pb2.Event(failed=events_pb2.Failed(error=error)))
+            await events.publish(self.bus, rec.tenant, sid, events_pb2.Event(failed=events_pb2.Failed(error=error)))
         return rec
 
     async def fail(self, sid: str, stage: int, code: str, message: str) -> session_pb2.Session | None:

@@ -138,7 +138,7 @@ async def clone_shared_bot(rt: Runtime, share_token: str, pairs_only: bool, name
         rec.adapter_id = sid
         rec.train.CopyFrom(src.train)
     rec = await rt.sessions.create(rec)
-    await events.publish(rt.bus, sid, events_pb2.Event(state=events_pb2.StateChanged(state=rec.state)))
+    await events.publish(rt.bus, rec.tenant, sid, events_pb2.Event(state=events_pb2.StateChanged(state=rec.state)))
     if pairs_only:
         await rt.enqueue_for(rec, session_pb2.STAGE_TRAIN)
     log.info(

@@ -32,7 +32,7 @@ import time
 
 from doclora.v1 import session_pb2
 from services.common import access, keys
-from services.common.bus import EVENTS_STREAM
+from services.common.bus import EVENTS_STREAM, event_prefix
 from services.common.errors import DocloraError, FailedPrecondition, NotFound
 from services.common.jsonl import from_jsonl, to_jsonl
 from services.common.runtime import Runtime
@@ -80,7 +80,7 @@ async def delete_session(rt: Runtime, sid: str) -> int:
     removed = await rt.io(_delete_session_objects, rt.store, tenant, sid)
     await rt.bus.kv_delete(sid)
     with contextlib.suppress(Exception):  # the events age out anyway (events_max_age_s)
-        await rt.bus.js.purge_stream(EVENTS_STREAM, subject=f"events.{sid}.>")
+        await rt.bus.js.purge_stream(EVENTS_STREAM, subject=event_prefix(rec.tenant, sid) + ">")
     await announce_deleted(rt, tenant, sid)
     log.info("session %s deleted (%d objects)", sid, removed)
     return removed

@@ -139,6 +139,7 @@ async def create_session(
     session = await rt.sessions.create(session)
     await events.publish(
         rt.bus,
+        tenant,
         sid,
         events_pb2.Event(state=events_pb2.StateChanged(state=S.SESSION_STATE_QUEUED)),
     )
@@ -217,7 +218,7 @@ async def watch_session(rt: Runtime, sid: str) -> AsyncIterator[tuple[events_pb2
         ev.time.CopyFrom(rec.updated_at)
         yield ev, rec
         return
-    async with contextlib.aclosing(rt.bus.watch_events(sid)) as stream:
+    async with contextlib.aclosing(rt.bus.watch_events(rec.tenant, sid)) as stream:
         async for _kind, data in stream:
             ev = events.parse(data)
             rec = await placed(rt, await rt.sessions.get(sid))

@@ -126,7 +126,7 @@ async def ingest_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb
     sid, tenant = item.session_id, item.tenant
     docs = list(rec.documents)
     for i, doc in enumerate(docs):
-        await events.progress(rt.bus, sid, session_pb2.STAGE_INGEST, i, len(docs), f"extracting {doc.name}")
+        await events.progress(rt.bus, tenant, sid, session_pb2.STAGE_INGEST, i, len(docs), f"extracting {doc.name}")
         if doc.status != D.DOCUMENT_STATUS_PENDING:
             continue  # done in an earlier delivery
         done = await _ingest_document(rt, tenant, sid, doc, rec.options.passwords.get(doc.doc_id))
@@ -142,7 +142,7 @@ async def ingest_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb
             r.options.passwords.pop(done.doc_id, None)
 
         rec = await rt.sessions.update(sid, set_doc)
-    await events.progress(rt.bus, sid, session_pb2.STAGE_INGEST, len(docs), len(docs), "extracted")
+    await events.progress(rt.bus, tenant, sid, session_pb2.STAGE_INGEST, len(docs), len(docs), "extracted")
     if not any(d.status == D.DOCUMENT_STATUS_READY for d in rec.documents):
         reasons = "; ".join(f"{d.name}: {d.error}" for d in rec.documents if d.error)
         raise InvalidArgument(f"no document gave text to learn from ({reasons})")

@@ -67,8 +67,8 @@ def _length_fn(settings: Settings) -> Callable[[str], int] | None:
 class _Progress:
     """Chunk progress from the generating thread to the event stream, at most every half second."""
 
-    def __init__(self, rt: Runtime, sid: str, total: int, loop: asyncio.AbstractEventLoop):
-        self.rt, self.sid, self.total, self.loop = rt, sid, total, loop
+    def __init__(self, rt: Runtime, tenant: str, sid: str, total: int, loop: asyncio.AbstractEventLoop):
+        self.rt, self.tenant, self.sid, self.total, self.loop = rt, tenant, sid, total, loop
         self.offset = 0
         self.last = 0.0
 
@@ -81,6 +81,7 @@ class _Progress:
         events.progress_from_thread(
             self.loop,
             self.rt.bus,
+            self.tenant,
             self.sid,
             session_pb2.STAGE_QAGEN,
             n,
@@ -103,14 +104,14 @@ async def generate_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_
         await rt.io(_length_fn, settings) if any(not d.format.startswith("qa_") for d in todo) else None
     )
     plan = await _chunk_all(rt, tenant, sid, todo, length_fn)
-    progress = _Progress(rt, sid, sum(len(c) for _, c in plan), asyncio.get_running_loop())
-    await events.progress(rt.bus, sid, session_pb2.STAGE_QAGEN, 0, progress.total, "chunked")
+    progress = _Progress(rt, tenant, sid, sum(len(c) for _, c in plan), asyncio.get_running_loop())
+    await events.progress(rt.bus, tenant, sid, session_pb2.STAGE_QAGEN, 0, progress.total, "chunked")
     await _generate_all(rt, rec, qa, plan, progress, length_fn)
 
     n_failed = sum(len(v) for v in qa.failed.values())
     stats_pb, held_out = _finish_pairs(qa, settings, qa_backend_name(rec.options) or settings.qagen_backend)
     await events.progress(
-        rt.bus, sid, session_pb2.STAGE_QAGEN, progress.total, progress.total, f"{len(qa.pairs)} pairs"
+        rt.bus, tenant, sid, session_pb2.STAGE_QAGEN, progress.total, progress.total, f"{len(qa.pairs)} pairs"
     )
     await qa.save()
     await rt.sessions.update(sid, functools.partial(_record, stats_pb))
@@ -233,6 +234,7 @@ async def _hand_on(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Sess
     if rec.options.review:
         await events.publish(
             rt.bus,
+            item.tenant,
             sid,
             events_pb2.Event(
                 finished=events_pb2.StageFinished(

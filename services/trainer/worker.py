@@ -217,6 +217,7 @@ class _Run:
         events.progress_from_thread(
             self.loop,
             self.rt.bus,
+            self.job.tenant,
             self.job.sid,
             session_pb2.STAGE_TRAIN,
             int(p.get("step", 0)),
@@ -368,6 +369,7 @@ async def _finish(
 
     await events.publish(
         rt.bus,
+        job.tenant,
         job.sid,
         events_pb2.Event(finished=events_pb2.StageFinished(stage=session_pb2.STAGE_TRAIN, seconds=seconds)),
     )
