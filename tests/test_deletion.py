@@ -384,14 +384,15 @@ async def test_the_last_document_is_not_deleted(runtime):
 
 
 async def test_inference_replicas_drop_a_deleted_sessions_adapters(runtime, tmp_path):
-    """An inference replica's forget job, on `deleted.{sid}`, evicts the session's loaded adapter
-    and deletes its cached folders (of every round) while another session's stay; on start it
-    prunes cached folders the store no longer has."""
+    """An inference replica's forget job, on `deleted.{sid}`, evicts the session's loaded adapter,
+    drops its passage index and deletes its cached folders (of every round) while another
+    session's stay; on start it prunes cached folders the store no longer has."""
     from peft import LoraConfig, get_peft_model
 
     from services.inference.adapter_store import adapter_fetcher, adapter_ref
     from services.inference.adapters import AdapterCache
     from services.inference.forget import forgetter
+    from services.inference.retrieve import IndexCache, build_index
     from tests.test_model import tiny_llama
 
     rt = runtime
@@ -417,8 +418,12 @@ async def test_inference_replicas_drop_a_deleted_sessions_adapters(runtime, tmp_
     old_round.mkdir()  # round 0's folder, cached before round 1 was trained
     assert adapters.loaded() == [ref, other_ref]
 
+    indexes = IndexCache()
+    for r in (rec, other):
+        indexes.put((r.session_id, "etag-1"), build_index([], None))
+
     stop = asyncio.Event()
-    job = asyncio.create_task(forgetter(rt, adapters, cache_dir)(stop))
+    job = asyncio.create_task(forgetter(rt, adapters, cache_dir, indexes)(stop))
     for _ in range(50):
         if not stale.exists():
             break
@@ -432,6 +437,7 @@ async def test_inference_replicas_drop_a_deleted_sessions_adapters(runtime, tmp_
     stop.set()
     await asyncio.wait_for(job, 10)
     assert adapters.loaded() == [other_ref]
+    assert indexes.get((rec.session_id, "etag-1")) is None and indexes.get((other.session_id, "etag-1"))
     assert sorted(p.name for p in (cache_dir / TENANT_A).iterdir()) == [other.adapter_id]
     adapters.detach()
 

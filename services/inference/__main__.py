@@ -33,12 +33,14 @@ async def setup(rt):
         int8=rt.settings.inference_int8,
     )
 
+    servicer = InferenceServicer(rt, engine)
+
     def register(server):
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(rt, engine), server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
         return [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
 
-    # deleted sessions' adapters leave memory and the cache folder on every replica
-    return register, [forgetter(rt, adapters, cache_dir)]
+    # deleted sessions' adapters and passage indexes leave memory (and the cache folder) on every replica
+    return register, [forgetter(rt, adapters, cache_dir, servicer.bots.indexes)]
 
 
 if __name__ == "__main__":

@@ -62,9 +62,10 @@ def prune_cache(store, cache_dir: Path) -> list[str]:
     return gone
 
 
-def forgetter(rt: Runtime, adapters, cache_dir: Path):
+def forgetter(rt: Runtime, adapters, cache_dir: Path, indexes=None):
     """The background job: prune the cache folder, then forget each deleted session as it is
-    announced, until the stop event is set. `adapters` is the engine's AdapterCache."""
+    announced, until the stop event is set. `adapters` is the engine's AdapterCache, `indexes` the
+    bots' passage IndexCache (its indexes of the session go too)."""
 
     async def run(stop: asyncio.Event) -> None:
         heard: asyncio.Queue = asyncio.Queue()
@@ -95,6 +96,8 @@ def forgetter(rt: Runtime, adapters, cache_dir: Path):
                     log.warning("ignoring a malformed deletion notice")
                     continue
                 gone = await rt.io(forget_session, adapters, cache_dir, tenant, sid)
+                if indexes is not None and indexes.drop(sid):
+                    gone.append(f"the passage index of {sid}")
                 log.info("session %s was deleted: dropped %s", sid, ", ".join(gone) or "nothing cached")
             stopping.cancel()
         finally:

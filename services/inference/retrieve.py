@@ -188,6 +188,13 @@ class IndexCache:
             return self._items[key]
         return None
 
+    def drop(self, session_id: str) -> int:
+        """Forget every index of a session (it was deleted); returns how many there were."""
+        old = [k for k in self._items if isinstance(k, tuple) and k[0] == session_id]
+        for k in old:
+            del self._items[k]
+        return len(old)
+
     def put(self, key: Hashable, index: Index) -> None:
         # an older version of the same session's index is of no further use
         for old in [
