@@ -7,7 +7,8 @@ binds the `Caller` for the rest of the call (`current()`). Without credentials a
 of the default tenant (Settings.tenant), but only while the process listens on loopback and
 DOCLORA_AUTH is not "keys"; otherwise it is UNAUTHENTICATED.
 
-Invariants: services take the tenant from `current()`, never from a request body; the session
+Invariants: services take the tenant from the bound caller (`acting`, `current`), never from a
+request body; the session
 repo hides every record of another tenant (NOT_FOUND, as an unknown id); a share token calls only
 `InferenceService.Chat` for its one bot and `AccessService.WhoAmI`; revoking a key or a link takes
 effect on the next call (nothing is cached)."""
@@ -117,6 +118,12 @@ def require_owner() -> Caller:
 
 def is_tenant_name(tenant: str) -> bool:
     return bool(_TENANT.match(tenant or ""))
+
+
+def stored_tenants(store) -> list[str]:
+    """Blocking: the tenants that have objects in the store (its top-level folders)."""
+    folders = store.list("", recursive=False)
+    return [f.rstrip("/") for f in folders if f.endswith("/") and is_tenant_name(f.rstrip("/"))]
 
 
 def check_tenant_name(tenant: str) -> str:

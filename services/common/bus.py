@@ -130,7 +130,8 @@ def _unavailable_on_transport_errors(what: str):
         raise errors.Unavailable(f"NATS unavailable during {what}: {type(err).__name__}: {err}") from err
 
 
-async def _sleep_unless(stop_event: asyncio.Event, seconds: float) -> None:
+async def sleep_unless(stop_event: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if `stop_event` is set meanwhile."""
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(stop_event.wait(), seconds)
 
@@ -348,7 +349,7 @@ class Bus:
                                 subs[lane] = await self._work_consumer(stage, ack_wait_s, max_deliver, lane)
                     except (nats.errors.Error, OSError) as err:
                         log.warning("worker %s: cannot bind consumer: %s: %s", stage, type(err).__name__, err)
-                        await _sleep_unless(stop_event, 1.0)
+                        await sleep_unless(stop_event, 1.0)
                         continue
                 msgs: list[Msg] = []
                 for lane in lanes:
@@ -365,7 +366,7 @@ class Bus:
                         log.warning("worker %s: fetch failed: %s: %s", stage, type(err).__name__, err)
                         with contextlib.suppress(Exception):
                             await subs.pop(lane).unsubscribe()
-                        await _sleep_unless(stop_event, 1.0)
+                        await sleep_unless(stop_event, 1.0)
                         break
                     break  # got work: do it, then ask the urgent lane again
                 for msg in msgs:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from doclora.v1 import events_pb2, session_pb2
 from services.common import events
-from services.common.bus import Bus
+from services.common.bus import Bus, sleep_unless
 from services.common.config import Settings
-from services.common.errors import FailedPrecondition
+from services.common.errors import DocloraError, FailedPrecondition
 from services.common.queue_position import mark_train_queued
 from services.common.sessions import STAGE_STATE, SessionRepo, stage_name
 from services.common.store import ArtifactStore
@@ -122,3 +122,14 @@ def _moved_on(rec: session_pb2.Session, round: int, stage: int) -> None:
     check_round(rec, round)
     if stage == session_pb2.STAGE_TRAIN:
         mark_train_queued(rec)
+
+
+async def repeat_until_stopped(stop: asyncio.Event, every_s: float, job: Callable, what: str) -> None:
+    """Run `await job()` now and every `every_s` seconds until `stop` is set (a background job);
+    a domain error (the store or NATS away) is logged and the next round tries again."""
+    while not stop.is_set():
+        try:
+            await job()
+        except DocloraError as exc:
+            log.warning("%s failed: %s", what, exc)
+        await sleep_unless(stop, every_s)

@@ -651,6 +651,17 @@ class ArtifactStore:
             for obj in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=recursive):
                 yield obj.object_name
 
+    def iter_modified(self, prefix: str = "") -> Iterator[tuple[str, float | None]]:
+        """(key, last-modified time as a POSIX timestamp or None) of every object under `prefix`,
+        from the listing itself (no request per object)."""
+        _validate_prefix(prefix, allow_empty=True)
+        return self._iter_modified(prefix)
+
+    def _iter_modified(self, prefix: str) -> Iterator[tuple[str, float | None]]:
+        with self._errors(prefix or None):
+            for obj in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True):
+                yield obj.object_name, obj.last_modified.timestamp() if obj.last_modified else None
+
     def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
         """`iter_keys` as a list."""
         return [*self.iter_keys(prefix, recursive=recursive)]

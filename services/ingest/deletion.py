@@ -33,9 +33,9 @@ import time
 from doclora.v1 import session_pb2
 from services.common import access, keys
 from services.common.bus import EVENTS_STREAM, event_prefix
-from services.common.errors import DocloraError, FailedPrecondition, NotFound
+from services.common.errors import FailedPrecondition, NotFound
 from services.common.jsonl import from_jsonl, to_jsonl
-from services.common.runtime import Runtime
+from services.common.runtime import Runtime, repeat_until_stopped
 from services.common.sessions import FINAL_STATES, state_name
 from services.ingest.session_rules import cancel_session
 
@@ -160,12 +160,7 @@ async def delete_document(rt: Runtime, sid: str, doc_id: str) -> tuple[session_p
 
 def _newest_write(store, prefix: str) -> float:
     """Blocking: the time of the newest object under `prefix` (0 when there is none)."""
-    newest = 0.0
-    for key in store.iter_keys(prefix):
-        modified = store.stat(key).last_modified
-        if modified is not None:
-            newest = max(newest, modified.timestamp())
-    return newest
+    return max((modified or 0.0 for _, modified in store.iter_modified(prefix)), default=0.0)
 
 
 async def sweep_orphans(rt: Runtime, now: float, grace_s: float = ORPHAN_GRACE_S) -> int:
@@ -173,10 +168,7 @@ async def sweep_orphans(rt: Runtime, now: float, grace_s: float = ORPHAN_GRACE_S
     `grace_s` seconds; returns how many objects went."""
     live = set(await rt.bus.kv_keys())  # a session created after this has only fresh objects
     removed = 0
-    for tenant_folder in await rt.io(rt.store.list, "", recursive=False):
-        tenant = tenant_folder.rstrip("/")
-        if not tenant_folder.endswith("/") or not access.is_tenant_name(tenant):
-            continue
+    for tenant in await rt.io(access.stored_tenants, rt.store):
         sessions, adapters = keys.sessions_prefix(tenant), keys.adapters_prefix(tenant)
         folders = [
             (folder, folder[len(sessions) :].rstrip("/"))
@@ -198,10 +190,4 @@ async def sweep_orphans(rt: Runtime, now: float, grace_s: float = ORPHAN_GRACE_S
 
 async def sweep_orphans_forever(rt: Runtime, stop: asyncio.Event, every_s: float = SWEEP_EVERY_S) -> None:
     """`sweep_orphans` every `every_s` seconds until `stop` is set (a background job)."""
-    while not stop.is_set():
-        try:
-            await sweep_orphans(rt, time.time())
-        except DocloraError as exc:  # the store or NATS away: the next sweep tries again
-            log.warning("orphan sweep failed: %s", exc)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
+    await repeat_until_stopped(stop, every_s, lambda: sweep_orphans(rt, time.time()), "orphan sweep")

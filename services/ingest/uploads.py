@@ -17,8 +17,8 @@ import time
 
 from doclora.v1 import ingest_pb2
 from services.common import access, keys
-from services.common.errors import DocloraError, InvalidArgument, ResourceExhausted
-from services.common.runtime import Runtime
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.runtime import Runtime, repeat_until_stopped
 
 log = logging.getLogger(__name__)
 MAX_CHUNK = 1024 * 1024 + 1024  # a chunk of 1 MiB plus slack for framing choices of clients
@@ -130,13 +130,9 @@ async def receive_upload(rt: Runtime, requests) -> ingest_pb2.UploadResponse:
 def _expired_uploads(store, now: float, ttl_s: float) -> list[str]:
     """Blocking: the folders of uploads stored more than `ttl_s` seconds before `now`."""
     folders = []
-    for tenant_folder in store.list("", recursive=False):
-        tenant = tenant_folder.rstrip("/")
-        if not tenant_folder.endswith("/") or not access.is_tenant_name(tenant):
-            continue
-        for key in store.iter_keys(keys.uploads_prefix(tenant)):
-            modified = store.stat(key).last_modified
-            if modified is not None and now - modified.timestamp() > ttl_s:
+    for tenant in access.stored_tenants(store):
+        for key, modified in store.iter_modified(keys.uploads_prefix(tenant)):
+            if modified is not None and now - modified > ttl_s:
                 folders.append(key.rsplit("/", 1)[0] + "/")
     return sorted(set(folders))
 
@@ -155,10 +151,4 @@ async def expire_uploads_forever(rt: Runtime, stop_event: asyncio.Event) -> None
     """`expire_uploads` until `stop_event` is set (a background job of the ingest service), every
     EXPIRE_EVERY_S seconds or a quarter of the ttl, whichever is shorter."""
     every = max(1.0, min(EXPIRE_EVERY_S, rt.settings.upload_ttl_s / 4))
-    while not stop_event.is_set():
-        try:
-            await expire_uploads(rt, time.time())
-        except DocloraError as exc:  # the store away: the next round tries again
-            log.warning("upload expiry failed: %s", exc)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop_event.wait(), every)
+    await repeat_until_stopped(stop_event, every, lambda: expire_uploads(rt, time.time()), "upload expiry")
