@@ -118,11 +118,15 @@ async def test_bad_tokens_and_callers_are_refused_and_nothing_is_copied(runtime)
     for tok, pairs_only, error, message in cases:
         with pytest.raises(error, match=message):
             await clone_shared_bot(rt, tok, pairs_only, "")
+    pairless = await make_session(rt, TENANT_A, rounds=0)
+    rt.store.delete(keys.qa_pairs(TENANT_A, pairless.session_id))  # its documents' text is still there
+    with pytest.raises(FailedPrecondition, match="no question-answer pairs"):
+        await clone_shared_bot(rt, await share(rt, pairless), True, "")
     access.bind(await access.AccessStore(rt.bus).resolve(token))
     with pytest.raises(PermissionDenied):
         await clone_shared_bot(rt, token, False, "")
     assert rt.store.list(f"{TENANT_B}/") == []
-    assert len(await rt.bus.kv_keys()) == 2  # the two of tenant a, no clone
+    assert len(await rt.bus.kv_keys()) == 3  # the three of tenant a, no clone
 
 
 async def test_clone_over_grpc_with_api_keys(runtime):

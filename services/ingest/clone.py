@@ -61,7 +61,15 @@ async def shared_session(rt: Runtime, share_token: str) -> session_pb2.Session:
 
 def _copy_objects(store, src: session_pb2.Session, tenant: str, sid: str, adapter: bool) -> list[str]:
     """Blocking: copy the documents' text and pages, chunks, pairs and QA state (and the adapter)
-    of `src` into session `sid` of `tenant`; returns the doc ids whose text was copied."""
+    of `src` into session `sid` of `tenant`; returns the doc ids whose text was copied. What must be
+    there (the pairs; the adapter unless pairs only) is checked before anything is copied, so a
+    refused clone leaves nothing behind."""
+    prefix = keys.adapter_prefix(src.tenant, src.adapter_id)
+    names = [k[len(prefix) :] for k in store.list(prefix)] if adapter else []
+    if not store.exists(keys.qa_pairs(src.tenant, src.session_id)):
+        raise FailedPrecondition("the shared bot has no question-answer pairs to copy")
+    if adapter and "adapter_config.json" not in names:
+        raise FailedPrecondition("the shared bot has no adapter yet: clone its pairs only (pairs_only)")
     copied = []
 
     def copy(src_key: str, dst_key: str) -> bool:
@@ -84,13 +92,7 @@ def _copy_objects(store, src: session_pb2.Session, tenant: str, sid: str, adapte
             copied.append(doc.doc_id)
     for key_of in (keys.chunks, keys.qa_pairs, keys.qa_state):
         copy(key_of(src.tenant, src.session_id), key_of(tenant, sid))
-    if not store.exists(keys.qa_pairs(tenant, sid)):
-        raise FailedPrecondition("the shared bot has no question-answer pairs to copy")
     if adapter:
-        prefix = keys.adapter_prefix(src.tenant, src.adapter_id)
-        names = [k[len(prefix) :] for k in store.list(prefix)]
-        if "adapter_config.json" not in names:
-            raise FailedPrecondition("the shared bot has no adapter yet: clone its pairs only (pairs_only)")
         new_prefix = keys.adapter_prefix(tenant, sid)
         # adapter_config.json last: a reader waiting for it then finds the rest (as the trainer stores)
         for name in sorted(names, key=lambda n: n == "adapter_config.json"):
