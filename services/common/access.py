@@ -195,6 +195,33 @@ class AccessStore:
     async def add_key(self, key: access_pb2.ApiKey) -> None:
         await self.bus.kv_create(f"key.{key.key_id}", key.SerializeToString(), bucket=ACCESS_BUCKET)
 
+    async def create_key(
+        self, tenant: str, role: int, name: str, limits: access_pb2.KeyLimits | None = None
+    ) -> tuple[access_pb2.ApiKey, str]:
+        """Check and store a new API key (ROLE_MEMBER when `role` is unset); (the key as stored, its
+        token, which exists nowhere else)."""
+        check_tenant_name(tenant)
+        if role not in (ROLE.ROLE_UNSPECIFIED, ROLE.ROLE_MEMBER, ROLE.ROLE_ADMIN):
+            raise InvalidArgument(f"unknown role {role}")
+        limits = limits or access_pb2.KeyLimits()
+        for field_name in ("max_sessions_in_flight", "max_steps", "chat_per_minute"):
+            if getattr(limits, field_name) < 0:
+                raise InvalidArgument(f"limits.{field_name} must not be negative")
+        if len(name) > 200:
+            raise InvalidArgument("a key's name is at most 200 characters")
+        token, key_id, digest = new_token(KEY_PREFIX)
+        key = access_pb2.ApiKey(
+            key_id=key_id,
+            tenant=tenant,
+            role=role or ROLE.ROLE_MEMBER,
+            name=name,
+            secret_sha256=digest,
+            limits=limits,
+        )
+        key.created_at.GetCurrentTime()
+        await self.add_key(key)
+        return key, token
+
     async def _one(self, kind: str, ident: str, message, what: str):
         try:
             return await self._get(f"{kind}.{ident}", message)

@@ -26,25 +26,9 @@ class AccessServicer(access_pb2_grpc.AccessServiceServicer):
 
     async def CreateKey(self, request, context):
         caller = access.require_admin()
-        tenant = access.check_tenant_name(request.tenant or caller.tenant)
-        if request.role not in (access.ROLE.ROLE_UNSPECIFIED, access.ROLE.ROLE_MEMBER, access.ROLE.ROLE_ADMIN):
-            raise InvalidArgument(f"unknown role {request.role}")
-        for name in ("max_sessions_in_flight", "max_steps", "chat_per_minute"):
-            if getattr(request.limits, name) < 0:
-                raise InvalidArgument(f"limits.{name} must not be negative")
-        if len(request.name) > 200:
-            raise InvalidArgument("a key's name is at most 200 characters")
-        token, key_id, digest = access.new_token(access.KEY_PREFIX)
-        key = access_pb2.ApiKey(
-            key_id=key_id,
-            tenant=tenant,
-            role=request.role or access.ROLE.ROLE_MEMBER,
-            name=request.name,
-            secret_sha256=digest,
-            created_at=now_ts(),
-            limits=request.limits,
+        key, token = await self.store.create_key(
+            request.tenant or caller.tenant, request.role, request.name, request.limits
         )
-        await self.store.add_key(key)
         return access_pb2.CreateKeyResponse(key=public(key), token=token)
 
     async def ListKeys(self, request, context):

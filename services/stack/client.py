@@ -410,27 +410,17 @@ def key_line(k: dict) -> str:
 async def _create_key_direct(settings: Settings, nats_url: str, tenant: str, role: str, name: str) -> dict:
     """Create a key straight in the NATS KV bucket (the first admin key of a server that asks for
     keys already), as an admin acting for the CLI."""
-    from doclora.v1 import access_pb2
     from services.common import access
     from services.common.bus import Bus
-    from services.common.sessions import now_ts
 
     bus = await Bus.connect(nats_url, name="doclora-cli")
     try:
         await bus.ensure_streams(events_max_age_s=settings.events_max_age_s)
-        token, key_id, digest = access.new_token(access.KEY_PREFIX)
-        key = access_pb2.ApiKey(
-            key_id=key_id,
-            tenant=access.check_tenant_name(tenant),
-            role=access.ROLE.ROLE_ADMIN if role == "admin" else access.ROLE.ROLE_MEMBER,
-            name=name,
-            secret_sha256=digest,
-            created_at=now_ts(),
-        )
-        await access.AccessStore(bus).add_key(key)
+        role_value = access.ROLE.ROLE_ADMIN if role == "admin" else access.ROLE.ROLE_MEMBER
+        key, token = await access.AccessStore(bus).create_key(tenant, role_value, name)
     finally:
         await bus.close()
-    return {"key": {"key_id": key_id, "tenant": tenant, "role": role, "name": name, "revoked_at": None}, "token": token}
+    return {"key": {"key_id": key.key_id, "tenant": tenant, "role": role, "name": name, "revoked_at": None}, "token": token}
 
 
 def cmd_keys(args) -> int:
