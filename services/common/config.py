@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     # the API key (dlk_...) the CLI sends to the gateway
     api_key: SecretStr = SecretStr("")
     log_level: str = "INFO"
+    # where this process serves Prometheus metrics at /metrics (host:port; empty: nowhere)
+    metrics_addr: str = ""
     log_json: bool = False
 
     # `doclora up` starts its own nats-server / SeaweedFS unless these are turned off
@@ -62,6 +64,17 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     work_ack_wait_s: float = 60.0
     work_max_deliver: int = 4
+    # an outage of the object store, NATS or a linked web server shorter than this is waited out
+    # with back-off (the work stays in flight), not failed
+    outage_window_s: float = 300.0
+    # the reconciler (in the ingest service) looks every reconcile_every_s seconds for sessions that
+    # are not final, have no work message in flight and whose record has not changed for
+    # reconcile_idle_s seconds (a publish lost after the record was written), and queues them again
+    reconcile_every_s: float = 30.0
+    reconcile_idle_s: float = 120.0
+    # credentials NATS may require (also accepted in nats_url as nats://user:password@host:port)
+    nats_user: str = ""
+    nats_password: SecretStr = SecretStr("")
     events_max_age_s: float = 7 * 24 * 3600.0
 
     # S3-compatible object store
