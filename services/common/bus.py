@@ -497,6 +497,23 @@ class Bus:
                 total += (info.num_pending or 0) + (info.num_ack_pending or 0)
         return total
 
+    async def work_sessions(self) -> set[str]:
+        """The sessions that have a work message in the stream, waiting or being worked on (dead
+        letters aside): the work queue keeps a message until it is acked, so a session missing here
+        has no work in flight. One request per message: the queue is short."""
+        found: set[str] = set()
+        dead = _work_subject(DEAD_STAGE)
+        seq = 1
+        with _unavailable_on_transport_errors("work_sessions"):
+            while True:
+                try:
+                    msg = await self._js.get_msg(WORK_STREAM, seq=seq, subject="work.>", next=True)
+                except nats.js.errors.NotFoundError:
+                    return found
+                if msg.subject != dead and msg.headers and msg.headers.get(HDR_SESSION):
+                    found.add(msg.headers[HDR_SESSION])
+                seq = msg.seq + 1
+
     # ------------------------------------------------------------------ events
 
     async def publish_event(self, tenant: str, session_id: str, kind: str, data: bytes) -> int:

@@ -55,6 +55,14 @@ class Unavailable(DocloraError):
     code = "UNAVAILABLE"
 
 
+class OutageTooLong(DocloraError):
+    """A dependency (the object store, NATS, a linked server) stayed unavailable for longer than the
+    outage window (`outage_window_s`): the work fails rather than waiting on. Not an `Unavailable`,
+    so nothing retries it again."""
+
+    code = "UNAVAILABLE"
+
+
 class Conflict(DocloraError):
     """A compare-and-swap lost the race; the caller re-reads and retries."""
 

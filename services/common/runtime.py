@@ -6,19 +6,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from doclora.v1 import events_pb2, session_pb2
 from services.common import events
 from services.common.bus import Bus, sleep_unless
 from services.common.config import Settings
-from services.common.errors import DocloraError, FailedPrecondition
+from services.common.errors import DocloraError, FailedPrecondition, OutageTooLong, Unavailable
 from services.common.queue_position import mark_train_queued
 from services.common.sessions import STAGE_STATE, SessionRepo, stage_name
 from services.common.store import ArtifactStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -43,14 +46,17 @@ class Runtime:
         """Run blocking work (store calls, parsing) in a thread, off the event loop."""
         return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
 
-    async def enqueue(self, sid: str, tenant: str, stage: int, *, round: int = 0, priority: int = 0) -> None:
+    async def enqueue(
+        self, sid: str, tenant: str, stage: int, *, round: int = 0, priority: int = 0, again: str = ""
+    ) -> None:
         """Queue `stage` for a session's `round`; a retried publish of the same stage and round is
-        dropped by NATS (`Nats-Msg-Id`), a later round's is not."""
+        dropped by NATS (`Nats-Msg-Id`), a later round's is not. `again` names a deliberate second
+        publish of the same stage and round (the reconciler's), with its own id."""
         item = events_pb2.WorkItem(session_id=sid, tenant=tenant, stage=stage, round=round, priority=priority)
         await self.bus.publish_work(
             stage_name(stage),
             item.SerializeToString(),
-            msg_id=f"{sid}:{stage_name(stage)}:{round}",
+            msg_id=f"{sid}:{stage_name(stage)}:{round}" + (f":{again}" if again else ""),
             session_id=sid,
             priority=priority,
         )
@@ -122,6 +128,48 @@ def _moved_on(rec: session_pb2.Session, round: int, stage: int) -> None:
     check_round(rec, round)
     if stage == session_pb2.STAGE_TRAIN:
         mark_train_queued(rec)
+
+
+# back-off between tries while a dependency is away: 1, 2, 4 ... seconds, at most 30
+OUTAGE_FIRST_DELAY_S = 1.0
+OUTAGE_MAX_DELAY_S = 30.0
+
+
+async def wait_out_outage(
+    call: Callable[[], Awaitable[T]],
+    *,
+    window_s: float,
+    what: str,
+    stop: asyncio.Event | None = None,
+) -> T:
+    """`await call()`, tried again with back-off while it raises `Unavailable` (the object store,
+    NATS or a linked server away), until `window_s` seconds have passed since the first failure:
+    then `OutageTooLong` names the last error. A set `stop` ends the waiting with the `Unavailable`
+    itself, so the work goes back to the queue for another replica."""
+    first_failure: float | None = None
+    delay = OUTAGE_FIRST_DELAY_S
+    while True:
+        try:
+            return await call()
+        except Unavailable as exc:
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            waited = now - first_failure
+            if stop is not None and stop.is_set():
+                raise
+            if waited + delay > window_s:
+                raise OutageTooLong(
+                    f"{what}: still unavailable after {waited:.0f} s (the outage window is "
+                    f"{window_s:g} s): {exc.message}"
+                ) from exc
+            log.warning(
+                "%s: %s; trying again in %.0f s (away for %.0f s so far)", what, exc.message, delay, waited
+            )
+            if stop is not None:
+                await sleep_unless(stop, delay)
+            else:
+                await asyncio.sleep(delay)
+            delay = min(delay * 2, OUTAGE_MAX_DELAY_S)
 
 
 async def repeat_until_stopped(stop: asyncio.Event, every_s: float, job: Callable, what: str) -> None:

@@ -8,13 +8,14 @@ the session at once with the error's message; other exceptions are retried by re
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
 from doclora.v1 import events_pb2, session_pb2
-from services.common.errors import DocloraError, Unavailable
+from services.common.errors import DocloraError, OutageTooLong, Unavailable
 from services.common.logging import session_context
-from services.common.runtime import Runtime
+from services.common.runtime import Runtime, wait_out_outage
 from services.common.sessions import FINAL_STATES, STAGE_STATE, mark_stage, stage_name, state_name
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ class StageWorker:
         self.stage = stage
         self.handler = handler
         self.name = stage_name(stage)
+        self._stop = asyncio.Event()  # the run's stop event (set by `run`)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         await self.rt.bus.run_worker(
             self.name,
             self._handle,
@@ -61,52 +64,71 @@ class StageWorker:
         )
 
     async def _handle(self, work) -> None:
+        """One delivery: an outage of NATS or the object store within `outage_window_s` is waited
+        out here with back-off (the message stays in flight, kept alive by the bus); a longer one
+        fails the session, naming what was away."""
         item = parse_item(work.data)
         with session_context(item.session_id):
             try:
-                rec = await self.rt.sessions.get(item.session_id)
-            except DocloraError as exc:
-                log.warning("dropping %s work for unknown session: %s", self.name, exc)
-                return
-            if item.round < rec.round:
-                log.info(
-                    "dropping %s work of round %d: the session is in round %d",
-                    self.name,
-                    item.round,
-                    rec.round,
+                await wait_out_outage(
+                    functools.partial(self._handle_once, item),
+                    window_s=self.rt.settings.outage_window_s,
+                    what=f"{self.name} of session {item.session_id}",
+                    stop=self._stop,
                 )
-                return
-            if rec.state in FINAL_STATES:
-                log.info("skipping %s: session is %s", self.name, state_name(rec.state))
-                return
-            if STATE_ORDER.get(rec.state, 0) > STATE_ORDER[STAGE_STATE[self.stage]]:
-                # Done before a crash that came between the state change and the ack: make sure
-                # the next stage is queued (a duplicate publish is dropped) and move on.
-                nxt = NEXT_STAGE.get(self.stage)
-                if nxt is not None and rec.state == STAGE_STATE[nxt]:
-                    await self.rt.enqueue(
-                        item.session_id, item.tenant, nxt, round=item.round, priority=item.priority
-                    )
-                return
-            log.info("%s started", self.name)
-            await self.rt.sessions.update(item.session_id, lambda r: mark_stage(r, self.stage, started=True))
-            await self.rt.sessions.transition(
-                item.session_id,
-                STAGE_STATE[self.stage],
-                allowed_from=set(S.values()) - FINAL_STATES,
-            )
-            try:
-                await self.handler(item, rec)
-            except Unavailable:
-                raise  # transient: let redelivery retry it
-            except DocloraError as exc:
-                if await self._round_moved_on(item):
-                    log.info(
-                        "%s of round %d ended (%s); the session moved on", self.name, item.round, exc.message
-                    )
-                    return
+            except OutageTooLong as exc:
                 log.warning("%s failed: %s", self.name, exc.message)
                 await self.rt.sessions.fail(item.session_id, self.stage, exc.code, exc.message)
+
+    async def _handle_once(self, item: events_pb2.WorkItem) -> None:
+        """The stage for one work item, from a fresh read of the record (so a retry after an
+        outage sees what the last try finished)."""
+        try:
+            rec = await self.rt.sessions.get(item.session_id)
+        except Unavailable:
+            raise
+        except DocloraError as exc:
+            log.warning("dropping %s work for unknown session: %s", self.name, exc)
+            return
+        if item.round < rec.round:
+            log.info(
+                "dropping %s work of round %d: the session is in round %d",
+                self.name,
+                item.round,
+                rec.round,
+            )
+            return
+        if rec.state in FINAL_STATES:
+            log.info("skipping %s: session is %s", self.name, state_name(rec.state))
+            return
+        if STATE_ORDER.get(rec.state, 0) > STATE_ORDER[STAGE_STATE[self.stage]]:
+            # Done before a crash that came between the state change and the ack: make sure
+            # the next stage is queued (a duplicate publish is dropped) and move on.
+            nxt = NEXT_STAGE.get(self.stage)
+            if nxt is not None and rec.state == STAGE_STATE[nxt]:
+                await self.rt.enqueue(
+                    item.session_id, item.tenant, nxt, round=item.round, priority=item.priority
+                )
+            return
+        log.info("%s started", self.name)
+        await self.rt.sessions.update(item.session_id, lambda r: mark_stage(r, self.stage, started=True))
+        await self.rt.sessions.transition(
+            item.session_id,
+            STAGE_STATE[self.stage],
+            allowed_from=set(S.values()) - FINAL_STATES,
+        )
+        try:
+            await self.handler(item, rec)
+        except Unavailable:
+            raise  # transient: let redelivery retry it
+        except DocloraError as exc:
+            if await self._round_moved_on(item):
+                log.info(
+                    "%s of round %d ended (%s); the session moved on", self.name, item.round, exc.message
+                )
+                return
+            log.warning("%s failed: %s", self.name, exc.message)
+            await self.rt.sessions.fail(item.session_id, self.stage, exc.code, exc.message)
 
     async def _round_moved_on(self, item: events_pb2.WorkItem) -> bool:
         try:

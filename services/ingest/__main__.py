@@ -16,6 +16,7 @@ async def setup(rt):
     from services.common.stage import StageWorker
     from services.ingest.access_service import AccessServicer
     from services.ingest.deletion import sweep_orphans_forever
+    from services.ingest.reconcile import reconcile_forever
     from services.ingest.service import IngestServicer, SessionServicer
     from services.ingest.uploads import expire_uploads_forever
     from services.ingest.worker import ingest_session
@@ -31,11 +32,13 @@ async def setup(rt):
         ]
 
     worker = StageWorker(rt, session_pb2.STAGE_INGEST, lambda item, rec: ingest_session(rt, item, rec))
-    # uploads no session took expire; objects written for a session after it was deleted are swept
+    # uploads no session took expire; objects written for a session after it was deleted are swept;
+    # sessions whose work message was lost are queued again
     return register, [
         worker.run,
         lambda stop: expire_uploads_forever(rt, stop),
         lambda stop: sweep_orphans_forever(rt, stop),
+        lambda stop: reconcile_forever(rt, stop),
     ]
 
 

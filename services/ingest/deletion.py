@@ -6,7 +6,7 @@ deletes everything of it from the store (the session folder: originals, text, ch
 checkpoints; and the adapter of every round, `{sid}` and `{sid}-r{n}`), its record and its events,
 and tells every inference replica (`keys.deleted_subject`) to drop its adapters from memory and
 from their local cache. Uploads a session took are not left behind: taking one moves it into the
-session folder (`sources.take_upload`).
+session folder (`sources.store_source`).
 
 The race, and what closes it: a worker may be writing when the delete comes, e.g. ingest storing a
 document's text, or the trainer storing an adapter whose last step finished just before the

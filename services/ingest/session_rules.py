@@ -23,12 +23,13 @@ from services.common.errors import (
     NotFound,
     PermissionDenied,
     TooManyRequests,
+    Unavailable,
 )
 from services.common.options import check_session_options, merge_options
 from services.common.queue_position import mark_train_queued, queue_positions, waiting_for_training
 from services.common.runtime import Runtime
 from services.common.sessions import FINAL_STATES, stage_name, state_name
-from services.ingest.sources import add_source, drop_original
+from services.ingest.sources import add_source, check_source, drop_original, store_source
 
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
@@ -54,9 +55,18 @@ def redact(rec: session_pb2.Session) -> session_pb2.Session:
     return rec
 
 
+def retry_documents(rec: session_pb2.Session) -> list[session_pb2.DocumentInfo]:
+    """The documents that failed for a passing reason (`retryable`: a link away for longer than the
+    outage window) and are worth another try."""
+    return [d for d in rec.documents if d.status == session_pb2.DOCUMENT_STATUS_FAILED and d.retryable]
+
+
 def restart_stage(rec: session_pb2.Session, has_pairs: bool) -> int:
-    """Where a finished session runs again from: training when its pairs are there and generation
-    did not fail, else generation when a document has text, else ingest."""
+    """Where a finished session runs again from: ingest when a document failed for a passing reason
+    (it is fetched again), else training when its pairs are there and generation did not fail, else
+    generation when a document has text, else ingest."""
+    if retry_documents(rec):
+        return session_pb2.STAGE_INGEST
     failed_early = rec.state == S.SESSION_STATE_FAILED and rec.error.stage in (
         session_pb2.STAGE_INGEST,
         session_pb2.STAGE_QAGEN,
@@ -116,34 +126,44 @@ async def create_session(
     docs = []
     seen = set()
     passwords = {}
-    for src in sources:
-        doc = await add_source(rt, tenant, sid, src)
-        if doc.sha256 and doc.sha256 in seen:  # the same content twice is stored once
-            await drop_original(rt, tenant, sid, doc)
-            continue
-        seen.add(doc.sha256)
-        docs.append(doc)
-        if src.password:
-            passwords[doc.doc_id] = src.password
-    session = session_pb2.Session(
-        session_id=sid,
-        tenant=tenant,
-        name=name.strip() or docs[0].name,
-        state=S.SESSION_STATE_QUEUED,
-        documents=docs,
-        options=options,
-        owner_key_id=caller.key_id,
-    )
-    for doc_id, password in passwords.items():
-        session.options.passwords[doc_id] = password
-    session = await rt.sessions.create(session)
-    await events.publish(
-        rt.bus,
-        tenant,
-        sid,
-        events_pb2.Event(state=events_pb2.StateChanged(state=S.SESSION_STATE_QUEUED)),
-    )
-    await rt.enqueue_for(session, session_pb2.STAGE_INGEST)
+    # every source is checked before any is stored: a refused one leaves nothing behind
+    checked = [await check_source(rt, tenant, src) for src in sources]
+    try:
+        for one in checked:
+            doc = await store_source(rt, tenant, sid, one)
+            if doc.sha256 and doc.sha256 in seen:  # the same content twice is stored once
+                await drop_original(rt, tenant, sid, doc)
+                continue
+            seen.add(doc.sha256)
+            docs.append(doc)
+            if one.src.password:
+                passwords[doc.doc_id] = one.src.password
+        session = session_pb2.Session(
+            session_id=sid,
+            tenant=tenant,
+            name=name.strip() or docs[0].name,
+            state=S.SESSION_STATE_QUEUED,
+            documents=docs,
+            options=options,
+            owner_key_id=caller.key_id,
+        )
+        for doc_id, password in passwords.items():
+            session.options.passwords[doc_id] = password
+        session = await rt.sessions.create(session)
+    except BaseException:
+        # the store or NATS failed half-way: what was stored has no session (the orphan sweep is
+        # the backstop when this cleaning fails too)
+        with contextlib.suppress(Exception):
+            await rt.io(rt.store.delete_prefix, keys.session_prefix(tenant, sid))
+        raise
+    try:
+        await events.publish(
+            rt.bus, tenant, sid, events_pb2.Event(state=events_pb2.StateChanged(state=S.SESSION_STATE_QUEUED))
+        )
+        await rt.enqueue_for(session, session_pb2.STAGE_INGEST)
+    except Unavailable as exc:
+        # the session exists: answer with it; the reconciler queues its work once NATS is back
+        log.warning("session %s created but its work was not queued (%s); the reconciler will", sid, exc)
     log.info("session %s created with %d document(s)", sid, len(docs))
     return session
 
@@ -287,6 +307,8 @@ async def retrain_session(
         if override is not None:
             merge_options(r.options, override)
         r.continue_from = r.adapter_id if ready and not from_scratch else ""
+        for d in retry_documents(r):  # pending again: the ingest of this round tries it
+            d.status, d.error, d.retryable = session_pb2.DOCUMENT_STATUS_PENDING, "", False
 
     rec = await rt.restart(rec.session_id, stage, allowed_from=set(FINAL_STATES), change=change)
     log.info("session %s runs again from %s (round %d)", rec.session_id, stage_name(stage), rec.round)

@@ -1,17 +1,21 @@
 """Source intake: one source a person hands over (pasted text, a link, an upload) becomes a pending
 document of a session. Its original bytes are stored before the document is returned, so nothing
 handed over is lost; what can never be learned from (empty text, a link that is not http(s), an
-unknown upload) is refused here, and the ingest worker checks the rest when it extracts."""
+unknown upload) is refused here, and the ingest worker checks the rest when it extracts. A new
+session's sources are all checked before any is stored (`check_source`, then `store_source`), so a
+refused source leaves nothing of the others behind."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from doclora.v1 import session_pb2, session_service_pb2
 from services.common import keys
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.common.runtime import Runtime
+from services.common.store import ObjectInfo
 
 
 def check_text(text: str, *, max_bytes: int, min_chars: int) -> bytes:
@@ -29,30 +33,6 @@ def check_text(text: str, *, max_bytes: int, min_chars: int) -> bytes:
     return data
 
 
-async def store_text_document(
-    rt: Runtime, tenant: str, sid: str, text: str, name: str
-) -> session_pb2.DocumentInfo:
-    """Validate pasted text and store it as a new document's original; returns its record entry."""
-    data = check_text(text, max_bytes=rt.settings.max_text_bytes, min_chars=rt.settings.min_text_chars)
-    digest = hashlib.sha256(data).hexdigest()
-    doc = session_pb2.DocumentInfo(
-        doc_id=keys.new_id("d"),
-        name=name or "pasted text",
-        kind="text",
-        sha256=digest,
-        size_bytes=len(data),
-        status=session_pb2.DOCUMENT_STATUS_PENDING,
-    )
-    await rt.io(
-        rt.store.put_bytes,
-        keys.doc_original(tenant, sid, doc.doc_id),
-        data,
-        content_type="text/plain; charset=utf-8",
-        metadata={"sha256": digest},
-    )
-    return doc
-
-
 def check_url(url: str) -> str:
     """Refuse what can never be fetched before a session is made; the worker checks the rest."""
     url = url.strip()
@@ -64,24 +44,63 @@ def check_url(url: str) -> str:
     return url
 
 
-async def take_upload(
-    rt: Runtime, tenant: str, sid: str, upload_id: str, name: str
+@dataclass
+class CheckedSource:
+    """A source that passed every check that needs no storing: its bytes (pasted text), its link,
+    or its upload's stored object."""
+
+    src: session_service_pb2.Source
+    data: bytes = b""
+    url: str = ""
+    upload: ObjectInfo | None = None
+
+
+async def check_source(rt: Runtime, tenant: str, src: session_service_pb2.Source) -> CheckedSource:
+    """Refuse a source that can never be learned from (empty or over-size text, a link that is not
+    http(s), an unknown upload) before anything is stored."""
+    kind = src.WhichOneof("kind")
+    if kind == "text":
+        data = check_text(
+            src.text, max_bytes=rt.settings.max_text_bytes, min_chars=rt.settings.min_text_chars
+        )
+        return CheckedSource(src, data=data)
+    if kind == "url":
+        return CheckedSource(src, url=check_url(src.url))
+    if kind == "upload_id":
+        if not keys.is_valid_id(src.upload_id):
+            raise NotFound(f"upload {src.upload_id!r} not found")
+        # NotFound for an unknown or already used upload
+        return CheckedSource(src, upload=await rt.io(rt.store.stat, keys.upload(tenant, src.upload_id)))
+    raise InvalidArgument("a source needs text, a url or an upload_id")
+
+
+async def store_source(
+    rt: Runtime, tenant: str, sid: str, checked: CheckedSource
 ) -> session_pb2.DocumentInfo:
-    """Move an upload into the session as a document (a server-side copy, then the upload goes)."""
-    if not keys.is_valid_id(upload_id):
-        raise NotFound(f"upload {upload_id!r} not found")
-    src = keys.upload(tenant, upload_id)
-    info = await rt.io(rt.store.stat, src)  # NotFound for an unknown or already used upload
-    doc = session_pb2.DocumentInfo(
-        doc_id=keys.new_id("d"),
-        name=name or info.metadata.get("filename", "upload"),
-        kind="upload",
-        sha256=info.sha256 or "",
-        size_bytes=info.size,
-        status=session_pb2.DOCUMENT_STATUS_PENDING,
-    )
-    await rt.io(rt.store.copy, src, keys.doc_original(tenant, sid, doc.doc_id))
-    await rt.io(rt.store.delete, src)
+    """Make a checked source a pending document of session `sid`: pasted text is stored, an upload
+    moved into the session (a server-side copy, then the upload goes); a link is fetched later."""
+    src = checked.src
+    doc = session_pb2.DocumentInfo(doc_id=keys.new_id("d"), status=session_pb2.DOCUMENT_STATUS_PENDING)
+    if checked.url:
+        doc.name, doc.kind, doc.final_url = src.name or checked.url, "url", checked.url
+    elif checked.upload is not None:
+        info = checked.upload
+        doc.name, doc.kind = src.name or info.metadata.get("filename", "upload"), "upload"
+        doc.sha256, doc.size_bytes = info.sha256 or "", info.size
+        upload = keys.upload(tenant, src.upload_id)
+        await rt.io(rt.store.copy, upload, keys.doc_original(tenant, sid, doc.doc_id))
+        await rt.io(rt.store.delete, upload)
+    else:
+        digest = hashlib.sha256(checked.data).hexdigest()
+        doc.name, doc.kind = src.name or "pasted text", "text"
+        doc.sha256, doc.size_bytes = digest, len(checked.data)
+        await rt.io(
+            rt.store.put_bytes,
+            keys.doc_original(tenant, sid, doc.doc_id),
+            checked.data,
+            content_type="text/plain; charset=utf-8",
+            metadata={"sha256": digest},
+        )
     return doc
 
 
@@ -89,21 +108,7 @@ async def add_source(
     rt: Runtime, tenant: str, sid: str, src: session_service_pb2.Source
 ) -> session_pb2.DocumentInfo:
     """Turn one source into a pending document of session `sid`; its bytes are stored first."""
-    kind = src.WhichOneof("kind")
-    if kind == "text":
-        return await store_text_document(rt, tenant, sid, src.text, src.name)
-    if kind == "url":
-        url = check_url(src.url)
-        return session_pb2.DocumentInfo(
-            doc_id=keys.new_id("d"),
-            name=src.name or url,
-            kind="url",
-            status=session_pb2.DOCUMENT_STATUS_PENDING,
-            final_url=url,
-        )
-    if kind == "upload_id":
-        return await take_upload(rt, tenant, sid, src.upload_id, src.name)
-    raise InvalidArgument("a source needs text, a url or an upload_id")
+    return await store_source(rt, tenant, sid, await check_source(rt, tenant, src))
 
 
 async def drop_original(rt: Runtime, tenant: str, sid: str, doc: session_pb2.DocumentInfo) -> None:

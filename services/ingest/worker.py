@@ -6,6 +6,7 @@ record in the same compare-and-swap that records the document READY or FAILED. I
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -15,12 +16,12 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutageTooLong,
     PermissionDenied,
     ResourceExhausted,
-    Unavailable,
 )
 from services.common.jsonl import to_jsonl
-from services.common.runtime import Runtime
+from services.common.runtime import Runtime, wait_out_outage
 from services.common.sessions import mark_stage
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,21 @@ async def _ingest_document(
     content_type = None
     try:
         if doc.kind == "url":
-            from services.ingest.fetch import fetch_with_retries
+            from services.ingest.fetch import fetch_url
 
-            fetched = await rt.io(
-                fetch_with_retries,
-                doc.final_url or doc.name,
-                max_bytes=rt.settings.max_fetch_bytes,
-                timeout_s=rt.settings.fetch_timeout_s,
-                allow_hosts=_fetch_allowed(rt.settings),
+            # a server that is away (refused, time-out, 5xx) is asked again with back-off within
+            # the outage window; after it the document fails alone and may be tried again later
+            fetched = await wait_out_outage(
+                functools.partial(
+                    rt.io,
+                    fetch_url,
+                    doc.final_url or doc.name,
+                    max_bytes=rt.settings.max_fetch_bytes,
+                    timeout_s=rt.settings.fetch_timeout_s,
+                    allow_hosts=_fetch_allowed(rt.settings),
+                ),
+                window_s=rt.settings.outage_window_s,
+                what=f"fetching {doc.name}",
             )
             put = await rt.io(
                 rt.store.put_bytes,
@@ -104,17 +112,20 @@ async def _ingest_document(
         )
         await rt.io(rt.store.put_json, keys.doc_pages(tenant, sid, doc.doc_id), extracted.pages)
         out_doc.format, out_doc.chars, out_doc.pages = fmt, len(extracted.text), len(extracted.pages)
-        out_doc.status, out_doc.error = D.DOCUMENT_STATUS_READY, ""
+        out_doc.status, out_doc.error, out_doc.retryable = D.DOCUMENT_STATUS_READY, "", False
     except (
         InvalidArgument,
         ResourceExhausted,
         FailedPrecondition,
         NotFound,
         PermissionDenied,
-        Unavailable,
+        OutageTooLong,
     ) as exc:
-        # A bad or unreachable document fails alone; the session goes on with the others.
+        # A bad or unreachable document fails alone; the session goes on with the others. The
+        # object store or NATS being away (`Unavailable`) is not the document's fault: it goes up,
+        # and the stage waits the outage out.
         out_doc.status, out_doc.error = D.DOCUMENT_STATUS_FAILED, exc.message
+        out_doc.retryable = isinstance(exc, OutageTooLong)
         log.warning("document %s (%s) failed: %s", doc.doc_id, doc.name, exc.message)
     return out_doc
 
@@ -126,7 +137,9 @@ async def ingest_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb
     sid, tenant = item.session_id, item.tenant
     docs = list(rec.documents)
     for i, doc in enumerate(docs):
-        await events.progress(rt.bus, tenant, sid, session_pb2.STAGE_INGEST, i, len(docs), f"extracting {doc.name}")
+        await events.progress(
+            rt.bus, tenant, sid, session_pb2.STAGE_INGEST, i, len(docs), f"extracting {doc.name}"
+        )
         if doc.status != D.DOCUMENT_STATUS_PENDING:
             continue  # done in an earlier delivery
         done = await _ingest_document(rt, tenant, sid, doc, rec.options.passwords.get(doc.doc_id))
