@@ -4,18 +4,24 @@ to one gRPC call. This module assembles the app: settings and gRPC channels on `
 /v1), and the routers of `gateway.routes` in a fixed order (the order of the route table and of the
 OpenAPI paths), behind the guard (`gateway.guard`: Host, Origin, body size) and the credentials
 (`gateway.auth`). FastAPI's own /docs and /redoc load their scripts from a CDN; `routes.docs` serves
-Swagger UI from the installed swagger-ui-bundle instead."""
+Swagger UI from the installed swagger-ui-bundle instead. Outermost of all, `HttpMetrics` counts and
+times every request by route template and answers `GET /metrics` for Prometheus (not a route, so
+it is not in the OpenAPI document; like /healthz it needs no credentials: it holds counts only)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import Credentials
 from gateway.clients import Clients
@@ -31,6 +37,7 @@ from gateway.common import (
 )
 from gateway.guard import install as install_guard
 from gateway.routes import access, bots, docs, documents, health, openai, pairs, sessions, sources, web
+from services.common import metrics
 from services.common.config import Settings
 from services.common.errors import DocloraError
 
@@ -83,6 +90,42 @@ async def openai_refusal(request: Request, exc: OpenAIError):
     return openai_error(exc)
 
 
+class HttpMetrics:
+    """ASGI middleware: each request counted by method, route template and status, and timed to its
+    response's headers (`metrics.observe_http`); `GET /metrics` answers with this process's metrics."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/metrics" and scope["method"] in ("GET", "HEAD"):
+            # in a thread: collectors may do I/O (the process's own /proc files)
+            body = await asyncio.to_thread(generate_latest)
+            return await Response(body, media_type=CONTENT_TYPE_LATEST)(scope, receive, send)
+        started, answered = time.perf_counter(), False
+
+        def observe(status: int) -> None:
+            # the router has matched by now: the template, never the path (ids stay out of labels)
+            route = getattr(scope.get("route"), "path", None)
+            metrics.observe_http(scope["method"], route, status, time.perf_counter() - started)
+
+        async def timed_send(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+                observe(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        except Exception:
+            if not answered:  # the server's error middleware, outside this one, answers 500
+                observe(500)
+            raise
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     app.state.clients = Clients.connect(app.state.settings)
@@ -111,7 +154,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(OpenAIError, openai_refusal)
     app.add_middleware(Credentials, settings=settings)
-    install_guard(app, settings)  # added last, so it runs first: Host, Origin, body size
+    install_guard(app, settings)  # runs before the routes: Host, Origin, body size
+    app.add_middleware(HttpMetrics)  # added last, so it runs first: it sees the guard's refusals too
     for module in ROUTERS:
         app.include_router(module.router)
     return app

@@ -1,17 +1,20 @@
 """One gRPC bootstrap for every service: grpc.aio server, the error interceptor, health, reflection,
-background workers, and graceful shutdown (SIGTERM -> NOT_SERVING -> stop workers -> stop(grace))."""
+background workers, and graceful shutdown (SIGTERM -> NOT_SERVING -> stop workers -> stop(grace)).
+The error interceptor also counts every call by its final status code (services/common/metrics.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import metrics
 from services.common.errors import DocloraError, TooManyRequests
 
 log = logging.getLogger(__name__)
@@ -46,8 +49,19 @@ def wrap_handler(handler, unary, stream):
     return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kw)
 
 
+def _final_code(context) -> str:
+    """The name of the status a finished call ends with (OK when nothing set another)."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):  # grpc.aio keeps the raw number
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    return "OK"
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to their status codes, and anything unexpected to INTERNAL with a log line."""
+    """Maps domain errors to their status codes, and anything unexpected to INTERNAL with a log line;
+    records every call's status code and duration (`metrics.observe_grpc`)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -63,26 +77,42 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             log.exception("unexpected error in %s", method, exc_info=exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
+        def observe(context, started: float, cancelled: bool) -> None:
+            code = "CANCELLED" if cancelled else _final_code(context)
+            metrics.observe_grpc(method, code, time.perf_counter() - started)
+
         def wrap_unary(inner):
             async def call(request, context):
+                started, cancelled = time.perf_counter(), False
                 try:
                     return await inner(request, context)
                 except grpc.aio.AbortError:
                     raise
+                except asyncio.CancelledError:  # the client went away or the server is stopping
+                    cancelled = True
+                    raise
                 except Exception as exc:  # noqa: BLE001 - mapped to a status, never swallowed
                     await fail(context, exc)
+                finally:
+                    observe(context, started, cancelled)
 
             return call
 
         def wrap_stream(inner):
             async def call(request, context):
+                started, cancelled = time.perf_counter(), False
                 try:
                     async for item in inner(request, context):
                         yield item
                 except grpc.aio.AbortError:
                     raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    cancelled = True
+                    raise
                 except Exception as exc:  # noqa: BLE001
                     await fail(context, exc)
+                finally:
+                    observe(context, started, cancelled)
 
             return call
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from doclora.v1 import events_pb2, session_pb2
+from services.common import metrics
 from services.common.errors import DocloraError, OutageTooLong, Unavailable
 from services.common.logging import session_context
 from services.common.runtime import Runtime, wait_out_outage
@@ -68,9 +70,10 @@ class StageWorker:
         out here with back-off (the message stays in flight, kept alive by the bus); a longer one
         fails the session, naming what was away."""
         item = parse_item(work.data)
+        started, outcome = time.perf_counter(), "retried"  # an exception: redelivered or dead-lettered
         with session_context(item.session_id):
             try:
-                await wait_out_outage(
+                outcome = await wait_out_outage(
                     functools.partial(self._handle_once, item),
                     window_s=self.rt.settings.outage_window_s,
                     what=f"{self.name} of session {item.session_id}",
@@ -79,17 +82,21 @@ class StageWorker:
             except OutageTooLong as exc:
                 log.warning("%s failed: %s", self.name, exc.message)
                 await self.rt.sessions.fail(item.session_id, self.stage, exc.code, exc.message)
+                outcome = "failed"
+            finally:
+                metrics.observe_stage(self.name, time.perf_counter() - started, outcome)
 
-    async def _handle_once(self, item: events_pb2.WorkItem) -> None:
+    async def _handle_once(self, item: events_pb2.WorkItem) -> str:
         """The stage for one work item, from a fresh read of the record (so a retry after an
-        outage sees what the last try finished)."""
+        outage sees what the last try finished); returns its outcome for the stage metrics: ok,
+        failed (the session failed) or skipped (nothing to do)."""
         try:
             rec = await self.rt.sessions.get(item.session_id)
         except Unavailable:
             raise
         except DocloraError as exc:
             log.warning("dropping %s work for unknown session: %s", self.name, exc)
-            return
+            return "skipped"
         if item.round < rec.round:
             log.info(
                 "dropping %s work of round %d: the session is in round %d",
@@ -97,10 +104,10 @@ class StageWorker:
                 item.round,
                 rec.round,
             )
-            return
+            return "skipped"
         if rec.state in FINAL_STATES:
             log.info("skipping %s: session is %s", self.name, state_name(rec.state))
-            return
+            return "skipped"
         if STATE_ORDER.get(rec.state, 0) > STATE_ORDER[STAGE_STATE[self.stage]]:
             # Done before a crash that came between the state change and the ack: make sure
             # the next stage is queued (a duplicate publish is dropped) and move on.
@@ -109,7 +116,7 @@ class StageWorker:
                 await self.rt.enqueue(
                     item.session_id, item.tenant, nxt, round=item.round, priority=item.priority
                 )
-            return
+            return "skipped"
         log.info("%s started", self.name)
         await self.rt.sessions.update(item.session_id, lambda r: mark_stage(r, self.stage, started=True))
         await self.rt.sessions.transition(
@@ -126,9 +133,11 @@ class StageWorker:
                 log.info(
                     "%s of round %d ended (%s); the session moved on", self.name, item.round, exc.message
                 )
-                return
+                return "skipped"
             log.warning("%s failed: %s", self.name, exc.message)
             await self.rt.sessions.fail(item.session_id, self.stage, exc.code, exc.message)
+            return "failed"
+        return "ok"
 
     async def _round_moved_on(self, item: events_pb2.WorkItem) -> bool:
         try:

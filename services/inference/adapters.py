@@ -16,7 +16,8 @@ chats for the load.
 This module holds the cache policy: which adapters are loaded, least recently used first, what is
 pinned, and what to evict. An adapter in use by a running request is pinned and never evicted: when
 the pinned adapters leave no room (slots or bytes), a request for another adapter waits (`can_pin`
-says no) instead of overflowing the cache.
+says no) instead of overflowing the cache. Each pin counts as a hit (loaded already) or a miss, and
+each eviction is counted (services/common/metrics.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from services.common import metrics
 from services.inference import fastpath, lora_rows
 from services.inference.mixed_forward import MixedForward
 from services.inference.peft_slots import PeftSlots
@@ -258,8 +260,10 @@ class AdapterCache:
     def _load_locked(self, adapter_id: str, staged: Staged | None) -> str:
         name = self._names.get(adapter_id)
         if name is not None:
+            metrics.ADAPTER_CACHE.labels(result="hit").inc()
             self._names.move_to_end(adapter_id)
             return name
+        metrics.ADAPTER_CACHE.labels(result="miss").inc()
         assert staged is not None
         name = staged.name
         started = time.perf_counter()
@@ -284,4 +288,5 @@ class AdapterCache:
                 continue
             del self._names[old_id]
             self._slots.delete(old_name)
+            metrics.ADAPTER_EVICTIONS.inc()
             log.info("evicted adapter %s", old_id)

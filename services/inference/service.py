@@ -3,14 +3,16 @@ base model alone. The base model loads once per process; adapters come from the 
 (`adapter_store.py`).
 
 The servicer is thin: it checks the chat and the generation options, asks `bots.py` for the turn
-(which adapter, which prompt, which passages) and streams what the engine yields as replies."""
+(which adapter, which prompt, which passages) and streams what the engine yields as replies. It
+records each answer's time to first token and speed (services/common/metrics.py)."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 from doclora.v1 import inference_pb2, inference_pb2_grpc
-from services.common import access
+from services.common import access, metrics
 from services.common.errors import InvalidArgument
 from services.common.runtime import Runtime
 from services.inference.bots import Bots, citation
@@ -32,6 +34,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Chat(self, request, context):
         from services.inference.engine import ChatStats, GenerationParams, check_messages
 
+        started, first = time.perf_counter(), None
         messages = check_messages([{"role": m.role, "content": m.content} for m in request.messages])
         if messages[-1]["role"] != "user":
             raise InvalidArgument("the last message must be the user's")
@@ -52,9 +55,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self.engine.astream_chat(turn.messages, turn.adapter_id, params, stats=stats)
         ) as pieces:
             async for piece in pieces:
+                if first is None:
+                    first = time.perf_counter()
+                    metrics.CHAT_FIRST_TOKEN_SECONDS.observe(first - started)
                 yield inference_pb2.ChatResponse(delta=piece)
+        finish = stats.finish_reason or "stop"
+        metrics.observe_chat(first, time.perf_counter(), stats.completion_tokens, finish)
         yield inference_pb2.ChatResponse(
-            finish_reason=FINISH.get(stats.finish_reason or "stop", inference_pb2.FINISH_REASON_STOP),
+            finish_reason=FINISH.get(finish, inference_pb2.FINISH_REASON_STOP),
             completion_tokens=stats.completion_tokens,
             prompt_tokens=stats.prompt_tokens,
         )

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from services.common.errors import InvalidArgument
+from services.common.metrics import TRAIN_TOKENS_PER_S
 from services.trainer.adapter_io import InitAdapter, load_init_adapter, lora_config
 from services.trainer.config import LoraTrainConfig, RunPlan, auto_config, plan_run
 from services.trainer.distributed import world
@@ -97,7 +98,11 @@ def train_lora(
     plan, resume = _plan(cfg, model, examples, init_adapter, resume)
     with _lora_injected(model, cfg, plan, init_adapter) as peft_model:
         steps = StepLoop(peft_model, examples, cfg, plan, resume)
-        steps.run(progress, should_stop, on_checkpoint)
+        try:
+            steps.run(progress, should_stop, on_checkpoint)
+        finally:
+            if plan.main:
+                TRAIN_TOKENS_PER_S.set(0)  # the run's steps are over (done, cancelled or failed)
         if not plan.main:  # rank 0 evaluates and writes the adapter; the others are done
             return steps.record()
         evaluation = evaluate_run(

@@ -4,7 +4,8 @@ checkpoint states to resume from (see checkpoint.py), cancellation between steps
 budget that may shorten a fresh run once its first steps are timed.
 
 `StepLoop` keeps what the steps have done (losses, token counts, seconds) for the metrics that
-results.py writes; loop.py sets it up and calls it.
+results.py writes; loop.py sets it up and calls it. The main process also counts the tokens it
+trains on, and the run's tokens/s, as Prometheus metrics (services/common/metrics.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from services.common import metrics
 from services.trainer import checkpoint as ckpt
 from services.trainer.config import (
     BUDGET_MIN_STEPS,
@@ -250,6 +252,9 @@ class StepLoop:
         self.run_tokens += step_tokens
         self.computed_tokens += step_computed
         self.label_tokens += step_labels
+        if plan.main:  # the step's tokens over every process
+            metrics.TRAIN_TOKENS.inc(step_tokens)
+            metrics.TRAIN_TOKENS_PER_S.set(self.run_tokens / max(time.monotonic() - self.started, 1e-9))
         return lr
 
     def _report(
