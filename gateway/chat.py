@@ -1,8 +1,13 @@
 """InferenceService.Chat as the chat routes use it (the bot chat and the OpenAI-compatible one):
-building the ChatRequest from a `ChatBody`, opening the stream so its errors become HTTP statuses,
-reading a whole answer, and naming its finish reason."""
+building the ChatRequest from a `ChatBody`, opening the stream so that what fails before the answer
+begins (a full queue too) becomes an HTTP status, reading a whole answer, and naming its finish
+reason."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
 
 from doclora.v1 import inference_pb2
 from gateway.clients import Clients
@@ -26,17 +31,26 @@ def chat_request(bot_id: str, body: ChatBody) -> inference_pb2.ChatRequest:
     )
 
 
-async def open_chat(c: Clients, req: inference_pb2.ChatRequest):
-    """Start a chat stream and read its first message, so errors become HTTP statuses."""
+async def open_chat(c: Clients, req: inference_pb2.ChatRequest) -> AsyncIterator[inference_pb2.ChatResponse]:
+    """Start a chat stream and read it up to its first text (or its end), so that what fails before
+    the answer begins becomes an HTTP status: an unknown bot, a prompt too long, and a full queue
+    (429), which the engine only sees after the passages it cites (the first messages of a bot
+    answering from them). Returns every message of the stream, those read here first."""
     call = c.inference.Chat(req)
-    first = await call.read()
-    return call, first
+    read = []
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        read.append(msg)
+        if msg.delta or msg.finish_reason:
+            break
+    return responses(call, *read)
 
 
-async def collect(call, first) -> tuple[str, inference_pb2.ChatResponse | None, list[dict]]:
+async def collect(
+    messages: AsyncIterator[inference_pb2.ChatResponse],
+) -> tuple[str, inference_pb2.ChatResponse | None, list[dict]]:
     """A whole answer: its text, the closing message (finish reason, usage) and the citations."""
     text, last, cites = [], None, []
-    async for msg in responses(call, first):
+    async for msg in messages:
         text.append(msg.delta)
         cites += [to_json(ci) for ci in msg.citations]
         if msg.finish_reason:

@@ -1,13 +1,15 @@
 """What the app and every route module share, the one place each of these lives: the gRPC clients
 taken from `request.app.state` (as the `ClientsDep` dependency), gRPC status -> HTTP status, the JSON
 error envelopes (doclora's `{"error": {"code", "message"}}` and OpenAI's `{"error": {"message", "type",
-"param", "code"}}` under /v1), protobuf -> JSON, reading a server stream whose first message was
-already read, and Server-Sent Events (framed by sse-starlette, with `: ping` keep-alive comments and
-the stream closed when the client goes away)."""
+"param", "code"}}` under /v1), protobuf -> JSON, reading a server stream whose first messages were
+already read, and Server-Sent Events (framed by sse-starlette, with `: ping` keep-alive comments, an
+error event in the API's envelope ending a stream that fails midway, and the stream closed when the
+client goes away)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated
 
 import grpc
@@ -19,6 +21,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from doclora.v1 import session_pb2
 from gateway.clients import Clients
 from services.common.options import CHOICES, choice_names
+
+log = logging.getLogger(__name__)
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -41,6 +45,7 @@ OPENAI_ERROR_TYPE = {401: "authentication_error", 403: "permission_error", 429: 
 # `data: {json}\n\n`. Idle streams get a comment every DOCLORA_SSE_PING_S seconds, which EventSource and
 # SSE clients skip and which keeps proxies from closing a progress stream waiting in the queue.
 SSE_SEP = "\n"
+INTERNAL_MESSAGE = "internal error; see the gateway log"
 
 
 def http_status(code: grpc.StatusCode) -> int:
@@ -88,11 +93,13 @@ def openai_error(exc: OpenAIError) -> JSONResponse:
 
 
 def openai_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
-    """A failed gRPC call as the OpenAI API says it: a full inference queue is a 429 (which the
-    OpenAI SDKs retry after a back-off), the rest keeps its HTTP status."""
+    """A failed gRPC call as the OpenAI API says it, with the HTTP status of `rpc_status`: a full
+    inference queue or a key over its rate is a 429 with Retry-After (which the OpenAI SDKs honour
+    when they retry)."""
     code = exc.code()
-    status = 429 if code == grpc.StatusCode.RESOURCE_EXHAUSTED else http_status(code)
-    return OpenAIError(status, exc.details() or code.name, code=code.name.lower(), retry_after=retry_after(exc))
+    return OpenAIError(
+        rpc_status(exc), exc.details() or code.name, code=code.name.lower(), retry_after=retry_after(exc)
+    )
 
 
 def clients(request: Request) -> Clients:
@@ -125,14 +132,16 @@ def envelope(path: str, status: int, code: str, message: str, param: str | None 
     return error(status, code, message)
 
 
-async def responses(call, first):
-    """The messages of a server stream whose first message was already read (so that its errors
-    became HTTP statuses); cancels the call when left."""
-    msg = first
+async def responses(call, *read):
+    """The messages of a server stream whose first messages were already `read` (so that its errors
+    became HTTP statuses), those first; cancels the call when left."""
     try:
-        while msg is not grpc.aio.EOF:
+        for msg in read:
+            if msg is grpc.aio.EOF:
+                return
             yield msg
-            msg = await call.read()
+        while (msg := await call.read()) is not grpc.aio.EOF:
+            yield msg
     finally:
         call.cancel()
 
@@ -144,9 +153,19 @@ def sse(event: str | None, data: dict | str) -> ServerSentEvent:
     return ServerSentEvent(text, event=event, sep=SSE_SEP)
 
 
-def sse_error(exc: grpc.aio.AioRpcError) -> ServerSentEvent:
-    """The `error` event that ends a stream whose gRPC call failed after the response began."""
-    return sse("error", {"error": {"code": exc.code().name, "message": exc.details()}})
+def sse_error(exc: Exception, *, openai: bool = False) -> ServerSentEvent:
+    """The event that ends a stream failing after its response began, in its API's envelope:
+    doclora's `error` event, or OpenAI's data-only `{"error": ...}` chunk (`openai`; the stream's
+    `data: [DONE]` follows). A failed gRPC call (the service gone, say) keeps its status and
+    message; anything else is logged and told as an internal error."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        if openai:
+            return sse(None, openai_rpc_error(exc).body())
+        return sse("error", {"error": {"code": exc.code().name, "message": exc.details() or exc.code().name}})
+    log.error("a stream failed after its response began", exc_info=exc)
+    if openai:
+        return sse(None, OpenAIError(500, INTERNAL_MESSAGE).body())
+    return sse("error", {"error": {"code": "INTERNAL", "message": INTERNAL_MESSAGE}})
 
 
 def ping() -> ServerSentEvent:

@@ -1,12 +1,11 @@
 """A trained bot (the `bots` tag): its adapter record with metrics, its adapter as a zip to download,
 and chat with it, answered as one JSON object or as Server-Sent Events (`citations`, `delta`,
-`done`, `error`)."""
+`done`, and `error` when it fails after it began)."""
 
 from __future__ import annotations
 
 import json
 
-import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -39,21 +38,24 @@ async def download_adapter(session_id: str, c: ClientsDep):
             yield msg.chunk
 
     return StreamingResponse(
-        body(), media_type="application/zip", headers={"Content-Disposition": f'attachment; filename="{name}"'}
+        body(),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
 
 
 @router.post("/api/v1/bots/{bot_id}/chat")
 async def chat(bot_id: str, body: ChatBody, request: Request, c: ClientsDep):
-    """Chat with a bot; `stream: true` (default) answers with Server-Sent Events `delta` and `done`."""
-    call, first = await open_chat(c, chat_request(bot_id, body))
+    """Chat with a bot; `stream: true` (default) answers with Server-Sent Events `delta` and `done`
+    (`citations` first when it answers from passages), or a last `error` when it fails midway."""
+    messages = await open_chat(c, chat_request(bot_id, body))
     if not body.stream:
-        text, last, cites = await collect(call, first)
+        text, last, cites = await collect(messages)
         return {"bot_id": bot_id, "content": text, "finish_reason": finish_name(last), "citations": cites}
 
     async def stream():
         try:
-            async for msg in responses(call, first):
+            async for msg in messages:
                 if msg.citations:
                     yield sse("citations", {"citations": [to_json(ci) for ci in msg.citations]})
                 if msg.delta:
@@ -63,7 +65,7 @@ async def chat(bot_id: str, body: ChatBody, request: Request, c: ClientsDep):
                         "done",
                         {"finish_reason": finish_name(msg), "completion_tokens": msg.completion_tokens},
                     )
-        except grpc.aio.AioRpcError as exc:
+        except Exception as exc:  # noqa: BLE001 - told to the client in the stream's last event
             yield sse_error(exc)
 
     return event_stream(request, stream())

@@ -10,7 +10,6 @@ OpenAI does. Errors have OpenAI's shape (see `gateway.app`); an unknown model is
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 
@@ -19,10 +18,9 @@ from fastapi import APIRouter, Request
 
 from doclora.v1 import inference_pb2
 from gateway.chat import chat_request, collect, open_chat
-from gateway.common import ClientsDep, OpenAIError, event_stream, openai_rpc_error, responses, sse
+from gateway.common import ClientsDep, OpenAIError, event_stream, sse, sse_error
 from gateway.schemas import ChatBody, ChatMessage, OpenAIChatBody, OpenAIMessage
 
-log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 ROLES = {"developer": "system"}
 
@@ -92,7 +90,7 @@ async def chat_completions(body: OpenAIChatBody, request: Request, c: ClientsDep
     """OpenAI-compatible chat; `model` is the bot id."""
     chat = chat_body(body)
     try:
-        call, first = await open_chat(c, chat_request(body.model, chat))
+        messages = await open_chat(c, chat_request(body.model, chat))
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.NOT_FOUND:
             raise
@@ -106,7 +104,7 @@ async def chat_completions(body: OpenAIChatBody, request: Request, c: ClientsDep
     head = {"id": cid, "created": created, "model": body.model}
 
     if not chat.stream:
-        text, last, cites = await collect(call, first)
+        text, last, cites = await collect(messages)
         return {
             **head,
             "object": "chat.completion",
@@ -133,7 +131,7 @@ async def chat_completions(body: OpenAIChatBody, request: Request, c: ClientsDep
         last = None
         try:
             yield chunk({"role": "assistant", "content": ""}, None)
-            async for msg in responses(call, first):
+            async for msg in messages:
                 if msg.delta:
                     yield chunk({"content": msg.delta}, None)
                 if msg.finish_reason:
@@ -143,11 +141,8 @@ async def chat_completions(body: OpenAIChatBody, request: Request, c: ClientsDep
                 yield sse(
                     None, {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(last)}
                 )
-        except grpc.aio.AioRpcError as exc:
-            yield sse(None, openai_rpc_error(exc).body())
-        except Exception:  # noqa: BLE001 - reported to the client as OpenAI does, and logged
-            log.exception("chat completion stream of %r failed", body.model)
-            yield sse(None, OpenAIError(500, "internal error; see the gateway log").body())
+        except Exception as exc:  # noqa: BLE001 - told to the client as OpenAI does (and logged)
+            yield sse_error(exc, openai=True)
         yield sse(None, "[DONE]")
 
     return event_stream(request, stream())

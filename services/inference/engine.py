@@ -53,7 +53,7 @@ MAX_STOP_CHARS = 256
 # a newcomer (its chunks alternate with their decode steps).
 PREFILL_CHUNK = 512
 MAX_BATCH = 8  # requests decoded together
-MAX_QUEUE = 64  # requests waiting for a place in the batch before new ones get RESOURCE_EXHAUSTED
+MAX_QUEUE = 64  # requests waiting for a place in the batch before new ones get TooManyRequests
 # How often a blocking (sync) consumer waiting for a piece checks that the scheduler is alive.
 _POLL_S = 1.0
 
@@ -202,7 +202,7 @@ class ChatEngine:
         """Yield the answer's text a piece at a time (blocking; run it off the event loop).
 
         Bad messages or params raise InvalidArgument here; the rest on the first `next()`:
-        ResourceExhausted when the queue is full, NotFound for an unknown adapter, InvalidArgument
+        TooManyRequests when the queue is full, NotFound for an unknown adapter, InvalidArgument
         for a prompt too long. Generation runs ahead of the consumer; setting `cancel` or closing
         the iterator ends it within a step, and no piece is yielded after `cancel` is seen.
         """
@@ -219,9 +219,10 @@ class ChatEngine:
     ) -> AsyncIterator[str]:
         """`stream_chat` for asyncio; stops generation when the consumer leaves.
 
-        A full queue raises ResourceExhausted on the first read, without waiting. Closing this
-        generator or cancelling the task that iterates it takes the request out of the batch at the
-        next step and waits for that, so its adapter is unpinned when it returns.
+        A full queue raises TooManyRequests (gRPC RESOURCE_EXHAUSTED with a `retry-after`, HTTP
+        429) on the first read, without waiting. Closing this generator or cancelling the task that
+        iterates it takes the request out of the batch at the next step and waits for that, so its
+        adapter is unpinned when it returns.
         """
         clean, params = self._check(messages, params)
         stats = stats or ChatStats()

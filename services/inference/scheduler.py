@@ -1,6 +1,7 @@
 """Continuous batching: one thread runs every chat on the shared model, one forward per step.
 
-Requests wait in a bounded queue (full: ResourceExhausted at once, not a pile-up). Between steps
+Requests wait in a bounded queue (full: TooManyRequests at once, not a pile-up, with the seconds
+until the queue has drained into the batch at the pace requests have been leaving it). Between steps
 the scheduler drops cancelled requests, admits waiting ones up to `max_batch` (pinning their
 adapters), runs one prefill chunk of a newcomer, then one decode step for all running requests
 together, whatever their adapters (`AdapterCache.run` gives each row its own). A request whose
@@ -18,14 +19,16 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from services.common.errors import ResourceExhausted, Unavailable
+from services.common.errors import TooManyRequests, Unavailable
 from services.inference import kv
 from services.inference.adapters import AdapterCache
 from services.inference.text import IncrementalDecoder, StopScanner
@@ -36,6 +39,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PIECE, ERROR, DONE = "piece", "error", "done"
+# A full queue's Retry-After, in seconds: how long the waiting requests take to move into the batch
+# (each batch place frees after the recent average time a request held one), between these bounds;
+# before any request has finished, the lower one.
+RETRY_AFTER_S = (1, 60)
+# Weight of the latest finished request in that average (an exponential moving average).
+HOLD_WEIGHT = 0.2
 
 
 @dataclass(eq=False)
@@ -58,6 +67,7 @@ class Request:
     detok: IncrementalDecoder | None = None
     stops: StopScanner | None = None
     finished: bool = False
+    started: float = 0.0  # time.monotonic() when it got its place in the batch
 
     def cancelled(self) -> bool:
         return self.gone or self.cancel()
@@ -97,17 +107,29 @@ class Scheduler:
         adapters.on_staged = self.wake
         self.steps = 0  # decode steps run, for tests and metrics
         self.max_rows_seen = 0
+        self.hold_s = 0.0  # average seconds a request held its place in the batch (0: none yet)
 
     # ---- requester side (any thread)
 
     def reserve(self) -> None:
-        """Count a new request in the queue, or raise ResourceExhausted when the queue is full."""
+        """Count a new request in the queue, or raise TooManyRequests (with the seconds to wait)
+        when the queue is full."""
         with self._cond:
             if self._closed:
                 raise Unavailable("the chat engine is shut down")
-            if self._reserved + len(self._ready) >= self.max_queue:
-                raise ResourceExhausted(f"too many chats waiting ({self.max_queue}); try again shortly")
+            waiting = self._reserved + len(self._ready)
+            if waiting >= self.max_queue:
+                raise TooManyRequests(
+                    f"too many chats waiting ({self.max_queue}); try again shortly",
+                    retry_after_s=self.retry_after_s(waiting),
+                )
             self._reserved += 1
+
+    def retry_after_s(self, waiting: int) -> int:
+        """Seconds until `waiting` requests have moved into the batch, at the pace of the recent
+        ones (`max_batch` places, each held `hold_s` on average), within RETRY_AFTER_S."""
+        low, high = RETRY_AFTER_S
+        return min(high, max(low, math.ceil(self.hold_s * waiting / self.max_batch)))
 
     def unreserve(self) -> None:
         """Give back a reservation whose request will never be submitted (preparing it failed)."""
@@ -285,6 +307,7 @@ class Scheduler:
         req.detok = IncrementalDecoder(self.tokenizer)
         req.stops = StopScanner(params.stop)
         req.stats.finish_reason = None
+        req.started = time.monotonic()
         self._prefilling.append(req)
 
     def _prefill(self, req: Request) -> None:
@@ -368,6 +391,9 @@ class Scheduler:
             except Exception:  # never leave the consumer hanging over a cache bookkeeping error
                 log.exception("unpinning adapter %s failed", name)
         req.cache = None
+        if req.started:  # it held a place in the batch: how long, for a full queue's Retry-After
+            held = time.monotonic() - req.started
+            self.hold_s = held if not self.hold_s else self.hold_s + HOLD_WEIGHT * (held - self.hold_s)
         req.post((ERROR, error) if error is not None else (DONE, None))
 
 
