@@ -6,6 +6,8 @@ test uses the defaults, and the server's request log shows that refused links we
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gzip
 import threading
 import time
@@ -14,8 +16,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.ingest.fetch import arxiv_pdf_url, fetch_url, fetch_with_retries
+from services.common import runtime
+from services.common.errors import InvalidArgument, OutageTooLong, ResourceExhausted, Unavailable
+from services.common.runtime import wait_out_outage
+from services.ingest.fetch import arxiv_pdf_url, fetch_url
 
 PDF = b"%PDF-1.4\n% a tiny stand-in\n%%EOF\n"
 BIG = b"x" * 1_000_000
@@ -43,8 +47,14 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/doc.pdf":
             self._send(200, PDF, {"Content-Type": "application/pdf"})
         elif url.path == "/download":
-            self._send(200, PDF, {"Content-Type": "application/pdf; qs=0.9",
-                                  "Content-Disposition": 'attachment; filename="Annual Report.pdf"'})
+            self._send(
+                200,
+                PDF,
+                {
+                    "Content-Type": "application/pdf; qs=0.9",
+                    "Content-Disposition": 'attachment; filename="Annual Report.pdf"',
+                },
+            )
         elif url.path == "/redirect":
             self._send(302, headers={"Location": "/doc.pdf"})
         elif url.path == "/to":
@@ -58,8 +68,10 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path.startswith("/chunked"):
             # HTTP/1.1 chunked transfer, written by hand (http.server answers in HTTP/1.0)
             size = int(query.get("size", ["5"])[0])
-            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
-                             b"Connection: close\r\n\r\n")
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
+                b"Connection: close\r\n\r\n"
+            )
             for start in range(0, size, 4096):
                 piece = b"y" * min(4096, size - start)
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
@@ -67,7 +79,9 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/gzip-bomb":
             self._send(200, gzip.compress(BIG), {"Content-Type": "text/plain", "Content-Encoding": "gzip"})
         elif url.path == "/gzip":
-            self._send(200, gzip.compress(b"hello"), {"Content-Type": "text/plain", "Content-Encoding": "gzip"})
+            self._send(
+                200, gzip.compress(b"hello"), {"Content-Type": "text/plain", "Content-Encoding": "gzip"}
+            )
         elif url.path == "/slow":
             time.sleep(3)
             self._send(200, b"late")
@@ -121,8 +135,12 @@ def fetch(url: str, **kw):
 def test_a_document_is_fetched_with_its_type_and_name_when_loopback_is_allowed(base):
     """Body, media type (without parameters), final URL and file name come back."""
     got = fetch(f"{base}/doc.pdf", allow_private=True)
-    assert (got.data, got.content_type, got.filename, got.final_url) == (PDF, "application/pdf", "doc.pdf",
-                                                                         f"{base}/doc.pdf")
+    assert (got.data, got.content_type, got.filename, got.final_url) == (
+        PDF,
+        "application/pdf",
+        "doc.pdf",
+        f"{base}/doc.pdf",
+    )
 
 
 def test_the_file_name_comes_from_content_disposition_when_present(base):
@@ -152,8 +170,13 @@ def test_a_gzip_body_is_unpacked(base):
 def test_arxiv_abstract_links_become_pdf_links():
     """/abs/ID (with or without a version, old-style IDs too) maps to /pdf/ID; other hosts are left alone."""
     assert arxiv_pdf_url("https://arxiv.org/abs/2502.13189") == "https://arxiv.org/pdf/2502.13189"
-    assert arxiv_pdf_url("https://arxiv.org/abs/2502.13189v2?context=cs") == "https://arxiv.org/pdf/2502.13189v2"
-    assert arxiv_pdf_url("http://export.arxiv.org/abs/hep-th/9901001") == "http://export.arxiv.org/pdf/hep-th/9901001"
+    assert (
+        arxiv_pdf_url("https://arxiv.org/abs/2502.13189v2?context=cs") == "https://arxiv.org/pdf/2502.13189v2"
+    )
+    assert (
+        arxiv_pdf_url("http://export.arxiv.org/abs/hep-th/9901001")
+        == "http://export.arxiv.org/pdf/hep-th/9901001"
+    )
     assert arxiv_pdf_url("https://example.org/abs/2502.13189") == "https://example.org/abs/2502.13189"
 
 
@@ -194,8 +217,11 @@ def test_private_loopback_link_local_and_reserved_addresses_are_refused_by_defau
 def test_a_redirect_from_an_allowed_host_to_a_private_address_is_refused(server, base):
     """Only the first hop is allowed; its redirects to loopback by name or to the metadata address fail."""
     port = server.server_address[1]
-    for target in (f"http://localhost:{port}/doc.pdf", "http://169.254.169.254/latest/meta-data/",
-                   f"http://[::1]:{port}/doc.pdf"):
+    for target in (
+        f"http://localhost:{port}/doc.pdf",
+        "http://169.254.169.254/latest/meta-data/",
+        f"http://[::1]:{port}/doc.pdf",
+    ):
         with pytest.raises(InvalidArgument, match="only public internet addresses"):
             fetch(f"{base}/to?target={target}", allow_hosts={"127.0.0.1"})
     assert all(hit.startswith("/to?") for hit in server.hits)
@@ -232,8 +258,14 @@ def test_a_slow_server_is_given_up_on_at_the_time_limit(base, path):
 
 @pytest.mark.parametrize(
     "url",
-    ["file:///etc/passwd", "ftp://example.com/file.pdf", "gopher://example.com/", "javascript:alert(1)",
-     "//example.com/no-scheme", "data:text/plain,hello"],
+    [
+        "file:///etc/passwd",
+        "ftp://example.com/file.pdf",
+        "gopher://example.com/",
+        "javascript:alert(1)",
+        "//example.com/no-scheme",
+        "data:text/plain,hello",
+    ],
 )
 def test_non_http_schemes_are_refused(url):
     """Only http and https links are fetched."""
@@ -255,21 +287,29 @@ def test_http_errors_say_what_the_server_answered(base):
         fetch(f"{base}/broken", allow_private=True)
 
 
-def test_a_flaky_link_is_fetched_on_a_later_attempt(base, server):
-    """Two 503s then the document: fetched on the third try, after waiting 1 s then 2 s."""
-    waits = []
-    got = fetch_with_retries(f"{base}/flaky", attempts=3, sleep=waits.append, max_bytes=10_000, timeout_s=5,
-                             allow_private=True)
-    assert got.data == PDF and server.hits.count("/flaky") == 3 and waits == [1.0, 2.0]
+@pytest.fixture
+def quick_backoff(monkeypatch):
+    monkeypatch.setattr(runtime, "OUTAGE_FIRST_DELAY_S", 0.05)
 
 
-def test_retries_give_up_after_the_last_attempt_and_bad_links_are_not_retried(base, server):
-    waits = []
-    with pytest.raises(Unavailable, match="503"):
-        fetch_with_retries(f"{base}/broken", attempts=2, sleep=waits.append, max_bytes=10_000, timeout_s=5,
-                           allow_private=True)
-    assert server.hits.count("/broken") == 2 and waits == [1.0]
+def _waited_fetch(url: str, window_s: float):
+    """How the ingest worker fetches a link: `fetch_url` tried again while the server is away."""
+    call = functools.partial(
+        asyncio.to_thread, fetch_url, url, max_bytes=10_000, timeout_s=5, allow_private=True
+    )
+    return asyncio.run(wait_out_outage(call, window_s=window_s, what="fetching"))
+
+
+def test_a_flaky_link_is_fetched_on_a_later_attempt(base, server, quick_backoff):
+    """Two 503s then the document: fetched on the third try."""
+    got = _waited_fetch(f"{base}/flaky", window_s=5)
+    assert got.data == PDF and server.hits.count("/flaky") == 3
+
+
+def test_retries_give_up_after_the_window_and_bad_links_are_not_retried(base, server, quick_backoff):
+    with pytest.raises(OutageTooLong, match="503"):
+        _waited_fetch(f"{base}/broken", window_s=0.3)
+    assert server.hits.count("/broken") >= 2
     with pytest.raises(InvalidArgument, match="404"):
-        fetch_with_retries(f"{base}/missing", attempts=3, sleep=waits.append, max_bytes=10_000, timeout_s=5,
-                           allow_private=True)
+        _waited_fetch(f"{base}/missing", window_s=5)
     assert server.hits.count("/missing") == 1

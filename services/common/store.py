@@ -15,19 +15,37 @@ a stream's digest is known, so `put_stream` records it after a multipart upload 
 server-side copy of the object onto itself, guarded by the upload's ETag (SeaweedFS and MinIO
 only rewrite the metadata; AWS S3 copies the data inside S3). Small streams (one part) are hashed
 before they are sent, files before they are streamed.
+
+User metadata travels as HTTP headers, which carry printable ASCII only, while the values callers
+store are names and links people typed (`résumé.txt`, `…/wiki/Köln`). So a value that is not
+printable ASCII, or would not come back from a header as it is (empty, spaces at its ends, starting
+like an encoded word), is written as one RFC 2047 encoded word, `=?UTF-8?B?<base64 of UTF-8>?=`
+(AWS S3 decodes those on write and answers non-ASCII values RFC 2047-encoded; SeaweedFS and MinIO
+keep them as sent), and every read (`stat`, `iter_chunks`) decodes it: callers see the text they
+stored, and other S3 tools see a standard encoding.
+
+`put_bytes(if_match=etag)` and `put_bytes(if_absent=True)` are conditional writes (S3's If-Match /
+If-None-Match on PutObject, honoured by SeaweedFS, MinIO and AWS S3): the write happens only if the
+object is still the one read (`get_with_etag`), or still absent, else `Conflict`. `mutate` builds
+a read-change-write on them that retries on a lost race, so concurrent writers of one object (two
+replicas editing a session's pairs) never overwrite each other's changes.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import io
 import json
 import mimetypes
 import os
+import random
 import re
 import secrets
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +60,7 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 
 from services.common.config import Settings
 from services.common.errors import (
+    Conflict,
     DocloraError,
     FailedPrecondition,
     InvalidArgument,
@@ -67,6 +86,11 @@ _UNAVAILABLE_CODES = {
     "XMinioServerNotInitialized",
 }
 _META_KEY = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# an RFC 2047 encoded word as a whole header value: =?charset?B|Q?text?=
+_ENCODED_WORD = re.compile(r"^=\?([A-Za-z0-9_-]+)\?([BbQq])\?([^?]*)\?=$")
+# S3's answers to a conditional write that did not hold (412, or AWS's 409 for a concurrent one)
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+DEFAULT_MUTATE_ATTEMPTS = 8
 _RESERVED_META = {
     "content-type",
     "cache-control",
@@ -155,8 +179,8 @@ def _check_segments(value: str, segments: list[str], *, what: str) -> None:
 
 
 def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
-    """User metadata travels as `x-amz-meta-<key>` headers: keys are lower-cased letters, digits and
-    '-', values printable ASCII."""
+    """User metadata as it goes on the wire, as `x-amz-meta-<key>` headers: keys lower-cased letters,
+    digits and '-'; values any text, encoded where a header cannot carry them as they are."""
     out: dict[str, str] = {}
     for k, v in (metadata or {}).items():
         name = k.lower() if isinstance(k, str) else k
@@ -164,15 +188,54 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
             raise InvalidArgument(f"invalid metadata key {k!r}: use lower-case letters, digits and '-'")
         if name.startswith("x-amz-"):
             raise InvalidArgument(f"invalid metadata key {k!r}: the x-amz- prefix is reserved")
-        if not isinstance(v, str) or not v.isascii() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
-            raise InvalidArgument(f"invalid metadata value for {k!r}: {v!r} (printable ASCII only)")
-        out[name] = v
+        if not isinstance(v, str):
+            raise InvalidArgument(f"invalid metadata value for {k!r}: {v!r} is not a string")
+        out[name] = encode_meta_value(v, k)
     return out
+
+
+def encode_meta_value(value: str, what: str = "value") -> str:
+    """`value` as a header can carry it: itself when it is printable ASCII that a header keeps as it
+    is, else one RFC 2047 encoded word of its UTF-8 (see the module docstring). An empty value is
+    encoded too: servers drop an empty header."""
+    plain = (
+        value
+        and value.isascii()
+        and all(0x20 <= ord(c) < 0x7F for c in value)
+        and value == value.strip(" ")
+        and not value.startswith("=?")
+    )
+    if plain:
+        return value
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"invalid metadata value for {what!r}: {value!r} is not Unicode text") from None
+    return f"=?UTF-8?B?{base64.b64encode(raw).decode('ascii')}?="
+
+
+def decode_meta_value(value: str) -> str:
+    """The text an `encode_meta_value` result (or any RFC 2047 encoded word) stands for; a value
+    that is not one, or cannot be decoded, as it is."""
+    found = _ENCODED_WORD.match(value)
+    if found is None:
+        return value
+    charset, kind, text = found.groups()
+    try:
+        if kind in "Bb":
+            raw = base64.b64decode(text, validate=True)
+        else:
+            raw = binascii.a2b_qp(text.encode("ascii"), header=True)
+        return raw.decode(charset)
+    except (ValueError, LookupError):  # bad base64, unknown charset, bytes not in it
+        return value
 
 
 def _user_metadata(headers) -> dict[str, str]:
     return {
-        k[len(_META_PREFIX) :].lower(): v for k, v in headers.items() if k.lower().startswith(_META_PREFIX)
+        k[len(_META_PREFIX) :].lower(): decode_meta_value(v)
+        for k, v in headers.items()
+        if k.lower().startswith(_META_PREFIX)
     }
 
 
@@ -361,6 +424,8 @@ class ArtifactStore:
                 ) from err
             if code == "AccessDenied":
                 raise PermissionDenied(f"access denied to {where}") from err
+            if code == "MetadataTooLarge":  # AWS S3 takes 2 KB of user metadata per object
+                raise InvalidArgument(f"the metadata of {where} is too large: {err.message}") from err
             if code in _UNAVAILABLE_CODES:
                 raise Unavailable(
                     f"object store at {self.endpoint} failed on {where}: {code} {err.message}"
@@ -396,12 +461,23 @@ class ArtifactStore:
         *,
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
+        if_match: str | None = None,
+        if_absent: bool = False,
     ) -> PutResult:
-        """Store `data` under `key` (one request up to `part_size`, multipart above)."""
+        """Store `data` under `key` (one request up to `part_size`, multipart above).
+
+        `if_match=etag` writes only over the object whose ETag that is (as `get_with_etag` or a
+        `PutResult` gave it), `if_absent=True` only where there is no object: otherwise `Conflict`
+        and nothing is written. A conditional write goes in one request whatever its size.
+        """
         validate_key(key)
+        if if_match is not None and if_absent:
+            raise InvalidArgument("give if_match or if_absent, not both")
         data = bytes(data)
         digest = hashlib.sha256(data).hexdigest()
         meta = self._with_digest(metadata, digest)
+        if if_match is not None or if_absent:
+            return self._put_if(key, data, content_type, meta, digest, if_match)
         with self._errors(key):
             result = self._client.put_object(
                 self.bucket,
@@ -414,6 +490,78 @@ class ArtifactStore:
                 num_parallel_uploads=1,
             )
         return PutResult(key, len(data), digest, result.etag)
+
+    def _put_if(
+        self, key: str, data: bytes, content_type: str, meta: dict[str, str], digest: str, etag: str | None
+    ) -> PutResult:
+        # The SDK's put_object sends no request headers of ours (it would make If-Match user
+        # metadata), so this is its single PutObject request with the headers built here; the SDK
+        # is pinned in pyproject.toml.
+        headers = {"Content-Type": content_type, **{_META_PREFIX + k: v for k, v in meta.items()}}
+        if etag is None:
+            headers["If-None-Match"] = "*"
+        else:
+            headers["If-Match"] = f'"{etag.strip(chr(34))}"'
+        with self._errors(key):
+            try:
+                result = self._client._put_object(self.bucket, key, data, headers=headers)
+            except S3Error as err:
+                # AWS S3 answers If-Match on a missing object with NoSuchKey: it changed too (went)
+                if err.code in _CONFLICT_CODES or (etag is not None and err.code in _NOT_FOUND_CODES):
+                    held = "was created" if etag is None else f"is no longer the version {etag} read"
+                    raise Conflict(
+                        f"object {key!r} in bucket {self.bucket!r} changed meanwhile (it {held}); "
+                        "read it again and retry"
+                    ) from err
+                raise
+        return PutResult(key, len(data), digest, result.etag)
+
+    def mutate(
+        self,
+        key: str,
+        change: Callable[[bytes | None], bytes],
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+        attempts: int = DEFAULT_MUTATE_ATTEMPTS,
+    ) -> PutResult:
+        """Read-change-write `key` by compare-and-swap: `change(current bytes, or None where there is
+        no object)` gives the new bytes, written only if the object is still the one read; when
+        another writer got in between, it is read again and `change` applied again (so `change`
+        must be a pure function of what it is given), after a short random pause, up to `attempts`
+        times, then `Conflict`. Exceptions of `change` go through as they are, nothing written.
+
+        A write whose answer was lost and so was sent again (urllib3 retries PUT) finds its own
+        bytes there on the next read: an ETag equal to their MD5 (a one-request PutObject's ETag on
+        S3, MinIO and SeaweedFS) counts as done rather than applying the change twice.
+        """
+        if attempts < 1:
+            raise InvalidArgument(f"attempts must be at least 1, got {attempts}")
+        sent_md5 = None
+        for attempt in range(attempts):
+            try:
+                current, etag = self.get_with_etag(key)
+            except NotFound:
+                current, etag = None, None
+            if sent_md5 is not None and etag == sent_md5 and current is not None:
+                return PutResult(key, len(current), hashlib.sha256(current).hexdigest(), etag)
+            new = bytes(change(current))
+            try:
+                return self.put_bytes(
+                    key,
+                    new,
+                    content_type=content_type,
+                    metadata=metadata,
+                    if_match=etag,
+                    if_absent=etag is None,
+                )
+            except Conflict:
+                sent_md5 = hashlib.md5(new, usedforsecurity=False).hexdigest()
+                if attempt + 1 < attempts:
+                    time.sleep(random.uniform(0.0, 0.02 * 2 ** min(attempt, 5)))
+        raise Conflict(
+            f"object {key!r} in bucket {self.bucket!r} changed meanwhile {attempts} times in a row; retry"
+        )
 
     def put_stream(
         self,
@@ -444,7 +592,7 @@ class ArtifactStore:
         if length >= 0 and len(head) < want:
             raise InvalidArgument(f"stream for {key!r} ended after {len(head)} bytes; length says {length}")
         if len(head) <= part_size:  # the whole object is in hand
-            return self.put_bytes(key, head, content_type=content_type, metadata=meta)
+            return self.put_bytes(key, head, content_type=content_type, metadata=metadata)
 
         reader = _HashingReader(head, fileobj)
         del head
@@ -556,6 +704,11 @@ class ArtifactStore:
 
     def get_bytes(self, key: str) -> bytes:
         """The whole object, checked against its recorded sha256."""
+        return self.get_with_etag(key)[0]
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """The whole object, checked against its recorded sha256, and its ETag (no quotes): the
+        version to name in `put_bytes(if_match=...)`."""
         response = self._get(key)
         try:
             with self._errors(key):
@@ -563,7 +716,7 @@ class ArtifactStore:
             self._check_digest(
                 key, _user_metadata(response.headers).get(SHA256_META), hashlib.sha256(data).hexdigest()
             )
-            return data
+            return data, (response.headers.get("etag") or "").strip('"')
         finally:
             response.close()
             response.release_conn()

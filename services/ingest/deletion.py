@@ -91,14 +91,16 @@ def _without_doc(store, tenant: str, sid: str, doc_id: str) -> tuple[list[dict],
     returns the (pairs, chunk rows) kept."""
     kept: dict[str, list[dict]] = {}
     for key in (keys.chunks(tenant, sid), keys.qa_pairs(tenant, sid)):
-        try:
-            rows = from_jsonl(store.get_bytes(key))
-        except NotFound:
+        if not store.exists(key):
             kept[key] = []
             continue
-        kept[key] = [r for r in rows if r.get("doc_id") != doc_id]
-        if len(kept[key]) != len(rows):
-            store.put_bytes(key, to_jsonl(kept[key]), content_type="application/x-ndjson")
+
+        def without(data: bytes | None, key: str = key) -> bytes:
+            # a conditional write: a pair edit on another qagen replica meanwhile is kept
+            kept[key] = [r for r in from_jsonl(data or b"") if r.get("doc_id") != doc_id]
+            return to_jsonl(kept[key])
+
+        store.mutate(key, without, content_type="application/x-ndjson")
     try:
         state = store.get_json(keys.qa_state(tenant, sid))
     except NotFound:

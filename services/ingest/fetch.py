@@ -14,6 +14,7 @@ Plain `http.client` is used on purpose: it lets us open the socket to a given ad
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import re
@@ -24,9 +25,11 @@ import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from email.message import Message
+from email.utils import collapse_rfc2231_value
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.ingest.uploads import clean_filename
 
 MAX_REDIRECTS = 5
 USER_AGENT = "doclora-fetch/0.1 (+self-hosted document ingest)"
@@ -42,7 +45,7 @@ class Fetched:
     data: bytes
     final_url: str
     content_type: str | None  # media type only, lower case: "application/pdf"
-    filename: str | None  # from Content-Disposition, else the URL's last path segment
+    filename: str | None  # from Content-Disposition, else the URL's last path segment (cleaned)
 
 
 def arxiv_pdf_url(url: str) -> str:
@@ -160,17 +163,29 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
 
 def _filename(headers: Message, url: str) -> str | None:
+    """The name the server gives the file (Content-Disposition, `filename*=UTF-8''…` or a plain
+    `filename`, which many servers send as raw UTF-8), else the link's last path segment, as a
+    display name (`clean_filename`); None when there is none."""
+    name = None
     disposition = headers.get("Content-Disposition")
     if disposition:
         message = Message()
         message["Content-Disposition"] = disposition
-        name = message.get_filename()
+        params = message.get_params([], header="content-disposition")
+        names = [v for k, v in params if k.lower() == "filename" and v]
+        # RFC 6266: the encoded `filename*` (a tuple here) wins over a plain `filename`
+        name = next((v for v in names if isinstance(v, tuple)), names[0] if names else None)
+        if isinstance(name, tuple):
+            name = collapse_rfc2231_value(name)
+        elif name:
+            # http.client reads header bytes as Latin-1: raw UTF-8 shows as mojibake until re-read
+            with contextlib.suppress(UnicodeError):
+                name = name.encode("latin-1").decode("utf-8")
         if name:
-            name = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
-            if name:
-                return name
-    segment = unquote(urlsplit(url).path.rsplit("/", 1)[-1]).strip()
-    return segment or None
+            name = clean_filename(name, "")
+    if not name:
+        name = clean_filename(unquote(urlsplit(url).path.rsplit("/", 1)[-1]), "")
+    return name or None
 
 
 def _read_body(
@@ -265,27 +280,6 @@ def fetch_url(
         finally:
             connection.close()
     raise AssertionError("unreachable")  # the loop returns or raises
-
-
-def fetch_with_retries(
-    url: str,
-    *,
-    attempts: int = 3,
-    backoff_s: float = 1.0,
-    sleep=time.sleep,
-    **kwargs,
-) -> Fetched:
-    """`fetch_url`, asked again after a passing failure (time-out, broken connection, 5xx) up to
-    `attempts` times in all, waiting `backoff_s`, then twice that, ...; a refused or bad link
-    (InvalidArgument) or an over-size body fails at once, since asking again cannot help."""
-    for attempt in range(attempts):
-        try:
-            return fetch_url(url, **kwargs)
-        except Unavailable:
-            if attempt + 1 >= attempts:
-                raise
-            sleep(backoff_s * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 def _request(

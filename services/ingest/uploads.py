@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import queue
-import re
 import time
+import unicodedata
 
 from doclora.v1 import ingest_pb2
 from services.common import access, keys
@@ -25,16 +25,22 @@ MAX_CHUNK = 1024 * 1024 + 1024  # a chunk of 1 MiB plus slack for framing choice
 _EOF = object()
 # S3 parts of 8 MiB (5 MiB is the minimum): memory per upload stays near two parts
 UPLOAD_PART = 8 * 1024 * 1024
-_SAFE_NAME = re.compile(r"[^\w.\- ()\[\]]+")
+# bidirectional overrides and isolates: they make "cod.exe.txt" show as "cod.txt.exe"
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+MAX_NAME_CHARS = 200
 # how often the sweep looks for expired uploads, at most (and at least a few times per ttl)
 EXPIRE_EVERY_S = 600.0
 
 
-def clean_filename(name: str) -> str:
-    """A display name: last path part, no control or odd characters, at most 200 chars."""
+def clean_filename(name: str, default: str = "upload") -> str:
+    """A file's display name as the person (or the server) wrote it, in any script, quotes and
+    emoji included: its last path part, each run of white space (line breaks, tabs) one space,
+    control characters, lone surrogates and bidirectional overrides dropped, no leading or trailing
+    spaces or dots, at most MAX_NAME_CHARS characters; `default` when nothing is left."""
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = _SAFE_NAME.sub("_", name).strip(" .")
-    return name[:200] or "upload"
+    name = " ".join(name.split())
+    name = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cs") and c not in _BIDI_CONTROLS)
+    return name.strip(" .")[:MAX_NAME_CHARS].rstrip(" ") or default
 
 
 class QueueReader:

@@ -87,7 +87,7 @@ async def _ingest_document(
                 key,
                 fetched.data,
                 content_type=fetched.content_type or "application/octet-stream",
-                metadata={"source": fetched.final_url[:1000]},
+                metadata={"source": fetched.final_url[:500]},  # AWS allows 2 KB of metadata, encoded
             )
             out_doc.sha256, out_doc.size_bytes, out_doc.final_url = put.sha256, put.size, fetched.final_url
             if out_doc.name == doc.final_url and fetched.filename:

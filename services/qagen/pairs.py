@@ -2,8 +2,9 @@
 make to them: add, edit, delete, import, export.
 
 Pairs are plain dicts in the store, in the shape of `QAPair.to_dict()` plus `split` ("train" or
-"eval") and `edited`. The functions here are domain code on lists of dicts; the servicer reads the
-file, applies one, and writes it back under a per-session lock.
+"eval") and `edited`. The functions here are domain code on lists of dicts, pure functions of the
+list they change: the servicer applies one to the stored pairs by compare-and-swap, and applies it
+again to the fresh pairs when another replica wrote in between.
 """
 
 from __future__ import annotations

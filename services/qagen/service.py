@@ -1,17 +1,20 @@
 """QAGenService: read, edit, export and import a session's QA pairs. Thin: the changes themselves are
-in `pairs.py`; here each one is read, applied and written back under a per-session lock, and the
-session record's pair count follows."""
+in `pairs.py`; here each one is applied to the stored pairs by the store's compare-and-swap
+(`ArtifactStore.mutate`: a conditional write, re-read and re-applied when another replica wrote in
+between, ABORTED if it keeps losing), so no replica overwrites another's edit, and the session
+record's pair count follows the last write."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+from collections.abc import Callable
+from typing import TypeVar
 
 from doclora.v1 import qagen_pb2, qagen_pb2_grpc, session_pb2
 from services.common import keys
-from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.jsonl import to_jsonl
+from services.common.errors import Conflict, FailedPrecondition, InvalidArgument
+from services.common.jsonl import from_jsonl, to_jsonl
 from services.common.runtime import Runtime
 from services.common.sessions import state_name
 from services.qagen import pairs as pairs_mod
@@ -27,6 +30,18 @@ FORMAT_NAMES = {
     qagen_pb2.PAIR_FORMAT_SHAREGPT: "sharegpt",
 }
 MAX_IMPORT_BYTES = 3 * 1024 * 1024
+# pairs may be missing (none were generated) in these states, and edits then start from none
+NO_PAIRS_OK = frozenset(
+    {
+        S.SESSION_STATE_READY,
+        S.SESSION_STATE_FAILED,
+        S.SESSION_STATE_CANCELLED,
+        S.SESSION_STATE_AWAITING_REVIEW,
+    }
+)
+# how often an edit that keeps losing the race to other replicas' edits is re-applied
+EDIT_ATTEMPTS = 8
+T = TypeVar("T")
 
 
 def pair_to_pb(p: dict) -> qagen_pb2.QAPair:
@@ -44,12 +59,15 @@ def pair_to_pb(p: dict) -> qagen_pb2.QAPair:
 class QAGenServicer(qagen_pb2_grpc.QAGenServiceServicer):
     def __init__(self, rt: Runtime):
         self.rt = rt
-        # one change at a time per session in this replica (read, change, write back)
+        # one change at a time per session in this replica: they would only race each other; the
+        # conditional write is what keeps other replicas' changes
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
-    @contextlib.asynccontextmanager
-    async def _editing(self, sid: str):
-        """(record, pairs) of a session whose pairs may change now; writes them back on success."""
+    async def _edit(
+        self, sid: str, change: Callable[[session_pb2.Session, list[dict]], T]
+    ) -> tuple[T, list[dict]]:
+        """Apply `change(record, pairs)` (domain code that changes `pairs` in place) to the stored
+        pairs by compare-and-swap; returns what it returned and the pairs written."""
         async with self._locks[sid]:
             rec = await self.rt.sessions.get(sid)
             if rec.state in BUSY_STATES:
@@ -57,30 +75,54 @@ class QAGenServicer(qagen_pb2_grpc.QAGenServiceServicer):
                     f"pairs cannot change while the session is {state_name(rec.state)}; "
                     "ask for review (options.review) to edit them before training"
                 )
+            out: list = []
+
+            def apply(data: bytes | None) -> bytes:
+                if data is None and rec.state not in NO_PAIRS_OK:
+                    raise FailedPrecondition(f"session {sid} has no question-answer pairs yet")
+                pairs = from_jsonl(data) if data is not None else []
+                out[:] = [change(rec, pairs), pairs]
+                return to_jsonl(pairs)
+
+            key = keys.qa_pairs(rec.tenant, sid)
             try:
-                pairs = await load_pairs(self.rt, rec.tenant, sid)
-            except FailedPrecondition:
-                if rec.state not in (
-                    S.SESSION_STATE_READY,
-                    S.SESSION_STATE_FAILED,
-                    S.SESSION_STATE_CANCELLED,
-                    S.SESSION_STATE_AWAITING_REVIEW,
-                ):
-                    raise
-                pairs = []
-            yield rec, pairs
-            await self.rt.io(
-                self.rt.store.put_bytes,
-                keys.qa_pairs(rec.tenant, sid),
-                to_jsonl(pairs),
-                content_type="application/x-ndjson",
-            )
+                put = await self.rt.io(
+                    self.rt.store.mutate,
+                    key,
+                    apply,
+                    content_type="application/x-ndjson",
+                    attempts=EDIT_ATTEMPTS,
+                )
+            except Conflict:
+                raise Conflict(
+                    f"the pairs of session {sid} were changed meanwhile by other edits, {EDIT_ATTEMPTS} "
+                    "times in a row; retry"
+                ) from None
+            result, pairs = out
+            await self._count(rec.tenant, sid, len(pairs), put.etag)
+            return result, pairs
 
-            def count(r):
-                r.qa.pairs = len(pairs)
-                r.qa.edits += 1
+    async def _count(self, tenant: str, sid: str, count: int, etag: str) -> None:
+        """Count the edit and set the record's pair count to `count`, that of the pairs version
+        `etag`; when a later version is stored by then (another replica's edit, whose count may
+        have gone in before this one), the record gets that version's count instead."""
+        key = keys.qa_pairs(tenant, sid)
 
-            await self.rt.sessions.update(sid, count)
+        def counted(r: session_pb2.Session) -> None:
+            r.qa.pairs = count
+            r.qa.edits += 1
+
+        await self.rt.sessions.update(sid, counted)
+        for _ in range(EDIT_ATTEMPTS):
+            if (await self.rt.io(self.rt.store.stat, key)).etag == etag:
+                return
+            data, etag = await self.rt.io(self.rt.store.get_with_etag, key)
+            count = len(from_jsonl(data))
+
+            def recount(r: session_pb2.Session, count: int = count) -> None:
+                r.qa.pairs = count
+
+            await self.rt.sessions.update(sid, recount)
 
     async def ListPairs(self, request, context):
         rec = await self.rt.sessions.get(request.session_id)
@@ -99,25 +141,27 @@ class QAGenServicer(qagen_pb2_grpc.QAGenServiceServicer):
         )
 
     async def AddPair(self, request, context):
-        async with self._editing(request.session_id) as (rec, pairs):
+        def add(rec: session_pb2.Session, pairs: list[dict]) -> dict:
             if request.doc_id and request.doc_id not in {d.doc_id for d in rec.documents}:
                 raise InvalidArgument(f"document {request.doc_id!r} is not in session {rec.session_id}")
-            pair = pairs_mod.add_pair(pairs, request.question, request.answer, request.doc_id)
+            return pairs_mod.add_pair(pairs, request.question, request.answer, request.doc_id)
+
+        pair, _ = await self._edit(request.session_id, add)
         return qagen_pb2.AddPairResponse(pair=pair_to_pb(pair))
 
     async def UpdatePair(self, request, context):
-        async with self._editing(request.session_id) as (_rec, pairs):
-            pair = pairs_mod.update_pair(
-                pairs,
-                request.pair_id,
-                request.question if request.HasField("question") else None,
-                request.answer if request.HasField("answer") else None,
-            )
+        question = request.question if request.HasField("question") else None
+        answer = request.answer if request.HasField("answer") else None
+        pair, _ = await self._edit(
+            request.session_id,
+            lambda _rec, pairs: pairs_mod.update_pair(pairs, request.pair_id, question, answer),
+        )
         return qagen_pb2.UpdatePairResponse(pair=pair_to_pb(pair))
 
     async def DeletePair(self, request, context):
-        async with self._editing(request.session_id) as (_rec, pairs):
-            pairs_mod.delete_pair(pairs, request.pair_id)
+        _, pairs = await self._edit(
+            request.session_id, lambda _rec, pairs: pairs_mod.delete_pair(pairs, request.pair_id)
+        )
         return qagen_pb2.DeletePairResponse(total=len(pairs))
 
     async def ExportPairs(self, request, context):
@@ -140,6 +184,8 @@ class QAGenServicer(qagen_pb2_grpc.QAGenServiceServicer):
         except UnicodeDecodeError:
             raise InvalidArgument("the QA file is not UTF-8 text") from None
         fmt = None if request.format == qagen_pb2.PAIR_FORMAT_UNSPECIFIED else FORMAT_NAMES[request.format]
-        async with self._editing(request.session_id) as (_rec, pairs):
-            added, dupes = pairs_mod.import_pairs(pairs, text, fmt, replace=request.replace)
+        (added, dupes), pairs = await self._edit(
+            request.session_id,
+            lambda _rec, pairs: pairs_mod.import_pairs(pairs, text, fmt, replace=request.replace),
+        )
         return qagen_pb2.ImportPairsResponse(imported=added, duplicates=dupes, total=len(pairs))
