@@ -12,6 +12,9 @@
 - Sessions: KV bucket `sessions`, written only by compare-and-swap on the revision.
 
 Transport failures (no server, timeouts) surface as `errors.Unavailable` so callers can retry.
+Credentials: `Bus.connect` sends `user:password` from the URL (nats://user:password@host:port,
+percent-encoded) or else DOCLORA_NATS_USER / DOCLORA_NATS_PASSWORD; a server that refuses them
+raises `errors.Unauthenticated` (retrying cannot help). URLs are logged without their password.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import nats
 import nats.errors
@@ -34,6 +38,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from services.common import errors
+from services.common.config import Settings
 from services.common.logging import session_context
 
 log = logging.getLogger(__name__)
@@ -161,19 +166,39 @@ class Bus:
         url: str,
         *,
         name: str,
+        user: str | None = None,
+        password: str | None = None,
         connect_timeout_s: float = 5.0,
         reconnect_wait_s: float = 1.0,
         max_reconnect_attempts: int = -1,
         request_timeout_s: float = 10.0,
         drain_timeout_s: float = 10.0,
     ) -> Bus:
-        """Connect (raising `errors.Unavailable` if no server answers within `connect_timeout_s`).
+        """Connect (raising `errors.Unavailable` if no server answers within `connect_timeout_s`,
+        `errors.Unauthenticated` if it refuses the credentials).
 
-        Once connected, the client reconnects on its own (forever by default) and every
-        connection event is logged.
+        Credentials: those in `url` if it has any, else `user` / `password`, which default to the
+        `nats_user` / `nats_password` settings (DOCLORA_NATS_USER / DOCLORA_NATS_PASSWORD); a
+        server that asks for none ignores them. Once connected, the client reconnects on its own
+        (forever by default) and every connection event is logged.
         """
+        parts = urlsplit(url)
+        shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # no credentials
+        if parts.password is not None:  # user:password in the URL, percent-decoded (nats-py would not)
+            user, password, url = unquote(parts.username or ""), unquote(parts.password), shown
+        elif parts.username is not None:  # a token in the URL: nats-py sends it
+            user = password = ""
+        elif user is None and password is None:
+            settings = Settings.from_env()
+            user, password = settings.nats_user, settings.nats_password.get_secret_value()
+        credentials = {"user": user, "password": password} if user or password else {}
+        refused: list[Exception] = []
+        connecting: asyncio.Future | None = None
 
         async def on_error(err: Exception) -> None:
+            if "authorization violation" in str(err).lower() and connecting and not connecting.done():
+                refused.append(err)
+                connecting.cancel()  # trying again cannot help: fail now, not at the timeout
             log.warning("nats[%s] error: %s: %s", name, type(err).__name__, err)
 
         async def on_disconnected() -> None:
@@ -186,28 +211,39 @@ class Bus:
             log.info("nats[%s] connection closed", name)
 
         nc = NatsClient()
-        try:
-            await asyncio.wait_for(
-                nc.connect(
-                    servers=[url],
-                    name=name,
-                    error_cb=on_error,
-                    disconnected_cb=on_disconnected,
-                    reconnected_cb=on_reconnected,
-                    closed_cb=on_closed,
-                    connect_timeout=connect_timeout_s,
-                    allow_reconnect=True,
-                    reconnect_time_wait=reconnect_wait_s,
-                    max_reconnect_attempts=max_reconnect_attempts,
-                    drain_timeout=drain_timeout_s,
-                ),
-                timeout=connect_timeout_s + 1.0,
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                servers=[url],
+                name=name,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                closed_cb=on_closed,
+                connect_timeout=connect_timeout_s,
+                allow_reconnect=True,
+                reconnect_time_wait=reconnect_wait_s,
+                max_reconnect_attempts=max_reconnect_attempts,
+                drain_timeout=drain_timeout_s,
+                **credentials,
             )
-        except (TimeoutError, nats.errors.Error, OSError) as err:
+        )
+        try:
+            await asyncio.wait_for(connecting, timeout=connect_timeout_s + 1.0)
+        except (TimeoutError, asyncio.CancelledError, nats.errors.Error, OSError) as err:
             with contextlib.suppress(Exception):
                 await nc.close()
-            raise errors.Unavailable(f"cannot connect to NATS at {url}: {type(err).__name__}: {err}") from err
-        log.info("nats[%s] connected to %s", name, url)
+            if refused:
+                given = f"user {user!r}" if user else "no credentials"
+                raise errors.Unauthenticated(
+                    f"NATS at {shown} refused the credentials ({given}): set DOCLORA_NATS_USER and "
+                    "DOCLORA_NATS_PASSWORD, or user:password in DOCLORA_NATS_URL, to what the server expects"
+                ) from err
+            if isinstance(err, asyncio.CancelledError):  # our caller was cancelled
+                raise
+            raise errors.Unavailable(
+                f"cannot connect to NATS at {shown}: {type(err).__name__}: {err}"
+            ) from err
+        log.info("nats[%s] connected to %s", name, shown)
         return cls(nc, nc.jetstream(timeout=request_timeout_s), name)
 
     async def close(self) -> None:

@@ -33,7 +33,12 @@ class Runtime:
 
     @classmethod
     async def connect(cls, settings: Settings, name: str) -> Runtime:
-        bus = await Bus.connect(settings.nats_url, name=name)
+        bus = await Bus.connect(
+            settings.nats_url,
+            name=name,
+            user=settings.nats_user or None,
+            password=settings.nats_password.get_secret_value() or None,
+        )
         await bus.ensure_streams(events_max_age_s=settings.events_max_age_s)
         store = ArtifactStore.from_settings(settings)
         await asyncio.to_thread(store.ensure_bucket)

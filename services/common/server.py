@@ -24,6 +24,9 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # a port in use is an error, not shared (gRPC sets SO_REUSEPORT on Linux by default): a second
+    # stack's service must fail to bind rather than take half of another's calls
+    ("grpc.so_reuseport", 0),
 ]
 
 

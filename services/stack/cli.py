@@ -44,35 +44,37 @@ def _port_busy(host: str, port: int) -> bool:
 
 
 def _wanted_ports(settings: Settings) -> list[tuple[str, str, int]]:
-    from urllib.parse import urlparse
+    from services.stack.supervisor import SERVICES, part_ports
 
-    from services.stack.supervisor import SERVICES
-
+    ports = part_ports(settings)
     out = []
     if settings.embedded_nats:
-        out.append(("nats", "127.0.0.1", urlparse(settings.nats_url).port or 4222))
+        out.append(("nats", "127.0.0.1", ports["nats"]))
     if settings.embedded_s3:
-        out.append(("s3", "127.0.0.1", int(settings.s3_endpoint.rsplit(":", 1)[1])))
+        out.append(("s3", "127.0.0.1", ports["s3"]))
     for name, _m, field in SERVICES:
-        host, port = getattr(settings, field).rsplit(":", 1)
-        out.append((name, host, int(port)))
+        out.append((name, getattr(settings, field).rsplit(":", 1)[0], ports[name]))
     out.append(("gateway", settings.gateway_host, settings.gateway_port))
     return out
 
 
-def _print_status(state: dict[str, bool]) -> None:
-    for name, ok in state.items():
-        print(f"  {name:<10} {'up' if ok else 'DOWN'}")
+def _print_status(settings: Settings, info: dict | None = None) -> None:
+    from services.stack.supervisor import part_health
+
+    parts = (info or {}).get("parts", {})
+    for name, h in part_health(settings).items():
+        metrics = parts.get(name, {}).get("metrics")
+        extra = f"  metrics http://{metrics}/metrics" if metrics else ""
+        print(f"  {name:<10} {'up' if h.ok else 'DOWN':<5} {h.detail}{extra}")
 
 
 def cmd_up(args) -> int:
-    from services.common.procs import pid_alive
-    from services.stack.supervisor import Stack, health, read_stack, state_dir
+    from services.stack.supervisor import GIVEN_UP, Stack, health, read_stack, state_dir, supervisor_running
 
     settings = Settings.from_env()
     info = read_stack(settings)
-    if info and pid_alive(info.get("supervisor_pid", -1)):
-        print(f"doclora is already running (pid {info['supervisor_pid']}); `doclora status` shows it")
+    if supervisor_running(info):
+        print(f"doclora is already running (pid {info['supervisor']['pid']}); `doclora status` shows it")
         return 0
     busy = [
         f"{name} ({host}:{port})" for name, host, port in _wanted_ports(settings) if _port_busy(host, port)
@@ -107,10 +109,17 @@ def cmd_up(args) -> int:
         stack.start_services()
         print(f"doclora starting; logs in {stack.logs}", flush=True)
         deadline = time.monotonic() + args.timeout
+        # healthy = each part's own process holds its port and answers (not another stack's)
         while not stop.is_set() and not all(health(settings).values()):
             if time.monotonic() > deadline:
                 print("some parts did not come up in time:", file=sys.stderr)
-                _print_status(health(settings))
+                _print_status(settings, read_stack(settings))
+                return 1
+            if stack.check(time.monotonic()):  # restart what died while starting
+                stack.write_state()
+            if any(part.state == GIVEN_UP for part in stack.parts):
+                print("some parts keep failing:", file=sys.stderr)
+                _print_status(settings, read_stack(settings))
                 return 1
             stop.wait(1.0)
         if not stop.is_set():
@@ -122,26 +131,36 @@ def cmd_up(args) -> int:
 
 
 def _wait_healthy(settings: Settings, timeout: float, proc: subprocess.Popen) -> int:
-    from services.stack.supervisor import health, state_dir
+    """Wait until the supervisor `proc` started has every part up; fail early if it exits or
+    gives a part up."""
+    from services.stack.supervisor import GIVEN_UP, health, read_stack, state_dir
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             print(f"doclora failed to start; see {state_dir(settings) / 'logs'}", file=sys.stderr)
             return 1
-        state = health(settings)
-        if all(state.values()):
+        info = read_stack(settings) or {}
+        ours = (info.get("supervisor") or {}).get("pid") == proc.pid
+        if ours and any(p.get("state") == GIVEN_UP for p in info.get("parts", {}).values()):
+            print("doclora started, but some parts keep failing:", file=sys.stderr)
+            _print_status(settings, info)
+            return 1
+        if ours and all(health(settings).values()):
             print(f"doclora is up: http://{settings.gateway_host}:{settings.gateway_port}")
             print(f"logs: {state_dir(settings) / 'logs'}")
             return 0
         time.sleep(1.0)
     print("doclora did not come up in time:", file=sys.stderr)
-    _print_status(health(settings))
+    _print_status(settings, read_stack(settings))
     return 1
 
 
 def cmd_down(args) -> int:
-    from services.common.procs import pid_alive
+    """Stop the stack: SIGTERM to its supervisor, which stops every part; then SIGTERM, and SIGKILL
+    after a grace, to any part that outlived it. Only processes whose identity (PID, start time,
+    command line) is still the recorded one are signalled: a reused PID is someone else's."""
+    from services.stack.identity import same_process, signal_if_same, stop_processes
     from services.stack.supervisor import read_stack, stack_file
 
     settings = Settings.from_env()
@@ -149,36 +168,49 @@ def cmd_down(args) -> int:
     if not info:
         print("doclora is not running")
         return 0
-    pid = info.get("supervisor_pid", -1)
-    if pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)
+    supervisor = info.get("supervisor") or {"pid": info.get("supervisor_pid")}
+    if signal_if_same(supervisor, signal.SIGTERM):
         deadline = time.monotonic() + args.timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
+        while same_process(supervisor) and time.monotonic() < deadline:
             time.sleep(0.2)
-    # whatever outlived its supervisor (a crash, a timeout) is stopped by force
-    for name, child in (info.get("pids") or {}).items():
-        if pid_alive(child):
-            print(f"killing {name} (pid {child})")
-            os.kill(child, signal.SIGKILL)
-    if pid_alive(pid):
-        os.kill(pid, signal.SIGKILL)
+    elif supervisor.get("pid"):
+        print(f"the stack's supervisor (pid {supervisor['pid']}) is not running")
+    # whatever outlived its supervisor (a crash, a timeout)
+    stop_processes(info.get("parts") or {}, grace_s=settings.grpc_grace_s + 5)
+    if signal_if_same(supervisor, signal.SIGKILL):
+        print(f"killed the supervisor (pid {supervisor['pid']}): still running {args.timeout:.0f}s after SIGTERM")
     stack_file(settings).unlink(missing_ok=True)
     print("doclora stopped")
     return 0
 
 
 def cmd_status(args) -> int:
-    from services.stack.supervisor import health, read_stack
+    from services.stack.supervisor import part_health, read_stack, supervisor_running
 
     settings = Settings.from_env()
     info = read_stack(settings)
-    state = health(settings)
+    running = supervisor_running(info)
+    parts = part_health(settings)
+    healthy = all(h.ok for h in parts.values())
     if args.json:
-        print_json({"running": bool(info), "healthy": all(state.values()), "parts": state})
+        details = (info or {}).get("parts", {}) if running else {}
+        print_json(
+            {
+                "running": running,
+                "healthy": healthy,
+                "parts": {name: h.ok for name, h in parts.items()},
+                "details": {
+                    name: {"up": h.ok, "detail": h.detail, **details.get(name, {})} for name, h in parts.items()
+                },
+            }
+        )
     else:
-        print("doclora " + ("running" if info else "not started by `doclora up` here"))
-        _print_status(state)
-    return 0 if all(state.values()) else 1
+        if running:
+            print(f"doclora running (supervisor pid {info['supervisor']['pid']}, state {info.get('state_dir')})")
+        else:
+            print("doclora not started by `doclora up` here")
+        _print_status(settings, info if running else None)
+    return 0 if healthy else 1
 
 
 def cmd_config(args) -> int:

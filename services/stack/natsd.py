@@ -4,11 +4,22 @@ JetStream is on, data lives under the given folder, and the server listens on 12
 clients on `port` and for HTTP monitoring (`/healthz`) on `http_port`. A port left as None is
 picked by the server itself (`-1`), which then reports the real ports in a ports file, so there is
 no window in which another process can take a port we chose.
+
+Durability: streams are file-backed, and JetStream writes each message to its file (the OS page
+cache) before it acknowledges it, so a killed server loses nothing it acknowledged and comes back
+with every stream, consumer and KV entry when started again on the same folder.
+`sync_interval` (nats-server's `jetstream { sync_interval }`, default 2 minutes) only bounds what
+an OS crash or a power cut can lose: the stack chooses it in `Settings.nats_sync_interval`.
+
+Credentials: with `user` and `password` the server refuses clients without them (monitoring
+stays open, on loopback). The config file holding them is readable by its owner only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -47,6 +58,10 @@ class NatsServerProcess:
         return self._proc.pid
 
     @property
+    def proc(self) -> subprocess.Popen:
+        return self._proc
+
+    @property
     def port(self) -> int:
         if self._port is None or self._port < 0:
             self._read_ports_file()
@@ -69,8 +84,11 @@ class NatsServerProcess:
     def monitor_url(self) -> str:
         return f"http://{_LOOPBACK}:{self.http_port}"
 
+    def _ports_file(self) -> Path:
+        return self.data_dir / f"{Path(self._proc.args[0]).name}_{self.pid}.ports"
+
     def _read_ports_file(self) -> None:
-        path = self.data_dir / f"{Path(self._proc.args[0]).name}_{self.pid}.ports"
+        path = self._ports_file()
         try:
             ports = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -121,6 +139,9 @@ class NatsServerProcess:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(5)
+        # the server removes its ports file on a clean exit; a killed one leaves it behind
+        with contextlib.suppress(OSError):
+            self._ports_file().unlink(missing_ok=True)
         return self._proc.returncode
 
     def __enter__(self) -> NatsServerProcess:
@@ -137,32 +158,43 @@ def start_nats_server(
     http_port: int | None = None,
     log_path: Path | None = None,
     server_name: str = "doclora",
+    sync_interval: str | None = None,
+    user: str = "",
+    password: str = "",
     detach: bool = False,
 ) -> NatsServerProcess:
     """Start `nats-server` with JetStream storing under `data_dir`; returns at once (call `wait_ready`).
 
     `port` / `http_port` None let the server pick free loopback ports. The config file and, unless
-    `log_path` says otherwise, the log are written into `data_dir`. `detach` starts it in its own
-    session so it outlives the terminal that started it (the local stack launcher).
+    `log_path` says otherwise, the log are written into `data_dir`. `sync_interval` ("always" or a
+    duration such as "1s") sets how often JetStream forces its files to disk (None: the server's
+    default). `user` and `password` (both or neither) are then required of every client. `detach`
+    starts it in its own session so it outlives the terminal that started it.
     """
+    if bool(user) != bool(password):
+        raise ValueError("nats-server credentials need both a user and a password (or neither)")
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_path).resolve() if log_path else data_dir / "nats-server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # the server stores under <store_dir>/jetstream
+    jetstream = [f"  store_dir: {_conf_str(str(data_dir))}"]
+    if sync_interval:
+        jetstream.append(f"  sync_interval: {_conf_str(sync_interval)}")
+    lines = [
+        f"server_name: {_conf_str(server_name)}",
+        f"listen: {_conf_str(f'{_LOOPBACK}:{port if port is not None else -1}')}",
+        f"http: {_conf_str(f'{_LOOPBACK}:{http_port if http_port is not None else -1}')}",
+        f"ports_file_dir: {_conf_str(str(data_dir))}",
+        "jetstream {\n" + "\n".join(jetstream) + "\n}",
+    ]
+    if user:
+        lines.append(f"authorization {{\n  user: {_conf_str(user)}\n  password: {_conf_str(password)}\n}}")
     conf = data_dir / "nats-server.conf"
-    conf.write_text(
-        "\n".join(
-            [
-                f"server_name: {_conf_str(server_name)}",
-                f"listen: {_conf_str(f'{_LOOPBACK}:{port if port is not None else -1}')}",
-                f"http: {_conf_str(f'{_LOOPBACK}:{http_port if http_port is not None else -1}')}",
-                f"ports_file_dir: {_conf_str(str(data_dir))}",
-                # the server stores under <store_dir>/jetstream
-                f"jetstream {{\n  store_dir: {_conf_str(str(data_dir))}\n}}",
-                "",
-            ]
-        )
-    )
+    conf.unlink(missing_ok=True)  # a file from before may be readable by others: make it anew
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],

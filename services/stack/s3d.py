@@ -74,6 +74,10 @@ class SeaweedProcess:
         return self._proc.pid
 
     @property
+    def proc(self) -> subprocess.Popen:
+        return self._proc
+
+    @property
     def s3_port(self) -> int:
         return self.ports["s3"]
 
