@@ -62,5 +62,5 @@ def stack(tmp_path_factory, tiny_model):
         yield fs
     finally:
         down = _cli(env, "down")
-        fs.close()  # after: it stops any nats or s3 a test had to start in place of the supervisor
+        fs.close()
         assert down.returncode == 0, down.stderr

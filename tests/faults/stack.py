@@ -12,22 +12,19 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from unittest import mock
-from urllib.parse import urlparse
 
 import httpx
 import pytest
 
 from services.common import keys
 from services.common.config import Settings
+from services.common.procs import pid_alive
 from services.common.store import ArtifactStore
 from services.stack import supervisor
-from services.stack.natsd import start_nats_server
-from services.stack.s3d import start_seaweedfs
 from services.trainer.plan import checkpoint_key
 
 READY = "SESSION_STATE_READY"
@@ -50,27 +47,6 @@ def settings_of(env: dict[str, str]) -> Settings:
         return Settings.from_env()
 
 
-def nats_answers(url: str, timeout: float = 1.0) -> bool:
-    """A nats-server greets every new connection with its INFO line (the monitor port may move
-    when it is restarted; the client port does not)."""
-    u = urlparse(url)
-    try:
-        with socket.create_connection((u.hostname, u.port or 4222), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            return sock.recv(4).startswith(b"INFO")
-    except OSError:
-        return False
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie of the supervisor's that was not reaped yet counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 class FaultStack:
     """One `doclora up` stack under `state`, started with `env`."""
 
@@ -83,13 +59,10 @@ class FaultStack:
         # generating requests may wait on two cores that are training at the same time
         self.http = httpx.Client(base_url=self.base, timeout=httpx.Timeout(30.0, read=120.0))
         self.store = ArtifactStore.from_settings(self.settings)
-        self.stand_ins: list = []  # nats / s3 started here where nothing restarted them
 
     def close(self) -> None:
         self.http.close()
         self.store.close()
-        for proc in self.stand_ins:
-            proc.stop()
 
     # -- parts --------------------------------------------------------------------------------
 
@@ -99,14 +72,10 @@ class FaultStack:
         return int(info["pids"][part])
 
     def up(self, part: str) -> bool:
-        if part == "nats":
-            return nats_answers(self.settings.nats_url)
         return supervisor.health(self.settings)[part]
 
     def down_parts(self) -> list[str]:
-        state = supervisor.health(self.settings)
-        state["nats"] = nats_answers(self.settings.nats_url)
-        return [part for part, ok in state.items() if not ok]
+        return [part for part, ok in supervisor.health(self.settings).items() if not ok]
 
     def kill(self, part: str, sig: int = signal.SIGKILL) -> int:
         """Send `sig` to `part`; returns its pid."""
@@ -138,8 +107,6 @@ class FaultStack:
                 pid = self.pid(part)
                 if pid != old_pid and pid_alive(pid) and self.up(part):
                     return True
-                if not pid_alive(old_pid) and self.up(part) and part in ("nats", "s3"):
-                    return True  # a supervisor that does not list its new pid (yet)
             time.sleep(0.5)
         return False
 
@@ -150,27 +117,6 @@ class FaultStack:
                 f"{part} (killed as pid {old_pid}) was not restarted within {timeout:.0f} s\n"
                 + self.log_tails([part, "stack"])
             )
-
-    def restore_if_down(self, part: str) -> None:
-        """After a test that killed nats or s3: where nothing brought it back, start it here as the
-        supervisor starts it (same data folder and port), so the next test finds a whole stack."""
-        if part not in ("nats", "s3") or self.up(part):
-            return
-        s = self.settings
-        if part == "nats":
-            proc = start_nats_server(
-                self.state / "nats", port=urlparse(s.nats_url).port, log_path=self.logs / "nats.log"
-            )
-        else:
-            proc = start_seaweedfs(
-                self.state / "s3",
-                access_key=s.s3_access_key,
-                secret_key=s.s3_secret_key.get_secret_value(),
-                s3_port=int(s.s3_endpoint.rsplit(":", 1)[1]),
-                log_path=self.logs / "s3.log",
-            )
-        self.stand_ins.append(proc)
-        proc.wait_ready(60)
 
     def wait_healthy(self, timeout: float = 90.0) -> None:
         """Every part answers (a test starts on a whole stack, whatever the one before it did)."""
