@@ -58,6 +58,18 @@ def _cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedPro
     )
 
 
+def up_or_fail(env: dict, state: Path, timeout_s: int) -> None:
+    """`doclora up --detach` with `env`; when it fails, the stack is stopped and the test fails with
+    the tail of every part's log under `state`."""
+    up = _cli(env, "up", "--detach", "--timeout", str(timeout_s))
+    if up.returncode != 0:
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((state / "logs").glob("*.log"))
+        )
+        _cli(env, "down")
+        pytest.fail(f"doclora up failed:\n{up.stdout}\n{up.stderr}\n{logs}")
+
+
 @pytest.fixture(scope="module")
 def docs_server():
     server = DocsServer()
@@ -69,13 +81,7 @@ def docs_server():
 def stack(tmp_path_factory, docs_server):
     state = tmp_path_factory.mktemp("stack")
     env = _env(state)
-    up = _cli(env, "up", "--detach", "--timeout", "420")
-    if up.returncode != 0:
-        logs = "\n".join(
-            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((state / "logs").glob("*.log"))
-        )
-        _cli(env, "down")
-        pytest.fail(f"doclora up failed:\n{up.stdout}\n{up.stderr}\n{logs}")
+    up_or_fail(env, state, 420)
     yield env, f"http://127.0.0.1:{env['DOCLORA_GATEWAY_PORT']}"
     down = _cli(env, "down")
     assert down.returncode == 0, down.stderr

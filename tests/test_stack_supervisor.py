@@ -29,7 +29,7 @@ from services.stack.identity import identify, same_process
 from services.stack.ports import isolated_stack_env
 from services.stack.supervisor import SERVICES, RestartBudget, health, part_health
 from tests.faults.stack import settings_of
-from tests.test_e2e import _cli
+from tests.test_e2e import _cli, up_or_fail
 
 pytestmark = pytest.mark.e2e
 
@@ -97,13 +97,7 @@ def stack(tmp_path_factory):
         DOCLORA_STACK_RESTART_WINDOW_S=str(RESTART_WINDOW_S),
         DOCLORA_GRPC_GRACE_S="2",
     )
-    up = _cli(env, "up", "--detach", "--timeout", "240")
-    if up.returncode != 0:
-        logs = "\n".join(
-            f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((state / "logs").glob("*.log"))
-        )
-        _cli(env, "down")
-        pytest.fail(f"doclora up failed:\n{up.stdout}\n{up.stderr}\n{logs}")
+    up_or_fail(env, state, 240)
     yield Stack(env, state)
     _cli(env, "down")
 

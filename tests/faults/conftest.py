@@ -10,7 +10,7 @@ import pytest
 
 from services.stack.ports import isolated_stack_env
 from tests.faults.stack import FaultStack
-from tests.test_e2e import _cli
+from tests.test_e2e import _cli, up_or_fail
 
 # the reconciler's timing in these stacks: a session idle this long without work is queued again,
 # looked for this often
@@ -53,11 +53,8 @@ def stack(tmp_path_factory, tiny_model):
         DOCLORA_INFERENCE_MAX_NEW_TOKENS="64",
         DOCLORA_FETCH_ALLOW="127.0.0.1",
     )
-    up = _cli(env, "up", "--detach", "--timeout", "300")
+    up_or_fail(env, state, 300)
     fs = FaultStack(env, state)
-    if up.returncode != 0:
-        _cli(env, "down")
-        pytest.fail(f"doclora up failed:\n{up.stdout}\n{up.stderr}\n" + fs.log_tails(["stack", "nats", "s3"]))
     try:
         yield fs
     finally:
