@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http.server
 import threading
 import time
 
@@ -24,6 +23,7 @@ from services.ingest.reconcile import reconcile
 from services.ingest.service import SessionServicer
 from services.ingest.worker import ingest_session
 from tests.fixtures.proxy import TcpProxy
+from tests.fixtures.web import DocsServer
 
 S = session_pb2.SessionState
 D = session_pb2.DocumentStatus
@@ -145,35 +145,12 @@ async def test_an_object_store_outage_longer_than_the_window_fails_the_session_n
 # ---------------------------------------------------------------- a linked server away
 
 
-class FlakyServer:
-    """A real HTTP server that answers 503 until `up_at` (time.monotonic()), then serves TEXT."""
-
-    def __init__(self, down_for_s: float):
-        self.up_at = time.monotonic() + down_for_s
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                if time.monotonic() < server.up_at:
-                    self.send_error(503)
-                    return
-                body = TEXT.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/orchard.txt"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def flaky_server(down_for_s: float) -> DocsServer:
+    """A real HTTP server with the orchard text that answers 503 for its first `down_for_s` s."""
+    server = DocsServer()
+    server.pages["/orchard.txt"] = ("text/plain; charset=utf-8", TEXT.encode())
+    server.down_until = time.monotonic() + down_for_s
+    return server
 
 
 @pytest.fixture
@@ -190,9 +167,9 @@ async def _url_session(rt, url: str) -> session_pb2.Session:
 
 async def test_a_linked_server_away_for_a_few_seconds_is_waited_out(link_rt):
     rt = dataclasses.replace(link_rt, settings=link_rt.settings.replace(outage_window_s=30.0))
-    server = FlakyServer(down_for_s=5.0)  # longer than the fetcher's own three quick tries
+    server = flaky_server(down_for_s=5.0)
     try:
-        after = await _run_ingest(rt, await _url_session(rt, server.url))
+        after = await _run_ingest(rt, await _url_session(rt, server.url("/orchard.txt")))
     finally:
         server.close()
     assert [d.status for d in after.documents] == [D.DOCUMENT_STATUS_READY], after.documents
@@ -201,15 +178,15 @@ async def test_a_linked_server_away_for_a_few_seconds_is_waited_out(link_rt):
 
 async def test_a_link_away_past_the_window_fails_its_document_and_a_retrain_fetches_it_again(link_rt):
     rt = dataclasses.replace(link_rt, settings=link_rt.settings.replace(outage_window_s=1.0))
-    server = FlakyServer(down_for_s=3600)
+    server = flaky_server(down_for_s=3600)
     try:
-        failed = await _run_ingest(rt, await _url_session(rt, server.url))
+        failed = await _run_ingest(rt, await _url_session(rt, server.url("/orchard.txt")))
         (doc,) = failed.documents
         assert doc.status == D.DOCUMENT_STATUS_FAILED and doc.retryable
         assert "503" in doc.error and "outage window" in doc.error
         assert failed.state == S.SESSION_STATE_FAILED
 
-        server.up_at = 0.0  # the site is back
+        server.down_until = 0.0  # the site is back
         api = SessionServicer(rt)
         again = (
             await api.RetrainSession(
