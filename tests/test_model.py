@@ -63,6 +63,25 @@ def tiny_llama(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+# a stack on `save_tiny_model`'s folder keeps the model work after training small too: two exam
+# questions of eight tokens, no embeddings (the fault tests and the soak run it so)
+TINY_STACK_ENV = {
+    "DOCLORA_QAGEN_EXAM_PAIRS": "2",
+    "DOCLORA_TRAIN_EVAL_MAX_PAIRS": "2",
+    "DOCLORA_TRAIN_EVAL_MAX_NEW_TOKENS": "8",
+    "DOCLORA_RETRIEVAL_EMBEDDINGS": "0",
+}
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """`tiny_llama` with the SmolLM2 tokenizer (and its chat template) saved as a model folder, for
+    DOCLORA_BASE_MODEL: a stack trains and chats with it in well under a second a step."""
+    tokenizer = real_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return real_tokenizer()

@@ -25,9 +25,10 @@ FINAL = {"READY", "FAILED", "CANCELLED"}
 
 
 class LocalStack:
-    def __init__(self, up_timeout: float = 600):
-        self.state = Path(tempfile.mkdtemp(prefix="doclora-knowledge-"))
-        self.env = isolated_stack_env(self.state, DOCLORA_FETCH_ALLOW="127.0.0.1")
+    def __init__(self, up_timeout: float = 600, prefix: str = "doclora-knowledge-", **env: str):
+        """`env`: more DOCLORA_* settings for every part of the stack."""
+        self.state = Path(tempfile.mkdtemp(prefix=prefix))
+        self.env = isolated_stack_env(self.state, DOCLORA_FETCH_ALLOW="127.0.0.1", **env)
         self.url = f"http://127.0.0.1:{self.env['DOCLORA_GATEWAY_PORT']}"
         self.up_timeout = up_timeout
 

@@ -11,6 +11,7 @@ import pytest
 from services.stack.ports import isolated_stack_env
 from tests.faults.stack import FaultStack
 from tests.test_e2e import _cli, up_or_fail
+from tests.test_model import TINY_STACK_ENV, save_tiny_model
 
 # the reconciler's timing in these stacks: a session idle this long without work is queued again,
 # looked for this often
@@ -21,16 +22,7 @@ CHECKPOINT_EVERY_STEPS = 5
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer, 64-wide Llama with the SmolLM2 tokenizer (and its chat template), saved as a model
-    folder: the stack trains and chats with it in well under a second a step, where quality is
-    not what a test is about."""
-    from tests.test_model import real_tokenizer, tiny_llama
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = real_tokenizer()
-    tiny_llama(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +37,7 @@ def stack(tmp_path_factory, tiny_model):
         DOCLORA_TRAIN_CHECKPOINT_EVERY_STEPS=str(CHECKPOINT_EVERY_STEPS),
         DOCLORA_RECONCILE_IDLE_S=str(RECONCILE_IDLE_S),
         DOCLORA_RECONCILE_EVERY_S=str(RECONCILE_EVERY_S),
-        # keep the model work after training small: two exam questions of eight tokens, no embeddings
-        DOCLORA_QAGEN_EXAM_PAIRS="2",
-        DOCLORA_TRAIN_EVAL_MAX_PAIRS="2",
-        DOCLORA_TRAIN_EVAL_MAX_NEW_TOKENS="8",
-        DOCLORA_RETRIEVAL_EMBEDDINGS="0",
+        **TINY_STACK_ENV,
         DOCLORA_INFERENCE_MAX_NEW_TOKENS="64",
         DOCLORA_FETCH_ALLOW="127.0.0.1",
     )
