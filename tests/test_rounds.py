@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from doclora.v1 import events_pb2, ingest_pb2, session_pb2, session_service_pb2
+from doclora.v1 import events_pb2, ingest_pb2, qagen_pb2, session_pb2, session_service_pb2
 from services.common import keys
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from services.common.jsonl import to_jsonl
@@ -249,3 +249,21 @@ async def test_sessions_waiting_for_a_trainer_show_their_place_by_priority_then_
     assert {s.session_id: s.queue_position for s in listed.sessions if s.session_id in ids} == dict(
         zip(ids, [1, 2, 0], strict=True)
     )
+
+
+async def test_grpc_callers_get_invalid_argument_for_a_negative_list_limit_or_page_token(rt):
+    """The gateway bounds these; a gRPC client reaching the services straight gets a clear refusal
+    instead of a list that silently lost sessions or a page from the end."""
+    from services.qagen.service import QAGenServicer
+
+    await _session(rt, S.SESSION_STATE_READY)
+    with pytest.raises(InvalidArgument, match="limit"):
+        await SessionServicer(rt).ListSessions(session_service_pb2.ListSessionsRequest(limit=-1), None)
+    rec = await _session(rt, S.SESSION_STATE_READY)
+    rt.store.put_bytes(
+        keys.qa_pairs("default", rec.session_id), to_jsonl([{"question": "Q?", "answer": "A."}])
+    )
+    with pytest.raises(InvalidArgument, match="page_token"):
+        await QAGenServicer(rt).ListPairs(
+            qagen_pb2.ListPairsRequest(session_id=rec.session_id, page_token="-5"), None
+        )

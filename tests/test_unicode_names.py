@@ -141,7 +141,9 @@ def test_uploads_and_links_with_non_ascii_names_become_documents_named_as_typed(
     web.pages["/files/%E6%97%A5%E6%9C%AC%E8%AA%9E.pdf"] = ("application/pdf", pdf)
     köln, nihongo = web.url("/wiki/Köln"), web.url("/files/日本語.pdf")
     uploads = {"résumé.txt": (TEXT.encode(), "text/plain"), "日本語.pdf": (pdf, "application/pdf"),
-               "📄 notes (v2).md": (TEXT.replace("1987", "1991").encode(), "text/markdown")}  # fmt: skip
+               "📄 notes (v2).md": (TEXT.replace("1987", "1991").encode(), "text/markdown"),
+               # a browser's form sends " as %22 in the part's filename: the name comes back as typed
+               'my "draft" notes.txt': (TEXT.replace("1987", "1993").encode(), "text/plain")}  # fmt: skip
     with httpx.Client(base_url=base, timeout=60) as c:
         ids = []
         for name, (data, ctype) in uploads.items():

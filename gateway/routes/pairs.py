@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from doclora.v1 import qagen_pb2
 from gateway.common import ClientsDep, error, responses, to_json
-from gateway.schemas import PairBody, PairPatch
+from gateway.schemas import PairBody, PairPatch, Text
 
 PAIR_FORMATS = {
     "openai": qagen_pb2.PAIR_FORMAT_OPENAI,
@@ -18,12 +18,18 @@ PAIR_FORMATS = {
     "sharegpt": qagen_pb2.PAIR_FORMAT_SHAREGPT,
 }
 MAX_IMPORT_BYTES = 3 * 1024 * 1024
+MAX_PAGE_SIZE = 1000  # QAGenService.ListPairs refuses larger pages
 
 router = APIRouter(tags=["qa"])
 
 
 @router.get("/api/v1/sessions/{session_id}/qa")
-async def list_pairs(session_id: str, c: ClientsDep, page_size: int = 100, page_token: str = ""):
+async def list_pairs(
+    session_id: str,
+    c: ClientsDep,
+    page_size: int = Query(100, ge=1, le=MAX_PAGE_SIZE, description="At most this many pairs."),
+    page_token: Text = Query("", description="From a previous response; empty = the first page."),
+):
     resp = await c.qagen.ListPairs(
         qagen_pb2.ListPairsRequest(session_id=session_id, page_size=page_size, page_token=page_token),
         timeout=c.timeout,

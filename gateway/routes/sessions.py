@@ -4,17 +4,19 @@ training again, deleting it with everything of it, and watching its progress as 
 from __future__ import annotations
 
 import grpc
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from doclora.v1 import session_service_pb2
 from gateway.common import ClientsDep, error, event_stream, responses, sse, sse_error, to_json
-from gateway.schemas import RetrainBody
+from gateway.schemas import INT32_MAX, RetrainBody
 
 router = APIRouter(tags=["sessions"])
 
 
 @router.get("/api/v1/sessions")
-async def list_sessions(c: ClientsDep, limit: int = 100):
+async def list_sessions(
+    c: ClientsDep, limit: int = Query(100, ge=1, le=INT32_MAX, description="At most this many sessions.")
+):
     resp = await c.sessions.ListSessions(
         session_service_pb2.ListSessionsRequest(limit=limit), timeout=c.timeout
     )

@@ -4,12 +4,14 @@ stream on to IngestService.Upload in 1 MiB chunks; ingest checks each file's siz
 
 from __future__ import annotations
 
+import re
+
 from fastapi import APIRouter, File, Form, UploadFile
 
 from doclora.v1 import ingest_pb2, session_pb2, session_service_pb2
 from gateway.clients import Clients
 from gateway.common import ClientsDep, error, to_json
-from gateway.schemas import QaBackendName, SessionCreate, SourceBody
+from gateway.schemas import QaBackendName, SessionCreate, SourceBody, Text
 from services.common.options import set_choices
 
 UPLOAD_CHUNK = 1024 * 1024
@@ -35,12 +37,23 @@ def session_options(
     return opts
 
 
+# the HTML form encoding escapes only these three in a multipart part's filename (WHATWG); the
+# multipart parser leaves them escaped
+_FORM_ESCAPES = re.compile(r"%(22|0[ADad])")
+
+
+def form_filename(name: str) -> str:
+    """A multipart file name as the person typed it: `my %22notes%22.txt` is `my "notes".txt`."""
+    return _FORM_ESCAPES.sub(lambda m: chr(int(m[1], 16)), name)
+
+
 async def upload(c: Clients, f: UploadFile) -> ingest_pb2.UploadResponse:
     """Stream one multipart file to IngestService.Upload in 1 MiB chunks."""
 
     async def parts():
+        name = form_filename(f.filename or "") or "upload"
         yield ingest_pb2.UploadRequest(
-            header=ingest_pb2.UploadHeader(filename=f.filename or "upload", content_type=f.content_type or "")
+            header=ingest_pb2.UploadHeader(filename=name, content_type=f.content_type or "")
         )
         while chunk := await f.read(UPLOAD_CHUNK):
             yield ingest_pb2.UploadRequest(chunk=chunk)
@@ -80,12 +93,12 @@ async def upload_file(c: ClientsDep, file: UploadFile = File(...)):
 async def create_session_from_files(
     c: ClientsDep,
     files: list[UploadFile] = File(default_factory=list),
-    text: str | None = Form(None),
-    urls: list[str] = Form(default_factory=list),
-    name: str = Form(""),
-    password: str = Form("", description="Password of encrypted PDFs among the files."),
+    text: Text | None = Form(None),
+    urls: list[Text] = Form(default_factory=list),
+    name: Text = Form(""),
+    password: Text = Form("", description="Password of encrypted PDFs among the files."),
     max_steps: int | None = Form(None, ge=1, le=100_000),
-    system_prompt: str = Form(""),
+    system_prompt: Text = Form(""),
     review: bool = Form(False, description="Wait for approval of the QA pairs before training."),
     qagen_backend: QaBackendName = Form(""),
 ):

@@ -1,8 +1,18 @@
-"""JSON Lines, the format of chunks and QA pairs in the store."""
+"""JSON Lines, the format of chunks and QA pairs in the store (and of QA files people hand over)."""
 
 from __future__ import annotations
 
 import json
+import re
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def json_lines(text: str) -> list[str]:
+    """The lines of JSON-lines `text`, split at CR LF, CR or LF only: `json.dumps(ensure_ascii=False)`
+    leaves other line separators (U+2028, U+0085 ...) inside a string as they are, where
+    `str.splitlines` would cut the line."""
+    return _LINE_END.split(text)
 
 
 def to_jsonl(rows) -> bytes:
@@ -10,4 +20,4 @@ def to_jsonl(rows) -> bytes:
 
 
 def from_jsonl(data: bytes) -> list[dict]:
-    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in json_lines(data.decode("utf-8")) if line.strip()]

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import fields, replace
 
 from services.common.errors import InvalidArgument
+from services.common.jsonl import json_lines
 from services.common.qapair import QAPair, loose_pair, pair_id_for
 
 FORMATS = ("openai", "alpaca", "sharegpt")
@@ -151,7 +152,7 @@ def import_jsonl(text: str, fmt: str | None = None, *, doc_id: str = "") -> list
         raise InvalidArgument(f"unknown QA format {fmt!r}; use one of {', '.join(FORMATS)}")
     pairs: list[QAPair] = []
     errors: list[tuple[int, str]] = []
-    for number, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
+    for number, line in enumerate(json_lines(text.lstrip("\ufeff")), start=1):
         if not line.strip():
             continue
         try:

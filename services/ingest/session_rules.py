@@ -222,6 +222,8 @@ async def get_session(rt: Runtime, sid: str) -> session_pb2.Session:
 
 async def list_sessions(rt: Runtime, limit: int) -> list[session_pb2.Session]:
     """The first `limit` records, each with its place in the training queue."""
+    if limit < 1:
+        raise InvalidArgument(f"limit must be at least 1, got {limit}")
     sessions = await rt.sessions.list()
     places = queue_positions(sessions)
     for s in sessions:

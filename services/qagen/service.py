@@ -133,6 +133,8 @@ class QAGenServicer(qagen_pb2_grpc.QAGenServiceServicer):
             offset = int(request.page_token or "0")
         except ValueError:
             raise InvalidArgument("page_token is not one this server gave out") from None
+        if offset < 0:
+            raise InvalidArgument("page_token is not one this server gave out")
         pairs = await load_pairs(self.rt, rec.tenant, rec.session_id)
         page = pairs[offset : offset + size]
         nxt = str(offset + size) if offset + size < len(pairs) else ""

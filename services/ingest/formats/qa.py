@@ -15,6 +15,7 @@ import json
 import unicodedata
 
 from services.common.errors import InvalidArgument
+from services.common.jsonl import json_lines
 from services.ingest.extract import Extracted, single_page
 from services.ingest.formats.text import decode_text
 
@@ -119,7 +120,7 @@ def extract_jsonl(data: bytes) -> Extracted:
         for number, item in enumerate(items, start=1):
             pairs += _pairs_of(item, f"item {number}", errors)
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(json_lines(text), start=1):
             if not line.strip():
                 continue
             try:
