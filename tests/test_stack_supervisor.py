@@ -313,3 +313,15 @@ def test_the_restart_budget_is_a_window_with_a_doubling_back_off():
     now[0] = 60.5
     assert budget.take() == 1.0  # the first three have left the window
     assert budget.recent() == 1
+
+
+def test_seaweedfs_never_picks_a_port_handed_to_another_part():
+    """The stack hands ports to services (gRPC, metrics) before they bind them: SeaweedFS, started
+    first, must not take one (a metrics port taken by weed's gRPC port kept the trainer from
+    starting through all its restarts)."""
+    from services.stack.ports import free_ports
+    from services.stack.s3d import _pick_ports
+
+    avoid = frozenset(free_ports(200))  # free now, as a not-yet-started service's ports are
+    ports = _pick_ports(None, avoid)
+    assert not set(ports.values()) & avoid

@@ -178,7 +178,9 @@ def cmd_down(args) -> int:
     # whatever outlived its supervisor (a crash, a timeout)
     stop_processes(info.get("parts") or {}, grace_s=settings.grpc_grace_s + 5)
     if signal_if_same(supervisor, signal.SIGKILL):
-        print(f"killed the supervisor (pid {supervisor['pid']}): still running {args.timeout:.0f}s after SIGTERM")
+        print(
+            f"killed the supervisor (pid {supervisor['pid']}): still running {args.timeout:.0f}s after SIGTERM"
+        )
     stack_file(settings).unlink(missing_ok=True)
     print("doclora stopped")
     return 0
@@ -200,13 +202,16 @@ def cmd_status(args) -> int:
                 "healthy": healthy,
                 "parts": {name: h.ok for name, h in parts.items()},
                 "details": {
-                    name: {"up": h.ok, "detail": h.detail, **details.get(name, {})} for name, h in parts.items()
+                    name: {"up": h.ok, "detail": h.detail, **details.get(name, {})}
+                    for name, h in parts.items()
                 },
             }
         )
     else:
         if running:
-            print(f"doclora running (supervisor pid {info['supervisor']['pid']}, state {info.get('state_dir')})")
+            print(
+                f"doclora running (supervisor pid {info['supervisor']['pid']}, state {info.get('state_dir')})"
+            )
         else:
             print("doclora not started by `doclora up` here")
         _print_status(settings, info if running else None)
@@ -288,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     cancel = sub.add_parser("cancel", parents=[as_json], help="stop a session that is not finished")
     cancel.add_argument("session")
     cancel.set_defaults(fn=cmd_cancel)
-    delete = sub.add_parser("delete", parents=[as_json], help="delete a bot with everything of it, or one document")
+    delete = sub.add_parser(
+        "delete", parents=[as_json], help="delete a bot with everything of it, or one document"
+    )
     delete.add_argument("session")
     delete.add_argument("--document", default="", help="delete only this document (its id)")
     delete.set_defaults(fn=cmd_delete)
@@ -300,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     download.set_defaults(fn=cmd_download)
     share = sub.add_parser("share", parents=[as_json], help="make, list or revoke a bot's share links")
     share.add_argument("session", nargs="?", default="")
-    share.add_argument("--citations", action="store_true", help="answers through the link show their passages")
+    share.add_argument(
+        "--citations", action="store_true", help="answers through the link show their passages"
+    )
     share.add_argument("--name", default="")
     share.add_argument("--list", action="store_true", help="list the bot's links")
     share.add_argument("--revoke", default="", metavar="SHARE_ID")
@@ -308,12 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     keys = sub.add_parser("keys", parents=[as_json], help="API keys: create, list, revoke (admins)")
     keys.add_argument("action", choices=("create", "list", "revoke"))
     keys.add_argument("key_id", nargs="?", default="")
-    keys.add_argument("--tenant", default="", help="the key's tenant (create; default: yours) or a filter (list)")
+    keys.add_argument(
+        "--tenant", default="", help="the key's tenant (create; default: yours) or a filter (list)"
+    )
     keys.add_argument("--role", choices=("member", "admin"), default="member")
     keys.add_argument("--name", default="")
     keys.add_argument("--all", action="store_true", help="list revoked keys too")
     keys.add_argument(
-        "--nats", default="", metavar="URL", help="create the key straight in NATS (the first admin key of a server)"
+        "--nats",
+        default="",
+        metavar="URL",
+        help="create the key straight in NATS (the first admin key of a server)",
     )
     keys.set_defaults(fn=cmd_keys)
     args = p.parse_args(argv)

@@ -25,7 +25,9 @@ def _client(settings: Settings):
 
     key = settings.api_key.get_secret_value()
     headers = {"Authorization": f"Bearer {key}"} if key else None
-    return httpx.Client(base_url=gateway_url(settings), timeout=httpx.Timeout(30.0, read=None), headers=headers)
+    return httpx.Client(
+        base_url=gateway_url(settings), timeout=httpx.Timeout(30.0, read=None), headers=headers
+    )
 
 
 def _check(resp) -> dict:
@@ -370,7 +372,9 @@ def cmd_download(args) -> int:
             resp.read()
             _check(resp)
         disposition = resp.headers.get("content-disposition", "")
-        name = args.output or (disposition.split('filename="')[-1].rstrip('"') if "filename=" in disposition else "")
+        name = args.output or (
+            disposition.split('filename="')[-1].rstrip('"') if "filename=" in disposition else ""
+        )
         name = name or f"{args.session}-{args.what}"
         with open(name, "wb") as f:
             for part in resp.iter_bytes():
@@ -388,13 +392,18 @@ def cmd_share(args) -> int:
             line = f"revoked {out['share']['share_id']}"
         elif args.list:
             out = _check(c.get(f"/api/v1/sessions/{args.session}/shares"))
-            rows = [f"{s['share_id']}  citations={'yes' if s['show_citations'] else 'no'}  {s['name']}" for s in out["shares"]]
+            rows = [
+                f"{s['share_id']}  citations={'yes' if s['show_citations'] else 'no'}  {s['name']}"
+                for s in out["shares"]
+            ]
             line = "\n".join(rows) or "no share links"
         else:
             body = {"show_citations": args.citations, "name": args.name}
             out = _check(c.post(f"/api/v1/sessions/{args.session}/shares", json=body))
             out["url"] = gateway_url(settings) + out["url"]
-            line = f"{out['url']}\n(shown once; revoke with `doclora share --revoke {out['share']['share_id']}`)"
+            line = (
+                f"{out['url']}\n(shown once; revoke with `doclora share --revoke {out['share']['share_id']}`)"
+            )
     if args.json:
         print_json(out)
     else:
@@ -420,7 +429,10 @@ async def _create_key_direct(settings: Settings, nats_url: str, tenant: str, rol
         key, token = await access.AccessStore(bus).create_key(tenant, role_value, name)
     finally:
         await bus.close()
-    return {"key": {"key_id": key.key_id, "tenant": tenant, "role": role, "name": name, "revoked_at": None}, "token": token}
+    return {
+        "key": {"key_id": key.key_id, "tenant": tenant, "role": role, "name": name, "revoked_at": None},
+        "token": token,
+    }
 
 
 def cmd_keys(args) -> int:
@@ -429,14 +441,18 @@ def cmd_keys(args) -> int:
 
     settings = Settings.from_env()
     if args.action == "create" and args.nats:
-        out = asyncio.run(_create_key_direct(settings, args.nats, args.tenant or settings.tenant, args.role, args.name))
+        out = asyncio.run(
+            _create_key_direct(settings, args.nats, args.tenant or settings.tenant, args.role, args.name)
+        )
     else:
         with _client(settings) as c:
             if args.action == "create":
                 body = {"tenant": args.tenant, "role": args.role, "name": args.name}
                 out = _check(c.post("/api/v1/keys", json=body))
             elif args.action == "list":
-                out = _check(c.get("/api/v1/keys", params={"tenant": args.tenant, "include_revoked": args.all}))
+                out = _check(
+                    c.get("/api/v1/keys", params={"tenant": args.tenant, "include_revoked": args.all})
+                )
             else:
                 if not args.key_id:
                     raise SystemExit("doclora keys revoke KEY_ID")
@@ -445,8 +461,11 @@ def cmd_keys(args) -> int:
         print_json(out)
     elif args.action == "create":
         print(out["token"])
-        print(f"key {out['key']['key_id']} for tenant {out['key']['tenant']} ({out['key']['role']}); "
-              "the token is shown once: keep it (DOCLORA_API_KEY)", file=sys.stderr)
+        print(
+            f"key {out['key']['key_id']} for tenant {out['key']['tenant']} ({out['key']['role']}); "
+            "the token is shown once: keep it (DOCLORA_API_KEY)",
+            file=sys.stderr,
+        )
     elif args.action == "list":
         print("\n".join(key_line(k) for k in out["keys"]) or "no keys")
     else:

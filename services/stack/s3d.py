@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import urllib3
@@ -189,16 +190,19 @@ def _pick_admin_port(taken: set[int]) -> int:
     raise RuntimeError("no free loopback port P with P + 10000 also free, for the SeaweedFS admin server")
 
 
-def _pick_ports(s3_port: int | None) -> dict[str, int]:
+def _pick_ports(s3_port: int | None, avoid: frozenset[int] = frozenset()) -> dict[str, int]:
+    """Free ports for every component, none of them in `avoid` (ports the caller has handed to
+    processes that have not bound them yet: they look free but are taken)."""
     names = [f"{c}{suffix}" for c in _COMPONENTS if c != "admin" for suffix in ("", "_grpc")]
     if s3_port is not None:
         names.remove("s3")
-    # one spare, in case the kernel hands out the caller's fixed S3 port
-    picked = [p for p in free_ports(len(names) + 1) if p != s3_port][: len(names)]
+    avoid = avoid | {s3_port} if s3_port is not None else avoid
+    # spares, in case the kernel hands out a port to avoid
+    picked = [p for p in free_ports(len(names) + len(avoid)) if p not in avoid][: len(names)]
     ports = dict(zip(names, picked, strict=True))
     if s3_port is not None:
         ports["s3"] = s3_port
-    ports["admin"] = _pick_admin_port(set(ports.values()))
+    ports["admin"] = _pick_admin_port(set(ports.values()) | avoid)
     ports["admin_grpc"] = ports["admin"] + _GRPC_PORT_OFFSET
     return ports
 
@@ -239,13 +243,15 @@ def start_seaweedfs(
     log_path: Path | None = None,
     volume_size_mb: int = 128,
     detach: bool = False,
+    avoid_ports: Iterable[int] = (),
 ) -> SeaweedProcess:
     """Start `weed mini` storing under `data_dir`; returns at once (call `wait_ready`).
 
     `s3_port` None picks a free loopback port; every other port is always picked here. The log goes
     to `log_path` (default `data_dir/weed.log`, appended to). `volume_size_mb` caps each volume file
     (they are sparse, so this costs no disk up front). `detach` starts it in its own session so it
-    outlives the terminal that started it (the local stack launcher).
+    outlives the terminal that started it (the local stack launcher). `avoid_ports`: ports given to
+    other processes that may not listen yet (the local stack's services), never picked here.
     """
     if not access_key or not secret_key:
         raise ValueError("SeaweedFS needs a non-empty access key and secret key")
@@ -261,7 +267,7 @@ def start_seaweedfs(
     # mini saves its flags here and re-applies them on the next start; we pass every flag each time
     (data_dir / "mini.options").unlink(missing_ok=True)
 
-    ports = _pick_ports(s3_port)
+    ports = _pick_ports(s3_port, frozenset(avoid_ports))
     args = [
         weed_binary(),
         "-logtostderr=true",  # into our log file, not /tmp/weed.*

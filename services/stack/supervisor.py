@@ -300,7 +300,9 @@ class Stack:
         self.env = self._child_env()
         ports = part_ports(settings)
         # fixed for the stack's life, so a restarted part is found where it was
-        spare = iter(free_ports(len(SERVICES) + 1))
+        # (not one of the ports handed to the parts: those are free until the parts bind them)
+        taken = set(ports.values())
+        spare = iter([p for p in free_ports(len(SERVICES) + 1 + len(taken)) if p not in taken])
         self.nats_http_port = next(spare)
         self.metrics = {name: f"{LOOPBACK}:{next(spare)}" for name, _m, _f in SERVICES}
         if settings.embedded_nats:
@@ -373,6 +375,13 @@ class Stack:
             secret_key=s.s3_secret_key.get_secret_value(),
             s3_port=part_ports(s)["s3"],
             log_path=self.logs / "s3.log",
+            # every other port of the stack: a service that has not bound its port (or its metrics
+            # port) yet must not find SeaweedFS on it
+            avoid_ports={
+                *part_ports(s).values(),
+                self.nats_http_port,
+                *(int(addr.rsplit(":", 1)[1]) for addr in self.metrics.values()),
+            },
         )
         return self.s3
 
