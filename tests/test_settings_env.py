@@ -63,11 +63,18 @@ def test_a_bad_value_names_the_variable_and_the_expected_type(env, monkeypatch, 
 
 
 def test_secrets_are_masked_in_repr_and_in_the_effective_settings():
-    s = Settings(s3_secret_key="very-secret-s3", qagen_openai_key="sk-very-secret")
+    s = Settings(
+        s3_secret_key="very-secret-s3",
+        qagen_openai_key="sk-very-secret",
+        nats_url="nats://doclora:very-secret-nats@nats:4222",
+    )
     assert isinstance(s.s3_secret_key, SecretStr)
     for text in (repr(s), str(s), str(effective_settings(s))):
         assert "very-secret-s3" not in text and "sk-very-secret" not in text
     shown = effective_settings(s)
+    # a password written into a URL is masked as well; the child environment keeps it
+    assert shown["DOCLORA_NATS_URL"] == f"nats://doclora:{MASK}@nats:4222"
+    assert "very-secret-nats" in settings_env(s)["DOCLORA_NATS_URL"]
     assert shown["DOCLORA_S3_SECRET_KEY"] == shown["DOCLORA_QAGEN_OPENAI_KEY"] == MASK
     assert effective_settings(Settings())["DOCLORA_QAGEN_OPENAI_KEY"] == ""  # unset stays visible as unset
     assert shown["DOCLORA_TRAIN_TIME_BUDGET_S"] == "150.0" and shown["DOCLORA_LOG_JSON"] == "0"

