@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +25,11 @@ from services.ingest.formats.text import decode_text
 from services.qagen import clean
 from services.qagen.chunk import chunk_text, split_sentences
 
-FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the same examples on every run (CI must not go red by chance); run with --hypothesis-seed=N or
+# edit this to explore further
+FAST = settings(
+    max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 # Markdown-ish text: words, sentence ends, list markers, headings, fences, blank lines, odd spaces
 PIECES = st.sampled_from(
@@ -35,6 +40,9 @@ PIECES = st.sampled_from(
 DOCS = st.one_of(st.text(max_size=400), st.lists(PIECES, max_size=120).map("".join))
 # a question or answer as the importers keep it: stripped, non-empty text of any characters
 FIELD = st.text(min_size=1, max_size=60).map(str.strip).filter(bool)
+
+
+MARKER_ONLY = re.compile(r"(?:[-*+•]|\d{1,3}[.)]|>)+")
 
 
 def _no_headings(text: str) -> bool:
@@ -63,13 +71,14 @@ def test_chunks_are_in_order_slices_within_the_limit(text, max_chars, data):
 @FAST
 @given(DOCS.filter(_no_headings), st.integers(1, 300), st.data())
 def test_chunks_lose_no_text(text, max_chars, data):
-    """Without headings every non-space character lies in some chunk."""
+    """Without headings every non-space character lies in some chunk, but for a list or quote marker
+    that a piece holds alone ("-", "1.", ">": not content, so not a chunk of its own)."""
     overlap = data.draw(st.integers(0, max_chars - 1))
     covered = set()
     for ch in chunk_text(text, doc_id="d", max_chars=max_chars, overlap_chars=overlap):
         covered.update(range(ch.start, ch.end))
-    lost = [i for i, c in enumerate(text) if not c.isspace() and i not in covered]
-    assert not lost, [text[i] for i in lost]
+    lost = "".join(c if not c.isspace() and i not in covered else " " for i, c in enumerate(text))
+    assert all(MARKER_ONLY.fullmatch(run) for run in lost.split()), lost.split()
 
 
 @given(st.text(max_size=50), st.integers(-5, 5), st.integers(-5, 5))
