@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.auth import Credentials
 from gateway.clients import Clients
 from gateway.common import (
+    INTERNAL_MESSAGE,
     OpenAIError,
     envelope,
     error,
@@ -78,7 +79,7 @@ async def bad_request(request: Request, exc: RequestValidationError):
 
 async def internal(request: Request, exc: Exception):
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return reply(request, 500, "INTERNAL", "internal error; see the gateway log")
+    return reply(request, 500, "INTERNAL", INTERNAL_MESSAGE)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException):

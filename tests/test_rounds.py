@@ -31,11 +31,11 @@ def queued(rt, monkeypatch):
     items: list[events_pb2.WorkItem] = []
     real = rt.enqueue
 
-    async def enqueue(sid, tenant, stage, *, round=0, priority=0):
+    async def enqueue(sid, tenant, stage, *, round=0, priority=0, again=""):
         items.append(
             events_pb2.WorkItem(session_id=sid, tenant=tenant, stage=stage, round=round, priority=priority)
         )
-        await real(sid, tenant, stage, round=round, priority=priority)
+        await real(sid, tenant, stage, round=round, priority=priority, again=again)
 
     monkeypatch.setattr(rt, "enqueue", enqueue)
     return items

@@ -66,9 +66,11 @@ class Runtime:
             priority=priority,
         )
 
-    async def enqueue_for(self, rec: session_pb2.Session, stage: int) -> None:
-        """Queue `stage` for the session's current round and priority."""
-        await self.enqueue(rec.session_id, rec.tenant, stage, round=rec.round, priority=rec.options.priority)
+    async def enqueue_for(self, rec: session_pb2.Session, stage: int, *, again: str = "") -> None:
+        """Queue `stage` for the session's current round and priority (`again`: see `enqueue`)."""
+        await self.enqueue(
+            rec.session_id, rec.tenant, stage, round=rec.round, priority=rec.options.priority, again=again
+        )
 
     async def handoff(
         self, item: events_pb2.WorkItem, from_stage: int, to_stage: int, seconds: float

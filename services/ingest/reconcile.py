@@ -57,14 +57,7 @@ async def reconcile(rt: Runtime, now: float) -> list[str]:
             now - rec.updated_at.ToNanoseconds() / 1e9,
             stage_name(stage),
         )
-        await rt.enqueue(
-            rec.session_id,
-            rec.tenant,
-            stage,
-            round=rec.round,
-            priority=rec.options.priority,
-            again=f"r{rec.updated_at.ToNanoseconds()}",
-        )
+        await rt.enqueue_for(rec, stage, again=f"r{rec.updated_at.ToNanoseconds()}")
         queued.append(rec.session_id)
     return queued
 
