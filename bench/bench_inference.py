@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct unless DOCLORA_BASE_MODEL says otherwise). Random-init LoR
 rank 8 on every linear layer, saved to a temp folder, stand in for trained ones. Run:
 
     .venv/bin/python bench/bench_inference.py [--tokens 64] [--threads N] [--chats 8] [--adapters 4]
-        [--formats fp32,int8]
+        [--formats fp32,fp32-mkl,int8] [--device cuda --random-weights MODEL_DIR]
 
 On a shared machine pass `--threads 1`: with more torch threads than idle cores, MKL's threaded
 GEMMs stall on each other and the figures mean little.
@@ -22,7 +22,11 @@ It prints:
 - decode through the model's own forward as well as the lean step of fastpath.py, to compare;
 - aggregate decode tokens/s with `--chats` concurrent chats over `--adapters` adapters vs one chat,
   and how many of those answers are identical to the same chat run alone;
-- all of it for the engine with fp32 weights and with int8 ones (`ChatEngine(int8=True)`).
+- all of it for each weight format: fp32 packed for oneDNN (the default on a CPU, packed.py), fp32
+  with the model's own weights (MKL, `ChatEngine(pack=False)`) and int8 (`ChatEngine(int8=True)`).
+
+On a GPU machine without the weights, `--device cuda --random-weights FOLDER` builds the model from
+FOLDER's config.json and tokenizer with random bf16 weights: speed figures only.
 
 End tokens are ignored in every run (the engine's and `generate`'s), so each one decodes exactly
 `--tokens` tokens. The issue's targets: decode >= 2x `generate`, TTFT <= 1.1x, aggregate >= 4x.
@@ -63,14 +67,14 @@ def best_of(runs: int, fn) -> float:
     return min(fn() for _ in range(runs))
 
 
-def read_bandwidth(mib: int = 512, runs: int = 5) -> float:
+def read_bandwidth(mib: int = 512, runs: int = 5, device: str = "cpu") -> float:
     """Bytes per second that summing a large fp32 tensor reads (memory-bound, all torch threads)."""
-    x = torch.ones(mib * 2**20 // 4)
-    x.sum()
+    x = torch.ones(mib * 2**20 // 4, device=device)
+    float(x.sum())
 
     def once() -> float:
         started = time.perf_counter()
-        x.sum()
+        float(x.sum())  # on a GPU, waits for the sum
         return time.perf_counter() - started
 
     return mib * 2**20 / best_of(runs, once)
@@ -189,12 +193,19 @@ def common_prefix(a: str, b: str) -> int:
     return n
 
 
-def run_engine(args, model, tokenizer, folders: dict[str, Path], int8: bool, limit: float, gen) -> dict:
-    """All engine figures for one weight format; prints them as it goes."""
+def run_engine(args, model, tokenizer, folders: dict[str, Path], label: str, limit: float, gen) -> dict:
+    """All engine figures for one weight format (FORMATS); prints them as it goes."""
     names = list(folders)
-    label = "int8" if int8 else "fp32"
     cache = AdapterCache(folders.__getitem__, capacity=len(names))
-    engine = ChatEngine(model, tokenizer, cache, "cpu", max_batch=max(args.chats, 1), int8=int8)
+    engine = ChatEngine(
+        model, tokenizer, cache, args.device, max_batch=max(args.chats, 1), **FORMATS.get(label, {})
+    )
+    packed = (
+        f"{engine.packed_bytes / 1e6:.0f} MB of oneDNN-packed weights"
+        if engine.packed_bytes
+        else "not packed"
+    )
+    print(f"[{label}] engine on {args.device}, {next(model.parameters()).dtype}, {packed}")
     engine.scheduler.eos_ids = frozenset()  # fixed-length answers, like min_new_tokens for generate
     try:
         # the first adapter wraps the base in PEFT (a load under the model lock, once per process)
@@ -245,6 +256,24 @@ def run_engine(args, model, tokenizer, folders: dict[str, Path], int8: bool, lim
         engine.close()
 
 
+# --formats: the engine's weights. fp32 packs them for oneDNN on a CPU (services/inference/packed.py);
+# fp32-mkl keeps the model's own (torch's default MKL matmuls); int8 quantizes them (int8.py).
+FORMATS = {"fp32": {}, "fp32-mkl": {"pack": False}, "int8": {"int8": True}}
+
+
+def random_model(folder: Path, device: str) -> tuple[torch.nn.Module, object]:
+    """A random-init model of `folder`'s config (and its tokenizer), for a device whose machine has
+    no copy of the weights; speed figures only, the text means nothing."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    model = (
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype).to(device).eval()
+    )
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per chat")
@@ -254,34 +283,51 @@ def main() -> None:
     parser.add_argument(
         "--runs", type=int, default=2, help="repeats of the single-chat figures; the best is kept"
     )
-    parser.add_argument("--formats", default="fp32,int8", help="weight formats to run the engine with")
+    parser.add_argument(
+        "--formats",
+        default="fp32,fp32-mkl,int8",
+        help=f"weight formats to run the engine with: {', '.join(FORMATS)}",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (then the model's bf16 only)")
+    parser.add_argument(
+        "--random-weights", type=Path, metavar="MODEL_DIR",
+        help="random-init model from this folder's config.json and tokenizer (a machine without the weights)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.device != "cpu":
+        args.formats = "bf16"
     torch.set_num_threads(args.threads)
     settings = Settings.from_env()
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs")  # fmt: skip
 
     started = time.perf_counter()
-    model, tokenizer = load_base_model(settings)
+
+    def load() -> tuple[torch.nn.Module, object]:
+        if args.random_weights:
+            return random_model(args.random_weights, args.device)
+        return load_base_model(settings)
+
+    model, tokenizer = load()
     print(f"base model {settings.base_model or 'smollm2'} loaded in {time.perf_counter() - started:.1f} s, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters, {next(model.parameters()).dtype}")  # fmt: skip
-    ids = prompt_ids(tokenizer)
+    ids = prompt_ids(tokenizer).to(args.device)
     tmp = tempfile.TemporaryDirectory(prefix="doclora-bench-")
     dirs = make_adapters(model, Path(tmp.name), max(args.adapters, 1) + 1)
     folders = {f"bot-{i}": d for i, d in enumerate(dirs)}
 
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(device=args.device)
     per_token = weight_bytes_per_token(model)
     limit = bandwidth / per_token
     print(f"prompt {ids.shape[1]} tokens, {args.tokens} new tokens per chat")
     print(f"memory read bandwidth {bandwidth / 1e9:.2f} GB/s (sum of a 512 MiB fp32 tensor); weights read per "
-          f"token {per_token / 1e6:.0f} MB fp32 -> limit {limit:.1f} tokens/s "
+          f"token {per_token / 1e6:.0f} MB -> limit {limit:.1f} tokens/s "
           f"(int8 layers: ~{per_token / 4e6:.0f} MB -> ~{4 * limit:.0f} tokens/s)")  # fmt: skip
 
     # plain generate on a second copy of the base, with the first adapter merged into it
     from peft import PeftModel
 
-    merged, _ = load_base_model(settings)
+    merged, _ = load()
     merged = PeftModel.from_pretrained(merged, str(dirs[0])).merge_and_unload().eval()
     gen = bench_generate(merged, ids, args.tokens, args.runs)
     del merged
@@ -290,11 +336,12 @@ def main() -> None:
 
     results = {}
     for fmt in args.formats.split(","):
-        results[fmt] = run_engine(args, model, tokenizer, folders, fmt == "int8", limit, gen)
-    if {"fp32", "int8"} <= results.keys():
-        a, b = results["fp32"]["text"], results["int8"]["text"]
-        print(f"int8 vs fp32 greedy answer: first {common_prefix(a, b)} of {len(a)} characters agree")
-        print(f"  fp32: {a[:160]!r}\n  int8: {b[:160]!r}")
+        results[fmt] = run_engine(args, model, tokenizer, folders, fmt, limit, gen)
+    for other in ("fp32-mkl", "int8"):
+        if {"fp32", other} <= results.keys():
+            a, b = results["fp32"]["text"], results[other]["text"]
+            print(f"{other} vs fp32 greedy answer: first {common_prefix(a, b)} of {len(a)} characters agree")
+            print(f"  fp32: {a[:160]!r}\n  {other}: {b[:160]!r}")
     tmp.cleanup()
 
 

@@ -203,6 +203,21 @@ class Settings(BaseSettings):
     inference_max_batch: int = 8  # chats decoded together in one forward pass
     inference_max_queue: int = 64  # more waiting than this: RESOURCE_EXHAUSTED
     inference_int8: bool = False  # int8 weights for CPU decoding
+    # fp32 on a CPU: oneDNN-packed copies of the weights for chat steps (services/inference/packed.py;
+    # faster, and as much memory again as the model's linear layers)
+    inference_pack: bool = True
+    # who generates: "local" (this process's engine, services/inference/engine.py) or "vllm" (an
+    # OpenAI-compatible vLLM server with runtime LoRA loading, services/inference/vllm.py)
+    inference_backend: str = "local"
+    vllm_url: str = ""  # e.g. http://vllm:8000 (its /v1 API)
+    vllm_api_key: SecretStr = SecretStr("")  # sent as a bearer token when set (vLLM's --api-key)
+    vllm_model: str = ""  # the base model's served name (empty: the first of GET /v1/models)
+    # adapters are written here for vLLM to read (a volume both mount), and named to vLLM under
+    # vllm_adapter_path (the same folder as the vLLM server sees it; empty: the same path)
+    vllm_adapter_dir: str = ""
+    vllm_adapter_path: str = ""
+    vllm_max_loras: int = 16  # adapters kept loaded in vLLM; the least recently used is unloaded
+    vllm_timeout_s: float = 600.0  # one answer, start to end
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -154,6 +154,11 @@ class AdapterCache:
         """Fuse the int8 projections that share an input, for the lean decode step (if any)."""
         return self._mixed.fuse_int8()
 
+    def pack(self) -> int:
+        """Give the lean step oneDNN-packed fp32 weights (packed.py); returns the bytes packed (0: none)."""
+        with self.lock:
+            return self._mixed.step.pack() if self._mixed.step is not None else 0
+
     # ---- loading off the lock
 
     @property

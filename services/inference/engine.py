@@ -140,7 +140,8 @@ class ChatEngine:
 
     The engine takes the model over: it switches it to the row attention of kv.py, which only
     works through the engine's own caches, and with `int8` gives its linear layers int8 weights
-    (`close` undoes both). `max_batch` requests decode together, `max_queue` more may wait.
+    (`close` undoes both); with `pack` (fp32 on a CPU) its steps use oneDNN-packed copies of the
+    weights (packed.py). `max_batch` requests decode together, `max_queue` more may wait.
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class ChatEngine:
         max_queue: int = MAX_QUEUE,
         prefill_chunk: int = PREFILL_CHUNK,
         int8: bool = False,
+        pack: bool = True,
     ):
         if not getattr(tokenizer, "chat_template", None):
             raise FailedPrecondition("the tokenizer has no chat template; use an instruct/chat model")
@@ -169,8 +171,12 @@ class ChatEngine:
         self.int8 = int8 and int8_weights.quantize_int8(model) > 0
         if self.int8:
             adapters.fuse_int8()
-        # int8 turns tiny float differences into different roundings, so LoRA goes row by row there
-        adapters.row_exact = self.int8
+        # fp32 CPU weights packed for oneDNN (packed.py): faster steps, and a row's base matmuls
+        # don't depend on the batch; GPU and int8 runs keep their own weights
+        self.packed_bytes = adapters.pack() if pack and not self.int8 and self.device.type == "cpu" else 0
+        # int8 turns tiny float differences into different roundings, and packed steps promise a
+        # row the same numbers whatever its batch: LoRA goes row by row there
+        adapters.row_exact = self.int8 or self.packed_bytes > 0
         config = model.config
         self.context_size: int | None = getattr(config, "max_position_embeddings", None)
         self.eos_ids = _eos_ids(model, tokenizer)

@@ -202,3 +202,77 @@ def _stacked(layer: Any, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch
     ).view(-1, 1, 1)
     layer._doclora_stack = (names, (a, b, scale))
     return a, b, scale
+
+
+def add_fused_terms(modules: tuple, x: torch.Tensor, base: torch.Tensor) -> bool:
+    """Add the step's LoRA terms of `modules` — layers that read the same `x` and whose base outputs
+    lie side by side in `base` (one packed matmul, packed.py) — to `base` in place, in two batched
+    matmuls per adapter of the step: `x @ A` with the layers' A matrices side by side, then `@ B`
+    with their B matrices (scaled) on a block diagonal. Each row is its own matmul, so its numbers
+    don't depend on the rest of the batch.
+
+    Returns False, changing nothing, where this doesn't apply (no plan: PEFT's own behaviour; a
+    layer not lean; adapters of different ranks): the caller then adds each layer's terms alone.
+    """
+    holders = {id(getattr(m, "_doclora_holder", None)): getattr(m, "_doclora_holder", None) for m in modules}
+    if len(holders) != 1:
+        return False
+    (holder,) = holders.values()
+    if holder is None:  # no adapter was ever loaded: plain linear layers
+        return all(isinstance(m, torch.nn.Linear) for m in modules)
+    if not all(_lean(m, holder) for m in modules):
+        return False
+    plan = holder.plan
+    if plan is None:
+        return holder.base_only
+    groups = ((plan.uniform, slice(None)),) if plan.uniform is not None else plan.groups
+    terms = []
+    for name, rows in groups:
+        weights = _fused_weights(modules, name)
+        if weights is False:
+            return False
+        if weights is not None:
+            terms.append((weights, rows))
+    for (a, b), rows in terms:
+        part = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+        if part.dtype != a.dtype:
+            part = part.to(a.dtype)
+        count = part.shape[0]
+        delta = torch.bmm(torch.bmm(part, a.expand(count, -1, -1)), b.expand(count, -1, -1))
+        if delta.dtype != base.dtype:
+            delta = delta.to(base.dtype)
+        if isinstance(rows, slice):
+            base[rows].add_(delta)
+        else:
+            base.index_add_(0, rows, delta)
+    return True
+
+
+def _fused_weights(modules: tuple, name: str) -> tuple[torch.Tensor, torch.Tensor] | None | bool:
+    """Adapter `name`'s (A [in, R], B [R, outs]) over `modules`, cached on the first module while the
+    adapter is loaded; None when it touches none of them, False when it can't be fused (a bias, or
+    ranks that differ between the layers)."""
+    first = modules[0]
+    cache = first.__dict__.setdefault("_doclora_fused", {})
+    if name in cache:
+        return cache[name]
+    for stale in [n for n in cache if n not in first.lora_A]:  # adapters deleted since
+        del cache[stale]
+    present = [m for m in modules if name in m.lora_A]
+    if not present:
+        return None
+    if any(m.lora_A[name].bias is not None or m.lora_B[name].bias is not None for m in present):
+        return False
+    ref = present[0].lora_A[name].weight
+    ranks = [m.lora_A[name].weight.shape[0] if name in m.lora_A else 0 for m in modules]
+    outs = [m.base_layer.out_features for m in modules]
+    a = ref.new_zeros(ref.shape[1], sum(ranks))
+    b = ref.new_zeros(sum(ranks), sum(outs))
+    r0 = o0 = 0
+    for m, r, o in zip(modules, ranks, outs, strict=True):
+        if r:
+            a[:, r0 : r0 + r] = m.lora_A[name].weight.t()
+            b[r0 : r0 + r, o0 : o0 + o] = m.lora_B[name].weight.t() * m.scaling[name]
+        r0, o0 = r0 + r, o0 + o
+    cache[name] = (a, b)
+    return cache[name]

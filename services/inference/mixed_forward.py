@@ -78,10 +78,11 @@ class MixedForward:
     def forward(
         self, model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, inputs: dict
     ) -> torch.Tensor:
-        """Logits of the lean decode step for one-token rows where the model has one, else of its
-        own forward (prefill chunks, other layouts)."""
-        if self.step is not None and self.fast_decode and input_ids.shape[1] == 1:
-            return self.step(input_ids, inputs["position_ids"], cache)
+        """Logits of the lean step where the model has one (decode steps, and prefill chunks once
+        the step has packed weights), else of its own forward (other layouts)."""
+        step = self.step
+        if step is not None and self.fast_decode and (input_ids.shape[1] == 1 or step.packed):
+            return step(input_ids, inputs["position_ids"], cache)
         return model(input_ids=input_ids, cache=cache, **inputs).logits
 
     def fuse_int8(self) -> int:
