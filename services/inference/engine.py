@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from services.common import omp
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.inference import int8 as int8_weights
 from services.inference import kv
@@ -181,6 +182,9 @@ class ChatEngine:
         self.context_size: int | None = getattr(config, "max_position_embeddings", None)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._attn_before = kv.install(model)
+        # this thread loaded or packed the model and won't run it: its OpenMP workers would slow
+        # the scheduler thread's kernels (services/common/omp.py)
+        omp.release_threads()
         self.scheduler = Scheduler(
             adapters, tokenizer, self.eos_ids, self.device,
             max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,

@@ -212,15 +212,19 @@ def add_fused_terms(modules: tuple, x: torch.Tensor, base: torch.Tensor) -> bool
     don't depend on the rest of the batch.
 
     Returns False, changing nothing, where this doesn't apply (no plan: PEFT's own behaviour; a
-    layer not lean; adapters of different ranks): the caller then adds each layer's terms alone.
+    layer not lean; a LoRA bias): the caller then adds each layer's terms alone. Layers the adapters
+    don't wrap (plain linears beside wrapped ones) add nothing.
     """
-    holders = {id(getattr(m, "_doclora_holder", None)): getattr(m, "_doclora_holder", None) for m in modules}
-    if len(holders) != 1:
-        return False
-    (holder,) = holders.values()
-    if holder is None:  # no adapter was ever loaded: plain linear layers
-        return all(isinstance(m, torch.nn.Linear) for m in modules)
-    if not all(_lean(m, holder) for m in modules):
+    holder = None
+    for m in modules:  # every LoRA layer of the model is bound to the same holder (`patch`)
+        bound = getattr(m, "_doclora_holder", None)
+        if bound is not None:
+            holder = bound
+        elif type(m) is not torch.nn.Linear:  # an unpatched wrapper: PEFT's own forward
+            return False
+    if holder is None:  # no adapter wraps these layers: nothing to add
+        return True
+    if not all(_lean(m, holder) for m in modules if type(m) is not torch.nn.Linear):
         return False
     plan = holder.plan
     if plan is None:
@@ -249,23 +253,22 @@ def add_fused_terms(modules: tuple, x: torch.Tensor, base: torch.Tensor) -> bool
 
 
 def _fused_weights(modules: tuple, name: str) -> tuple[torch.Tensor, torch.Tensor] | None | bool:
-    """Adapter `name`'s (A [in, R], B [R, outs]) over `modules`, cached on the first module while the
-    adapter is loaded; None when it touches none of them, False when it can't be fused (a bias, or
+    """Adapter `name`'s (A [in, R], B [R, outs]) over `modules`, cached while the adapter is loaded; None when it touches none of them, False when it can't be fused (a bias, or
     ranks that differ between the layers)."""
-    first = modules[0]
-    cache = first.__dict__.setdefault("_doclora_fused", {})
+    # on the first layer's base linear: the same object whichever layers PEFT has wrapped so far
+    cache = getattr(modules[0], "base_layer", modules[0]).__dict__.setdefault("_doclora_fused", {})
     if name in cache:
         return cache[name]
-    for stale in [n for n in cache if n not in first.lora_A]:  # adapters deleted since
-        del cache[stale]
-    present = [m for m in modules if name in m.lora_A]
+    for stale in [n for n in cache if not any(n in getattr(m, "lora_A", ()) for m in modules)]:
+        del cache[stale]  # adapters deleted since
+    present = [m for m in modules if name in getattr(m, "lora_A", ())]  # plain layers: rank 0
     if not present:
         return None
     if any(m.lora_A[name].bias is not None or m.lora_B[name].bias is not None for m in present):
         return False
     ref = present[0].lora_A[name].weight
-    ranks = [m.lora_A[name].weight.shape[0] if name in m.lora_A else 0 for m in modules]
-    outs = [m.base_layer.out_features for m in modules]
+    ranks = [m.lora_A[name].weight.shape[0] if m in present else 0 for m in modules]
+    outs = [getattr(m, "base_layer", m).out_features for m in modules]
     a = ref.new_zeros(ref.shape[1], sum(ranks))
     b = ref.new_zeros(sum(ranks), sum(outs))
     r0 = o0 = 0

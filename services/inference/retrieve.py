@@ -18,6 +18,7 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from services.common import omp
 from services.common.passages import BM25, Hit, Passage
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class MiniLM:
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
                 out.append(torch.nn.functional.normalize(mean, dim=-1))
+        # the chat scheduler's thread runs the model: this one's OpenMP workers would slow it
+        omp.release_threads()
         return torch.cat(out) if out else torch.empty(0, 384)
 
 

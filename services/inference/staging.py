@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common import omp
+
 log = logging.getLogger(__name__)
 
 
@@ -134,6 +136,8 @@ class Stager:
         except Exception as exc:  # a misfit and the like: PEFT's own load says what is wrong, at pin
             log.info("adapter %s loads through PEFT: %s", adapter_id, exc)
             staged.layers = None
+        finally:  # this thread lives on between loads; its OpenMP workers would slow the scheduler's
+            omp.release_threads()
         log.info(
             "prepared adapter %s in %.2fs%s", adapter_id, time.perf_counter() - started,
             "" if staged.layers is not None else " (to load through PEFT)",
