@@ -21,6 +21,7 @@ BENCHES = {
     "upload": ("bench/bench_upload.py", ["50"]),
     "trainer": ("bench/bench_trainer.py", ["--steps", "4", "--pairs", "16"]),
     "inference": ("bench/bench_inference.py", ["--tokens", "24", "--threads", "1", "--chats", "4"]),
+    "chat_api": ("bench/bench_chat_api.py", ["--users", "1,4", "--rounds", "2", "--runs", "1"]),
     "qagen_local": ("bench/bench_qagen_local.py", ["--chunks", "2"]),
     "html_extract": ("bench/bench_html_extract.py", ["--rounds", "5"]),
 }
