@@ -106,7 +106,9 @@ class Bots:
         passages retrieved for it."""
         rec = await self.find(bot_id)
         mode = self.mode(rec, requested_mode)
-        adapter_id = adapter_ref(rec.tenant, rec.adapter_id) if rec is not None and mode != "retrieval" else None
+        adapter_id = (
+            adapter_ref(rec.tenant, rec.adapter_id) if rec is not None and mode != "retrieval" else None
+        )
         if rec is not None and rec.options.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": rec.options.system_prompt})
         hits: list[Hit] = []

@@ -43,6 +43,7 @@ __all__ = [
     "IncrementalDecoder",
     "StopScanner",
     "check_messages",
+    "check_request",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,20 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
     return clean
 
 
+def check_request(
+    messages: Any, params: GenerationParams | None
+) -> tuple[list[dict[str, str]], GenerationParams]:
+    """A clean copy of the chat and its checked generation params (defaults for None), or raise
+    InvalidArgument; every back end checks a chat with this before it starts."""
+    clean = check_messages(messages)
+    if params is None:
+        params = GenerationParams()
+    elif not isinstance(params, GenerationParams):
+        raise InvalidArgument("params must be GenerationParams")
+    params.validate()
+    return clean, params
+
+
 # --------------------------------------------------------------------------- the engine
 
 
@@ -216,7 +231,7 @@ class ChatEngine:
         for a prompt too long. Generation runs ahead of the consumer; setting `cancel` or closing
         the iterator ends it within a step, and no piece is yielded after `cancel` is seen.
         """
-        clean, params = self._check(messages, params)
+        clean, params = check_request(messages, params)
         return self._stream(clean, adapter_id, params, cancel, stats or ChatStats())
 
     async def astream_chat(
@@ -234,7 +249,7 @@ class ChatEngine:
         iterates it takes the request out of the batch at the next step and waits for that, so its
         adapter is unpinned when it returns.
         """
-        clean, params = self._check(messages, params)
+        clean, params = check_request(messages, params)
         stats = stats or ChatStats()
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -264,17 +279,6 @@ class ChatEngine:
             await prepare
 
     # ---- internals
-
-    def _check(
-        self, messages: Sequence[Mapping[str, str]], params: GenerationParams | None
-    ) -> tuple[list[dict[str, str]], GenerationParams]:
-        clean = check_messages(messages)
-        if params is None:
-            params = GenerationParams()
-        elif not isinstance(params, GenerationParams):
-            raise InvalidArgument("params must be GenerationParams")
-        params.validate()
-        return clean, params
 
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
         import jinja2

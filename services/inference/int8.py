@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from services.inference.packed import joined_bias
+
 
 class Int8Linear(nn.Linear):
     """`nn.Linear` whose forward reads an int8 copy of the weight (see the module docstring)."""
@@ -108,15 +110,7 @@ class FusedInt8:
         self.sizes = [m.out_features for m in layers]
         self.in_features = layers[0].in_features
         self._packed = _pack([m.weight for m in layers])
-        biases = [m.bias for m in layers]
-        self.bias = None
-        if any(b is not None for b in biases):
-            self.bias = torch.cat(
-                [
-                    b.detach() if b is not None else m.weight.new_zeros(m.out_features)
-                    for b, m in zip(biases, layers, strict=True)
-                ]
-            )
+        self.bias = joined_bias(layers)
         self._inputs: dict[int, torch.Tensor] = {}
 
     @classmethod

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -51,10 +52,16 @@ def rows_independent() -> bool:
     if not available():
         return False
     gen = torch.Generator().manual_seed(0)
-    weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(384, 320, generator=gen), PACK_ROWS)
-    x = torch.randn(PACK_ROWS + 3, 320, generator=gen)
-    alone = _linear(x[:1], weight, None)
-    return all(torch.equal(_linear(x[:rows], weight, None)[:1], alone) for rows in (2, 3, 8, PACK_ROWS + 3))
+    for out_features, in_features in ((128, 64), (384, 320), (2048, 64), (576, 1536)):
+        weight = torch.randn(out_features, in_features, generator=gen)
+        weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        x = torch.randn(PACK_ROWS + 3, in_features, generator=gen)
+        alone = _linear(x[:1], weight, None)
+        if not all(
+            torch.equal(_linear(x[:rows], weight, None)[:1], alone) for rows in (2, 3, 8, PACK_ROWS + 3)
+        ):
+            return False
+    return True
 
 
 class PackedLinear:
@@ -65,15 +72,7 @@ class PackedLinear:
         weight = (
             torch.cat([m.weight.detach() for m in layers]) if len(layers) > 1 else layers[0].weight.detach()
         )
-        biases = [m.bias for m in layers]
-        self.bias = None
-        if any(b is not None for b in biases):
-            self.bias = torch.cat(
-                [
-                    b.detach() if b is not None else m.weight.new_zeros(m.out_features)
-                    for m, b in zip(layers, biases, strict=True)
-                ]
-            )
+        self.bias = joined_bias(layers)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
         self.sizes = [m.out_features for m in layers]
         self.in_features = layers[0].in_features
@@ -99,6 +98,21 @@ class PackedLinear:
         lead = x.shape[:-1]
         out = _linear(x.reshape(-1, self.in_features), self.weight, self.bias)
         return out.view(*lead, out.shape[-1])
+
+
+def joined_bias(layers: Sequence[Any]) -> torch.Tensor | None:
+    """The biases of linear layers fused into one matmul, side by side (zeros for a layer without
+    one); None when none has a bias."""
+    biases = [m.bias for m in layers]
+    first = next((b for b in biases if b is not None), None)
+    if first is None:
+        return None
+    return torch.cat(
+        [
+            b.detach() if b is not None else first.new_zeros(m.out_features)
+            for m, b in zip(layers, biases, strict=True)
+        ]
+    )
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -46,7 +46,7 @@ from services.common.errors import (
     TooManyRequests,
     Unavailable,
 )
-from services.inference.engine import ChatStats, GenerationParams, check_messages
+from services.inference.engine import ChatStats, GenerationParams, check_request
 
 log = logging.getLogger(__name__)
 
@@ -537,11 +537,7 @@ class VllmEngine:
         generator (or setting `cancel`) closes the HTTP stream, which vLLM takes as an abort, and
         sets `stats.finish_reason` to "cancelled".
         """
-        clean = check_messages(messages)
-        params = params or GenerationParams()
-        if not isinstance(params, GenerationParams):
-            raise InvalidArgument("params must be GenerationParams")
-        params.validate()
+        clean, params = check_request(messages, params)
         stats = stats or ChatStats()
         base = await self.base_model()
         held = None if adapter_id is None else await self.adapters.pin(adapter_id)
