@@ -193,6 +193,8 @@ class ChatEngine:
         # int8 turns tiny float differences into different roundings, and packed steps promise a
         # row the same numbers whatever its batch: LoRA goes row by row there
         adapters.row_exact = self.int8 or self.packed_bytes > 0
+        if self.packed_bytes:
+            log.info("chat steps on oneDNN-packed fp32 weights (%.0f MB)", self.packed_bytes / 1e6)
         config = model.config
         self.context_size: int | None = getattr(config, "max_position_embeddings", None)
         self.eos_ids = _eos_ids(model, tokenizer)
