@@ -381,6 +381,22 @@ def test_invalid_params_raise_invalid_argument(kwargs):
         GenerationParams(**kwargs)
 
 
+def test_a_chat_ending_with_the_assistants_words_is_continued_from_them(engine, tokenizer):
+    """A last message from the assistant is the start of the reply (the quoted evidence): the
+    prompt ends with its words, not with a new assistant turn, and the answer is what `generate`
+    gives after exactly that prompt."""
+    opening = 'The document says: "Chapter two covers ladders." [1]\n\n'
+    primed = [*CHAT, {"role": "assistant", "content": opening}]
+    prompt = tokenizer.decode(engine._encode(primed))
+    assert prompt.endswith(opening) and prompt.count("<|im_start|>assistant") == 1
+    ids = torch.tensor([engine._encode(primed)])
+    model = tiny_base(tokenizer)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False)
+    want = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert "".join(engine.stream_chat(primed, None, GREEDY)) == want
+
+
 @pytest.mark.parametrize(
     "messages",
     [

@@ -213,7 +213,8 @@ async def answer_source(options: session_pb2.SessionOptions, server_mode: str = 
     store_chunks(rt, "s1", ["The hello desk opens at nine."])
     out = await chat(service, "s1", "hello?")
     adapter_id, messages = engine.calls[-1]
-    passages_read = "Passages from the documents" in messages[-1]["content"]
+    question = next(m for m in reversed(messages) if m["role"] == "user")
+    passages_read = "Passages from the documents" in question["content"]
     assert bool(out[0].citations) is passages_read
     return adapter_id, passages_read
 
@@ -225,3 +226,42 @@ def test_an_unknown_default_answer_mode_stops_the_service_at_start():
     rt.settings = rt.settings.replace(answer_mode="retreival")
     with pytest.raises(ValueError, match="both, adapter, retrieval"):
         InferenceServicer(rt, FakeEngine(), embedder=None)
+
+
+def answer_text(out: list) -> str:
+    return "".join(r.delta for r in out)
+
+
+@pytest.mark.parametrize("mode", [inference_pb2.ANSWER_MODE_RETRIEVAL, inference_pb2.ANSWER_MODE_BOTH])
+async def test_a_reply_that_reads_passages_starts_by_quoting_the_answering_sentence(service, mode):
+    """The sentence of the passages that answers the question is streamed first, cited, and handed
+    to the engine as the start of the reply it goes on from; the model's words follow."""
+    rt = service.rt
+    rt.sessions.add("s1", S.SESSION_STATE_READY, adapter_id="s1")
+    store_chunks(rt, "s1", [
+        "The Lumen Orchard was founded in 1987 by Ilse Marrow. It grows glowing pears on 12 hectares.",
+        "Visitors may walk the orchard on Sundays. Tickets cost 4 euros.",
+    ])  # fmt: skip
+    out = await chat(service, "s1", "How much do tickets cost?", mode=mode)
+    quoted = 'The document says: "Tickets cost 4 euros." [1]\n\n'
+    assert [r.delta for r in out if r.delta] == [quoted, "ok"]
+    assert answer_text(out) == quoted + "ok"
+    _, messages = service.engine.calls[-1]
+    assert messages[-1] == {"role": "assistant", "content": quoted}
+    assert messages[-2]["role"] == "user" and "Tickets cost 4 euros" in messages[-2]["content"]
+
+
+async def test_no_quote_when_it_is_turned_off_or_nothing_matches(service):
+    """DOCLORA_ANSWER_QUOTE_SENTENCES=0 leaves the reply to the model; a question no sentence
+    shares a word with gets no quote (nor passages); the adapter alone never quotes."""
+    rt = service.rt
+    rt.sessions.add("s1", S.SESSION_STATE_READY, adapter_id="s1")
+    store_chunks(rt, "s1", ["Visitors may walk the orchard on Sundays. Tickets cost 4 euros."])
+    out = await chat(service, "s1", "Good morning!", mode=inference_pb2.ANSWER_MODE_RETRIEVAL)
+    assert answer_text(out) == "ok" and service.engine.calls[-1][1][-1]["role"] == "user"
+    out = await chat(service, "s1", "How much do tickets cost?", mode=inference_pb2.ANSWER_MODE_ADAPTER)
+    assert answer_text(out) == "ok" and service.engine.calls[-1][1][-1]["role"] == "user"
+    rt.settings = rt.settings.replace(answer_quote_sentences=0)
+    out = await chat(service, "s1", "How much do tickets cost?", mode=inference_pb2.ANSWER_MODE_RETRIEVAL)
+    assert out[0].citations and answer_text(out) == "ok"
+    assert service.engine.calls[-1][1][-1]["role"] == "user"

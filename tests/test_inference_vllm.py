@@ -109,6 +109,19 @@ async def test_a_chat_streams_the_base_models_answer_and_fills_its_stats(fake, e
     assert (sent["stop"], sent["seed"]) == (["ZZZ"], 7)
 
 
+async def test_a_chat_ending_with_the_assistants_words_asks_vllm_to_go_on_from_them(fake, engine):
+    """The quoted evidence a reply starts with (inference/evidence.py) is sent as the last,
+    assistant, message with vLLM's continue_final_message; a plain chat sends neither flag."""
+    primed = [*CHAT, {"role": "assistant", "content": 'The document says: "Pears ripen in May." [1]\n\n'}]
+    pieces = [p async for p in engine.astream_chat(primed, None, GenerationParams(max_new_tokens=20))]
+    assert "".join(pieces) == fake.answer("base-model", primed)
+    sent = fake.chats[-1]
+    assert sent["messages"] == primed
+    assert (sent["continue_final_message"], sent["add_generation_prompt"]) == (True, False)
+    [p async for p in engine.astream_chat(CHAT, None, GenerationParams(max_new_tokens=20))]
+    assert "continue_final_message" not in fake.chats[-1] and "add_generation_prompt" not in fake.chats[-1]
+
+
 async def test_an_answer_cut_at_max_new_tokens_finishes_with_length(fake, engine):
     stats = ChatStats()
     text = await answer(engine, params=GenerationParams(max_new_tokens=2), stats=stats)
@@ -410,10 +423,13 @@ async def test_a_bot_chats_through_the_inference_service_in_front_of_vllm(runtim
             replies = [r async for r in stub.Chat(request, timeout=30)]
         assert replies[0].citations and replies[0].citations[0].doc_id == "d1"
         text = "".join(r.delta for r in replies)
-        assert text.startswith(f"{name} heard:") and "chunk 1 of d1" in text
+        # the quoted evidence first (evidence.py), then vLLM's words going on from it
+        quoted = 'The document says: "chunk 1 of d1" [1]\n\n'
+        assert text.startswith(quoted + f"{name} heard:") and "chunk 1 of d1" in text[len(quoted) :]
+        assert fake.chats[-1]["continue_final_message"] is True
         last = replies[-1]
         assert last.finish_reason == inference_pb2.FINISH_REASON_STOP
-        assert last.completion_tokens == len(text.split()) and last.prompt_tokens > 0
+        assert last.completion_tokens == len(text[len(quoted) :].split()) and last.prompt_tokens > 0
         assert fake.loads == [name] and (tmp_path / "shared" / name / "adapter_config.json").is_file()
 
         await delete_session(rt, rec.session_id)

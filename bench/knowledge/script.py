@@ -63,11 +63,19 @@ class Baseline:
         self.model, self.tok = load_base_model(Settings.from_env())
 
     def answer(self, question: str, passages: list[str], max_tokens: int) -> str:
+        return self.reply([{"role": "user", "content": prompt(question, passages)}], max_tokens)
+
+    def reply(self, messages: list[dict[str, str]], max_tokens: int) -> str:
+        """The greedy reply to a chat; a chat ending with the assistant's words is continued from
+        them, and the reply includes them."""
         import torch
 
-        messages = [{"role": "user", "content": prompt(question, passages)}]
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        primed = messages[-1]["role"] == "assistant"
+        text = self.tok.apply_chat_template(
+            messages, add_generation_prompt=not primed, continue_final_message=primed, tokenize=False
+        )
         enc = self.tok(text, add_special_tokens=False, return_tensors="pt").to(self.model.device)
         with torch.inference_mode():
             out = self.model.generate(**enc, do_sample=False, max_new_tokens=max_tokens)
-        return self.tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        said = self.tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        return (messages[-1]["content"] if primed else "") + said

@@ -17,6 +17,7 @@ from services.common.options import ANSWER_MODE, ANSWER_MODES, answer_mode_name
 from services.common.passages import Hit, read_session_passages, with_passages
 from services.common.runtime import Runtime
 from services.common.sessions import state_name
+from services.inference import evidence
 from services.inference.adapter_store import adapter_ref
 from services.inference.retrieve import Embedder, Index, IndexCache, build_index, default_embedder
 
@@ -57,6 +58,8 @@ class Turn:
     messages: list[dict[str, str]]
     adapter_id: str | None
     hits: list[Hit]
+    # the start of the reply, already the last (assistant) message: the quoted evidence (evidence.py)
+    opening: str = ""
 
 
 class Bots:
@@ -112,10 +115,16 @@ class Bots:
         if rec is not None and rec.options.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": rec.options.system_prompt})
         hits: list[Hit] = []
+        opening = ""
         if rec is not None and mode in ("both", "retrieval"):
-            hits = await self.retrieve(rec, messages[-1]["content"])
-            messages[-1] = {"role": "user", "content": with_passages(messages[-1]["content"], hits)}
-        return Turn(messages, adapter_id, hits)
+            question = messages[-1]["content"]
+            hits = await self.retrieve(rec, question)
+            messages[-1] = {"role": "user", "content": with_passages(question, hits)}
+            quote = self.rt.settings.answer_quote_sentences
+            opening = evidence.opening(await self.rt.io(evidence.pick, question, hits, self.embedder, quote))
+            if opening:
+                messages.append({"role": "assistant", "content": opening})
+        return Turn(messages, adapter_id, hits, opening)
 
     def _chunks_version(self, rec: session_pb2.Session) -> str:
         """Blocking: the ETag of the bot's chunks.jsonl ("" when it has none), so an index built from

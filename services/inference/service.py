@@ -50,6 +50,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         share = getattr(access.caller_or_none(), "share", None)
         if turn.hits and (share is None or share.show_citations):
             yield inference_pb2.ChatResponse(citations=[citation(i, h) for i, h in enumerate(turn.hits, 1)])
+        if turn.opening:  # the quoted evidence the reply starts with
+            first = time.perf_counter()
+            metrics.CHAT_FIRST_TOKEN_SECONDS.observe(first - started)
+            yield inference_pb2.ChatResponse(delta=turn.opening)
         stats = ChatStats()
         async with contextlib.aclosing(
             self.engine.astream_chat(turn.messages, turn.adapter_id, params, stats=stats)

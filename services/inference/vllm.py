@@ -643,6 +643,8 @@ def _body(model: str, messages: list[dict[str, str]], params: GenerationParams) 
         body["stop"] = list(params.stop)
     if params.seed is not None:
         body["seed"] = params.seed
+    if messages and messages[-1]["role"] == "assistant":  # the reply starts with it (vLLM's extension)
+        body.update(add_generation_prompt=False, continue_final_message=True)
     return body
 
 
