@@ -424,7 +424,7 @@ async def test_a_bot_chats_through_the_inference_service_in_front_of_vllm(runtim
         assert replies[0].citations and replies[0].citations[0].doc_id == "d1"
         text = "".join(r.delta for r in replies)
         # the quoted evidence first (evidence.py), then vLLM's words going on from it
-        quoted = 'The document says: "chunk 1 of d1" [1]\n\n'
+        quoted = 'The document says: "chunk 1 of d1" [1] "chunk 0 of d1" [2]\n\n'
         assert text.startswith(quoted + f"{name} heard:") and "chunk 1 of d1" in text[len(quoted) :]
         assert fake.chats[-1]["continue_final_message"] is True
         last = replies[-1]

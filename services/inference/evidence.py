@@ -5,7 +5,8 @@ Why: the default 135M reader, given three whole passages (~1,000 tokens), writes
 about a third of its answers while the fact is in its prompt nine times in ten; it invents numbers
 and names near the right ones ("5 cm" for "50 cm"). Finding the answering sentence is easier for a
 sentence-embedding model than for the reader: all-MiniLM-L6-v2's closest sentence of the top three
-passages holds the key fact for 57% of the harness's tune questions (bench/knowledge/RESULTS.md).
+passages holds the key fact for 57% of the harness's tune questions, its two closest 75%
+(bench/knowledge/RESULTS.md).
 Quoting it first (as RAFT's answers quote before they answer) puts the fact in the reply in the
 document's own words, cited `[n]`, and the model's next words restate it from right before them.
 
