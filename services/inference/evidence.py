@@ -8,7 +8,9 @@ sentence-embedding model than for the reader: all-MiniLM-L6-v2's closest sentenc
 passages holds the key fact for 57% of the harness's tune questions, its two closest 75%
 (bench/knowledge/RESULTS.md).
 Quoting it first (as RAFT's answers quote before they answer) puts the fact in the reply in the
-document's own words, cited `[n]`, and the model's next words restate it from right before them.
+document's own words, cited `[n]`. The gain is the quote's: on those questions the model's own words
+after it carry the key fact no more often than without it (bench/knowledge/RESULTS.md), so a reader
+should take the quote as the answer and the rest as the model's commentary.
 
 `pick` chooses the sentences (embeddings when the bot has the model, BM25 over sentences without
 it); `opening` writes the start of the reply. A question no sentence is close to (a greeting, a
