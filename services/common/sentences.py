@@ -34,11 +34,17 @@ def _is_abbreviation(text: str, dot: int) -> bool:
     return word.lower() in _ABBREVIATIONS
 
 
-def _add_span(spans: list[tuple[int, int]], text: str, start: int, end: int) -> None:
+def strip_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """`(start, end)` moved inwards past white space at both ends (start == end: only spaces)."""
     while start < end and text[start].isspace():
         start += 1
     while end > start and text[end - 1].isspace():
         end -= 1
+    return start, end
+
+
+def _add_span(spans: list[tuple[int, int]], text: str, start: int, end: int) -> None:
+    start, end = strip_span(text, start, end)
     # list and quote markers are layout, not part of the sentence
     while start < end:
         m = _LEADING_MARKER.match(text, start, end)

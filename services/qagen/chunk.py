@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from services.common.sentences import BLOCK_START, split_sentences
+from services.common.sentences import BLOCK_START, split_sentences, strip_span
 
 LengthFn = Callable[[str], int]
 
@@ -192,10 +192,7 @@ def _paragraphs(text: str, start: int, end: int) -> list[tuple[int, int]]:
 
 
 def _trimmed(spans: list[tuple[int, int]], text: str, start: int, end: int) -> None:
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
+    start, end = strip_span(text, start, end)
     if start < end:
         spans.append((start, end))
 
