@@ -244,7 +244,7 @@ async def test_a_reply_that_reads_passages_starts_by_quoting_the_answering_sente
     ])  # fmt: skip
     out = await chat(service, "s1", "How much do tickets cost?", mode=mode)
     quoted = 'The document says: "Tickets cost 4 euros." [1]\n\n'
-    assert [r.delta for r in out if r.delta] == [quoted, "ok"]
+    assert [r.delta for r in out if r.delta] == [quoted + "ok"]  # with the model's first words
     assert answer_text(out) == quoted + "ok"
     _, messages = service.engine.calls[-1]
     assert messages[-1] == {"role": "assistant", "content": quoted}
@@ -265,3 +265,35 @@ async def test_no_quote_when_it_is_turned_off_or_nothing_matches(service):
     out = await chat(service, "s1", "How much do tickets cost?", mode=inference_pb2.ANSWER_MODE_RETRIEVAL)
     assert out[0].citations and answer_text(out) == "ok"
     assert service.engine.calls[-1][1][-1]["role"] == "user"
+
+
+class FullEngine(FakeEngine):
+    """Refuses every chat as the engine does when its queue is full."""
+
+    async def astream_chat(self, messages, adapter_id=None, params=None, cancel=None, stats=None):
+        from services.common.errors import ResourceExhausted
+
+        self.calls.append((adapter_id, messages))
+        raise ResourceExhausted("too many chats waiting (2); try again shortly")
+        yield ""  # an async generator, like the engine's
+
+
+async def test_a_chat_the_engine_refuses_sends_no_quote_before_the_error():
+    """The quote waits for the model's first words: a full queue refuses the chat before any text,
+    so the gateway can still answer 429 (it reads past the citations only)."""
+    from services.common.errors import ResourceExhausted
+
+    rt = FakeRuntime()
+    service = InferenceServicer(rt, FullEngine(), embedder=None)
+    rt.sessions.add("s1", S.SESSION_STATE_READY, adapter_id="s1")
+    store_chunks(rt, "s1", ["Visitors may walk the orchard on Sundays. Tickets cost 4 euros."])
+    request = inference_pb2.ChatRequest(
+        bot_id="s1", messages=[inference_pb2.ChatMessage(role="user", content="How much do tickets cost?")],
+        mode=inference_pb2.ANSWER_MODE_RETRIEVAL,
+    )  # fmt: skip
+    got = []
+    with pytest.raises(ResourceExhausted):
+        async for r in service.Chat(request, None):
+            got.append(r)
+    assert [bool(r.citations) for r in got] == [True] and not any(r.delta for r in got)
+    assert service.engine.calls[-1][1][-1]["role"] == "assistant"  # the engine was asked with the quote

@@ -50,10 +50,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         share = getattr(access.caller_or_none(), "share", None)
         if turn.hits and (share is None or share.show_citations):
             yield inference_pb2.ChatResponse(citations=[citation(i, h) for i, h in enumerate(turn.hits, 1)])
-        if turn.opening:  # the quoted evidence the reply starts with
-            first = time.perf_counter()
-            metrics.CHAT_FIRST_TOKEN_SECONDS.observe(first - started)
-            yield inference_pb2.ChatResponse(delta=turn.opening)
+        # the quoted evidence the reply starts with goes out with the model's first words: only a chat
+        # the engine took may start answering (a full queue is still refused before any text)
+        opening = turn.opening
         stats = ChatStats()
         async with contextlib.aclosing(
             self.engine.astream_chat(turn.messages, turn.adapter_id, params, stats=stats)
@@ -62,7 +61,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if first is None:
                     first = time.perf_counter()
                     metrics.CHAT_FIRST_TOKEN_SECONDS.observe(first - started)
-                yield inference_pb2.ChatResponse(delta=piece)
+                yield inference_pb2.ChatResponse(delta=opening + piece)
+                opening = ""
+        if opening:  # the model said nothing after it
+            yield inference_pb2.ChatResponse(delta=opening)
         finish = stats.finish_reason or "stop"
         metrics.observe_chat(first, time.perf_counter(), stats.completion_tokens, finish)
         yield inference_pb2.ChatResponse(
