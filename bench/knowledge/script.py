@@ -70,10 +70,10 @@ class Baseline:
         them, and the reply includes them."""
         import torch
 
+        from services.common.model import chat_prompt
+
         primed = messages[-1]["role"] == "assistant"
-        text = self.tok.apply_chat_template(
-            messages, add_generation_prompt=not primed, continue_final_message=primed, tokenize=False
-        )
+        text = chat_prompt(self.tok, messages)
         enc = self.tok(text, add_special_tokens=False, return_tensors="pt").to(self.model.device)
         with torch.inference_mode():
             out = self.model.generate(**enc, do_sample=False, max_new_tokens=max_tokens)

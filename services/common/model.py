@@ -218,6 +218,16 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     return tokenizer
 
 
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The chat as the model reads it, ready for the reply: after a new assistant turn, or, when
+    the chat ends with the assistant's words (quoted evidence), right after them so the reply goes
+    on from there."""
+    primed = messages[-1]["role"] == "assistant"
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=not primed, continue_final_message=primed, tokenize=False
+    )
+
+
 def load_base_model(settings: Settings, *, for_training: bool = False) -> tuple[Any, Any]:
     """Return `(model, tokenizer)` for `settings.base_model` on the device `pick_device` chooses.
 

@@ -29,6 +29,7 @@ import torch
 
 from services.common import omp
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.model import chat_prompt
 from services.inference import int8 as int8_weights
 from services.inference import kv
 from services.inference.adapters import AdapterCache
@@ -285,12 +286,8 @@ class ChatEngine:
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
         import jinja2
 
-        # a chat that ends with the assistant's words: the reply goes on from them (evidence.py)
-        primed = messages[-1]["role"] == "assistant"
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=not primed, continue_final_message=primed, tokenize=False
-            )
+        try:  # a chat that ends with the assistant's words goes on from them (evidence.py)
+            text = chat_prompt(self.tokenizer, messages)
         except jinja2.TemplateError as exc:  # e.g. a template that insists roles alternate
             raise InvalidArgument(f"the model's chat template rejected the messages: {exc}") from exc
         # the template already wrote the special tokens (BOS etc.) it wants
