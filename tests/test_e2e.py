@@ -151,13 +151,19 @@ def test_pasted_text_becomes_a_bot_that_streams_answers(stack):
     assert train_progress and int(train_progress[-1]["done"]) == 12
     assert final["train"]["steps"] == 12
     assert final["qa"]["pairs"] >= 3
-    # the bot's exam: the rewordings qagen kept out of training, asked after it, on the session
-    exam = final["train"]["exam"]
+    # the bot's exam: the rewordings qagen kept out of training, asked after READY (pending at
+    # READY), on the session when it ends; `doclora exam` waits for it
+    at_ready = final["train"]["exam"]
+    assert at_ready["pending"] is True and at_ready["reworded"] == final["qa"]["exam_pairs"]
+    assert "adapter_f1" not in at_ready
+    shown = _cli(env, "exam", sid, timeout=600)
+    with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
+        exam = c.get(f"/api/v1/sessions/{sid}").json()["train"]["exam"]
+    assert not exam.get("pending") and exam["seconds"] > 0
     assert exam["reworded"] == final["qa"]["exam_pairs"] > 0
     assert exam["mode"] == "retrieval" and exam["absent"] > 0
     assert {"base_f1", "adapter_f1", "retrieval_f1", "both_f1"} <= exam.keys()
     assert exam.get("missed", 0) >= len(exam.get("misses", []))
-    shown = _cli(env, "exam", sid, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert f"exam: {exam['reworded']} reworded questions" in shown.stdout
     assert f"missed in retrieval mode: {exam.get('missed', 0)} of {exam['reworded']}" in shown.stdout

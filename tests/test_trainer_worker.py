@@ -328,15 +328,8 @@ async def test_a_session_with_passages_trains_on_raft_style_examples(rt):
     assert stats.eval_passages_base_f1 == pytest.approx(metrics["eval_passages_base_f1"])
 
 
-async def test_after_training_the_session_shows_its_exam_on_reworded_and_out_of_document_questions(rt):
-    """Pairs qagen marked "exam" do not train; after training they are asked closed-book and with
-    retrieved passages, with out-of-document questions beside them, and the session's Exam holds
-    each way's token-F1, the share declined, the bot's answer mode and the questions it missed."""
-    from services.common.declines import declines
-    from services.trainer import exam as exam_module
-    from services.trainer.evaluate import token_f1
-
-    sid = "s-exam01"
+async def _exam_session(rt: Runtime, sid: str) -> tuple[session_pb2.Session, list[dict]]:
+    """A session of PAIRS with chunks to retrieve from and three rewordings qagen kept for the exam."""
     chunks = [
         {"chunk_id": f"c{i}", "doc_id": "d1", "start": 50 * i, "end": 50 * i + 40,
          "text": f"Crates {2 * i} and {2 * i + 1} are coded."}
@@ -354,7 +347,19 @@ async def test_after_training_the_session_shows_its_exam_on_reworded_and_out_of_
         for i, p in enumerate(PAIRS[:3])
     ]
     marked = [dict(p, split="train") for p in PAIRS] + reworded
-    rec = await _session(rt, sid, max_steps=2, pairs=marked)
+    return await _session(rt, sid, max_steps=2, pairs=marked), reworded
+
+
+async def test_after_training_the_session_shows_its_exam_on_reworded_and_out_of_document_questions(rt):
+    """Pairs qagen marked "exam" do not train; after training they are asked closed-book and with
+    retrieved passages, with out-of-document questions beside them, and the session's Exam holds
+    each way's token-F1, the share declined, the bot's answer mode and the questions it missed."""
+    from services.common.declines import declines
+    from services.trainer import exam as exam_module
+    from services.trainer.evaluate import token_f1
+
+    sid = "s-exam01"
+    rec, reworded = await _exam_session(rt, sid)
     await worker.train_session(rt, _item(sid), rec)
     _, metrics, _ = _adapter_files(rt, sid)
     assert metrics["examples"] == 10 and "eval_count" not in metrics  # exam pairs never train
@@ -375,6 +380,98 @@ async def test_after_training_the_session_shows_its_exam_on_reworded_and_out_of_
     absent = metrics["eval_exam_absent_answers"]
     assert exam.absent == len(absent) == exam_module.ABSENT_MAX
     assert exam.retrieval_declined == pytest.approx(sum(declines(a["base"]) for a in absent) / len(absent))
+
+
+async def test_the_bot_is_ready_before_its_exam_which_fills_in_the_session_after(rt, monkeypatch):
+    """Chat does not wait for the exam: the session is READY with the exam pending (how many
+    reworded questions it asks, no figures) when the exam starts; after it, the figures are on the
+    session, the exam's time with them, and the answers in the stored metrics.json."""
+    sid = "s-exam02"
+    rec, _ = await _exam_session(rt, sid)
+    seen: list[session_pb2.Session] = []
+    real_take = worker._take_exam
+
+    async def take(rt_, run, *args):
+        seen.append(await rt_.sessions.get(sid))
+        await real_take(rt_, run, *args)
+
+    monkeypatch.setattr(worker, "_take_exam", take)
+    await worker.train_session(rt, _item(sid), rec)
+    at_ready = seen[0]
+    assert at_ready.state == S.SESSION_STATE_READY and at_ready.adapter_id == sid
+    assert at_ready.train.exam.pending and at_ready.train.exam.reworded == 3
+    assert not at_ready.train.exam.HasField("adapter_f1")
+    exam = (await rt.sessions.get(sid)).train.exam
+    assert not exam.pending and exam.reworded == 3 and exam.HasField("adapter_f1")
+    assert exam.seconds > 0
+    _, metrics, _ = _adapter_files(rt, sid)
+    assert metrics["eval_exam_adapter_f1"] == pytest.approx(exam.adapter_f1)
+
+
+async def test_an_exam_a_dead_trainer_left_pending_is_taken_again_on_redelivery(rt, monkeypatch):
+    """The trainer dies during the exam (after READY): the redelivered job finds the session READY
+    with its exam pending and takes it from the stored adapter; a redelivery that finds the exam
+    done does nothing."""
+    from services.common.stage import StageWorker
+
+    sid = "s-exam03"
+    rec, _ = await _exam_session(rt, sid)
+    real_exam = worker._exam_blocking
+    calls: list[str] = []
+
+    def dies(*args, **kwargs):
+        raise Crash("trainer died during the exam")
+
+    monkeypatch.setattr(worker, "_exam_blocking", dies)
+    await worker.train_session(rt, _item(sid), rec)
+    # an exam that fails leaves the bot READY, without figures; a dead process leaves it pending
+    failed = (await rt.sessions.get(sid)).train.exam
+    assert not failed.pending and not failed.HasField("adapter_f1")
+
+    def with_pending(r):
+        r.train.exam.CopyFrom(session_pb2.Exam(reworded=3, pending=True))
+
+    await rt.sessions.update(sid, with_pending)
+
+    def counted(settings, adapter_dir, *args):
+        calls.append(str(adapter_dir))
+        return real_exam(settings, adapter_dir, *args)
+
+    monkeypatch.setattr(worker, "_exam_blocking", counted)
+    stage = StageWorker(
+        rt,
+        session_pb2.STAGE_TRAIN,
+        lambda item, r: worker.train_session(rt, item, r),
+        after_ready=lambda item, r: worker.resume_exam(rt, item, r),
+    )
+    assert await stage._handle_once(_item(sid)) == "skipped"
+    done = await rt.sessions.get(sid)
+    assert len(calls) == 1 and done.state == S.SESSION_STATE_READY
+    assert not done.train.exam.pending and done.train.exam.HasField("adapter_f1")
+    assert done.train.exam.reworded == 3
+    await stage._handle_once(_item(sid))  # nothing pending: not taken again
+    assert len(calls) == 1
+
+
+async def test_an_exam_of_a_round_the_session_left_is_not_recorded(rt, monkeypatch):
+    """A retrain starts while the exam runs: the old round's figures never reach the session."""
+    sid = "s-exam04"
+    rec, _ = await _exam_session(rt, sid)
+    loop = asyncio.get_running_loop()
+    real_exam = worker._exam_blocking
+
+    def retrained_meanwhile(*args):
+        def next_round(r):
+            r.round += 1
+            r.state = S.SESSION_STATE_TRAINING
+
+        asyncio.run_coroutine_threadsafe(rt.sessions.update(sid, next_round), loop).result()
+        return real_exam(*args)
+
+    monkeypatch.setattr(worker, "_exam_blocking", retrained_meanwhile)
+    await worker.train_session(rt, _item(sid), rec)
+    now = await rt.sessions.get(sid)
+    assert now.round == 1 and now.train.exam.pending and not now.train.exam.HasField("adapter_f1")
 
 
 def test_the_exam_lists_misses_in_the_bots_own_answer_mode():

@@ -321,9 +321,14 @@ def test_a_short_session_charts_its_loss_etas_and_exam_then_chats(stack):  # noq
         assert any(re.search(rf"train: \d+ of {STEPS} · about [\d.]+ (s|min|h) left", t) for t in etas), etas
         wait_js(page, "document.querySelector('#stage-etas').textContent.includes('train: done in')")
         assert "train" in page.text_content("#log")
-        # the exam after training, as text and as a chart of each way of answering
+        # the exam, taken after READY: first as being taken, then as text and as a chart of each
+        # way of answering when its figures arrive (the page polls the session until then)
         assert "reworded questions about trained facts" in page.text_content("#train-stats")
-        assert "missed (retrieval mode)" in page.text_content("#train-stats")
+        wait_js(
+            page,
+            "document.querySelector('#train-stats').textContent.includes('missed (retrieval mode)')",
+            timeout=300_000,
+        )
         assert page.is_visible("#eval-chart")
         kinds = page.eval_on_selector_all("#eval-chart rect.bar", "bars => bars.map(b => b.classList[1])")
         assert {"base", "adapter", "retrieval", "both"} <= set(kinds), kinds

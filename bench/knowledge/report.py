@@ -79,6 +79,8 @@ def time_table(res: dict) -> str:
             ways = ("base_f1", "adapter_f1", "retrieval_f1", "both_f1")
             f1 = "exam " + " / ".join(_fmt(exam.get(k), "f1") for k in ways)
             f1 += f", {exam.get('missed', 0)} of {exam['reworded']} missed"
+            if exam.get("seconds"):  # taken after READY (newer runs)
+                f1 += f", {exam['seconds']:.0f} s after READY"
         cells = [
             name,
             d["given_as"],

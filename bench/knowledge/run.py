@@ -74,7 +74,10 @@ def session_stats(sess: dict, given_as: str) -> dict:
     for t in sess.get("timings", []):
         if t.get("stage") in STAGES and t.get("started_at") and t.get("finished_at"):
             times[STAGES[t["stage"]]] = ts(t["finished_at"]) - ts(t["started_at"])
-    times["ready"] = ts(sess["updated_at"]) - ts(sess["created_at"])
+    # READY when the train stage finished: the record changes again when the exam (taken after
+    # READY) ends
+    finished = [ts(t["finished_at"]) for t in sess.get("timings", []) if t.get("finished_at")]
+    times["ready"] = max(finished, default=ts(sess["updated_at"])) - ts(sess["created_at"])
     return {
         "session_id": sess["session_id"],
         "given_as": given_as,
@@ -159,6 +162,9 @@ def one_document(api: Api, pages, script: dict, name: str, src: Path, questions:
             f"{r['system']}={'+' if r.get('key_fact') or r.get('declined') else '-'}" for r in rows
         )
         print(f"  {i}/{len(chosen)} {q['id']} {marks}", flush=True)
+    # the exam is taken after READY, beside the questions above: its figures, before the next
+    # document's training (which would queue behind it)
+    d["exam"] = api.wait_exam(sid, args.ready_timeout)["train"].get("exam") or {}
 
 
 def run(args, path: Path) -> dict:

@@ -94,6 +94,17 @@ class Api:
     def session(self, sid: str) -> dict:
         return self._ok(self.c.get(f"/api/v1/sessions/{sid}"))
 
+    def wait_exam(self, sid: str, timeout: float) -> dict:
+        """Poll until the READY session's exam is no longer being taken (an error after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sess = self.session(sid)
+            if not ((sess.get("train") or {}).get("exam") or {}).get("pending"):
+                return sess
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the exam of session {sid} not done after {timeout:.0f} s")
+            time.sleep(3)
+
     def wait_ready(self, sid: str, timeout: float) -> dict:
         """Poll until the session is READY (or FAILED/CANCELLED, or the timeout: an error)."""
         deadline, last, shown = time.monotonic() + timeout, "", 0.0

@@ -45,12 +45,15 @@ def parse_item(data: bytes) -> events_pb2.WorkItem:
 
 
 class StageWorker:
-    """Pulls `work.{stage}` and runs `handler` for each item, one at a time per replica."""
+    """Pulls `work.{stage}` and runs `handler` for each item, one at a time per replica.
+    `after_ready`, when given, gets the items whose session is already READY in their round: work a
+    stage does after READY (the trainer's exam) and must finish when a redelivery finds it undone."""
 
-    def __init__(self, rt: Runtime, stage: int, handler: Handler):
+    def __init__(self, rt: Runtime, stage: int, handler: Handler, after_ready: Handler | None = None):
         self.rt = rt
         self.stage = stage
         self.handler = handler
+        self.after_ready = after_ready
         self.name = stage_name(stage)
         self._stop = asyncio.Event()  # the run's stop event (set by `run`)
 
@@ -104,6 +107,14 @@ class StageWorker:
                 item.round,
                 rec.round,
             )
+            return "skipped"
+        if rec.state == S.SESSION_STATE_READY and self.after_ready is not None:
+            try:
+                await self.after_ready(item, rec)
+            except Unavailable:
+                raise
+            except DocloraError as exc:  # the session is READY: it stays so
+                log.warning("%s work after READY failed: %s", self.name, exc.message)
             return "skipped"
         if rec.state in FINAL_STATES:
             log.info("skipping %s: session is %s", self.name, state_name(rec.state))

@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         help="how a bot did on its exam after training, and what it still gets wrong",
     )
     exam.add_argument("session")
+    exam.add_argument(
+        "--no-wait", action="store_true", help="show it now, also while the exam is still being taken"
+    )
     exam.set_defaults(fn=cmd_exam)
     chat = sub.add_parser("chat", help="chat with a bot ('base' for the base model)")
     chat.add_argument("bot")

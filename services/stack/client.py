@@ -197,6 +197,11 @@ def exam_lines(exam: dict, misses: int = 10) -> list[str]:
     and the first `misses` questions the bot still gets wrong."""
     if not exam.get("reworded"):
         return ["exam: none (no reworded questions were kept for it)"]
+    if exam.get("pending"):
+        return [
+            f"exam: being taken ({exam['reworded']} reworded questions about trained facts);"
+            " the bot answers meanwhile"
+        ]
     lines = [
         f"exam: {exam['reworded']} reworded questions about trained facts, token-F1"
         f" base {_f1(exam.get('base_f1'))}, adapter {_f1(exam.get('adapter_f1'))},"
@@ -216,15 +221,27 @@ def exam_lines(exam: dict, misses: int = 10) -> list[str]:
     return lines
 
 
+EXAM_POLL_S = 2.0
+
+
 def cmd_exam(args) -> int:
-    """Show how the bot did on its exam after its last training."""
+    """Show how the bot did on its exam after its last training (waiting for an exam still being
+    taken, unless --no-wait)."""
     settings = Settings.from_env()
     with _client(settings) as c:
         rec = _check(c.get(f"/api/v1/sessions/{args.session}"))
+        exam = rec.get("train", {}).get("exam") or {}
+        if exam.get("pending") and not getattr(args, "no_wait", False):
+            if not args.json:
+                print(exam_lines(exam)[0], file=sys.stderr)
+            while exam.get("pending"):
+                time.sleep(EXAM_POLL_S)
+                rec = _check(c.get(f"/api/v1/sessions/{args.session}"))
+                exam = rec.get("train", {}).get("exam") or {}
     if args.json:
-        print_json(rec.get("train", {}).get("exam") or {})
+        print_json(exam)
         return 0
-    for line in exam_lines(rec.get("train", {}).get("exam") or {}):
+    for line in exam_lines(exam):
         print(line)
     return 0
 

@@ -12,7 +12,7 @@ async def setup(rt):
     from services.common.stage import StageWorker
     from services.trainer.launch import process_count
     from services.trainer.service import TrainerServicer
-    from services.trainer.worker import train_session
+    from services.trainer.worker import resume_exam, train_session
 
     # A bad DOCLORA_TRAIN_PROCESSES stops the service here rather than failing every session.
     processes = await asyncio.to_thread(process_count, rt.settings)
@@ -25,7 +25,12 @@ async def setup(rt):
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(rt), server)
         return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
 
-    worker = StageWorker(rt, session_pb2.STAGE_TRAIN, lambda item, rec: train_session(rt, item, rec))
+    worker = StageWorker(
+        rt,
+        session_pb2.STAGE_TRAIN,
+        lambda item, rec: train_session(rt, item, rec),
+        after_ready=lambda item, rec: resume_exam(rt, item, rec),
+    )
     return register, [worker.run]
 
 

@@ -78,6 +78,13 @@ def exam_sets(
     return sets
 
 
+def pending_exam(sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> session_pb2.Exam:
+    """The session's Exam while the exam of `sets` (exam_sets) is being taken: how many reworded
+    questions it asks, pending. Empty (nothing to wait for) when there are none."""
+    closed = sets.get(CLOSED) or []
+    return session_pb2.Exam(reworded=len(closed), pending=True) if closed else session_pb2.Exam()
+
+
 def _set_f1(metrics: Mapping[str, Any], name: str, who: str) -> float | None:
     value = metrics.get(f"eval_{name}_{who}_f1")
     return float(value) if value is not None and value == value else None

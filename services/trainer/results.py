@@ -76,13 +76,33 @@ def evaluate_run(
             result.base_eval_loss = mean_loss(
                 peft_model, eval_examples, cfg.eval_batch_size, plan.kind, plan.amp
             )
-    answers = result.answers
-    eval_started = time.monotonic()
     sets = {"": eval_pairs, **{name: list(ps) for name, ps in (extra_evals or {}).items()}}
+    result.answers = answer_sets(
+        peft_model, tokenizer, sets, cfg, should_stop=should_stop, total_steps=total_steps
+    )
+    return result
+
+
+def answer_sets(
+    peft_model: Any,
+    tokenizer: Any,
+    sets: Mapping[str, Sequence[Mapping[str, Any]]],
+    cfg: LoraTrainConfig,
+    *,
+    should_stop: Callable[[], bool] | None,
+    total_steps: int = 0,
+) -> dict[str, Any]:
+    """Each of `sets` {name: pairs} answered greedily by the base model and the adapter and scored
+    (evaluate.py): eval_* metrics for the set named "", eval_{name}_* for the others, with
+    eval_seconds, the time all answering took. `should_stop` is polled between answer batches and
+    after each set: `TrainingCancelled`. In eval mode, fp32 like the inference service on a CPU,
+    whatever precision trained the adapter."""
+    peft_model.eval()
+    answers: dict[str, Any] = {}
+    eval_started = time.monotonic()
     for name, set_pairs in sets.items():
         if not set_pairs or not cfg.eval_generate:
             continue
-        # fp32 like the inference service on a CPU, whatever precision trained the adapter
         scored = evaluate_adapter(
             peft_model,
             tokenizer,
@@ -97,7 +117,7 @@ def evaluate_run(
             raise TrainingCancelled(total_steps, total_steps)
         answers.update({k.replace("eval_", f"eval_{name}_", 1) if name else k: v for k, v in scored.items()})
         answers["eval_seconds"] = time.monotonic() - eval_started
-    return result
+    return answers
 
 
 def _quant_config(peft_model: Any) -> Callable[[str], Any] | None:

@@ -15,7 +15,12 @@ stops and leaves the record to the newer round. Per-session options set the LoRA
 `split` marks choose the held-out pairs; `passages` trains RAFT-style (see passages.py).
 
 The handler reads in steps: `_prepare` (the job's data and plan.py's decisions), `_Run.train` (the
-training, watched for cancellation), `_store_adapter`, then `_finish` (stats, READY, clean-up).
+training, watched for cancellation), `_store_adapter`, `_finish` (stats, READY, clean-up), then
+`_take_exam`: the bot's exam (exam.py) is taken after READY, so chat does not wait for it (on 2 CPU
+cores it took longer than the 13-page harness document's training steps); the session's
+`TrainStats.exam` says `pending` until its figures are in. A trainer that dies during the exam
+leaves the work item unacknowledged: its redelivery finds the session READY with the exam pending
+and takes the exam again (`resume_exam`) from the stored adapter.
 
 Processes: the run trains in a thread of this process, or with `train_processes` > 1 as torchrun's
 processes (launch.py, ddp.py): the same inputs, progress events, checkpoints and cancellation,
@@ -37,13 +42,13 @@ from typing import Any
 
 from doclora.v1 import events_pb2, session_pb2
 from services.common import events, keys
-from services.common.errors import DocloraError, NotFound
+from services.common.errors import DocloraError, NotFound, Unavailable
 from services.common.options import answer_mode_name
 from services.common.passages import read_session_passages
 from services.common.qapair import read_pairs
 from services.common.runtime import Runtime, StaleRound, check_round
 from services.common.sessions import mark_stage
-from services.trainer.exam import exam_sets, exam_stats
+from services.trainer.exam import exam_sets, exam_stats, pending_exam
 from services.trainer.plan import (
     PASSAGES_MIN_SEQ_LEN,
     checkpoint_key,
@@ -101,6 +106,21 @@ def _train_blocking(
         init_adapter=init,
         extra_evals=extra_evals,
     )
+
+
+def _exam_blocking(settings, adapter_dir: Path, sets, config: dict[str, Any], should_stop) -> dict[str, Any]:
+    """The exam's sets answered by the base model and by the adapter in `adapter_dir` (call it in a
+    thread): eval_{set}_* metrics (results.answer_sets). `TrainingCancelled` when `should_stop`."""
+    from peft import PeftModel
+
+    from services.trainer.base_weights import load_training_model
+    from services.trainer.config import LoraTrainConfig
+    from services.trainer.results import answer_sets
+
+    model, tokenizer = load_training_model(settings)
+    cfg = LoraTrainConfig.from_settings(settings, **config)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return answer_sets(peft_model, tokenizer, sets, cfg, should_stop=should_stop)
 
 
 def _fetch_adapter(rt: Runtime, tenant: str, adapter_id: str, folder: Path) -> Path | None:
@@ -162,7 +182,8 @@ class _Job:
     pairs: list[dict]  # all of the session's pairs (the exam reads them)
     train_pairs: list[dict]
     eval_pairs: list[dict]
-    extra_evals: dict[str, list[dict]]
+    extra_evals: dict[str, list[dict]]  # answered by the training run (held-out pairs with passages)
+    exam: dict[str, list[dict]]  # the exam's sets (exam.exam_sets), answered after READY
     passage_counts: dict | None  # RAFT-style runs: what the examples carry (into metrics.json)
     config: dict[str, Any]  # LoraTrainConfig fields over the server settings
     resume: dict | None  # the round's last checkpoint
@@ -177,7 +198,8 @@ async def _prepare(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Sess
     passage_counts = None
     session_passages = await rt.io(read_session_passages, rt.store, rec)
     k = rt.settings.retrieval_top_k
-    extra_evals = exam_sets(pairs, session_passages, k=k)
+    exam = exam_sets(pairs, session_passages, k=k)
+    extra_evals: dict[str, list[dict]] = {}
     if passages_enabled(rec.options, rt.settings):
         from services.trainer.passages import raft_pairs, retrieved_pairs
 
@@ -196,7 +218,7 @@ async def _prepare(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Sess
     )
     return _Job(
         sid, tenant, this_round, keys.adapter_id_for(sid, this_round), pairs, train_pairs, eval_pairs,
-        extra_evals, passage_counts, config, resume,
+        extra_evals, exam, passage_counts, config, resume,
     )  # fmt: skip
 
 
@@ -323,7 +345,8 @@ async def _store_adapter(rt: Runtime, job: _Job, out_dir: Path, metrics: dict, s
 
 async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
     """The stage handler: prepare the job, train it (watched for cancellation), store the adapter,
-    then finish (stats, READY, clean-up). Cancelled or superseded runs return without an adapter."""
+    finish (stats, READY, clean-up), then take the exam. Cancelled or superseded runs return
+    without an adapter."""
     started = time.monotonic()
     job = await _prepare(rt, item, rec)
     run = _Run(rt, job)
@@ -339,25 +362,99 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
             if metrics is None:
                 return
             await _store_adapter(rt, job, out_dir, metrics, started_from)
+            seconds = time.monotonic() - started
+            metrics.setdefault("steps", run.last_progress.get("step", 0))
+            metrics.setdefault("total_steps", run.last_progress.get("total_steps", 0))
+            stats = train_stats(metrics, seconds, started_from)
+            stats.exam.CopyFrom(pending_exam(job.exam))
+            if await _finish(rt, run, stats, seconds, metrics):
+                await _take_exam(rt, run, out_dir, metrics, _answer_mode(rt, rec))
     finally:
         run.cancelled.set()
         watcher.cancel()
 
-    seconds = time.monotonic() - started
-    metrics.setdefault("steps", run.last_progress.get("step", 0))
-    metrics.setdefault("total_steps", run.last_progress.get("total_steps", 0))
-    stats = train_stats(metrics, seconds, started_from)
-    stats.exam.CopyFrom(
-        exam_stats(metrics, job.pairs, answer_mode_name(rec.options) or rt.settings.answer_mode)
-    )
-    await _finish(rt, run, stats, seconds, metrics)
+
+def _answer_mode(rt: Runtime, rec: session_pb2.Session) -> str:
+    return answer_mode_name(rec.options) or rt.settings.answer_mode
+
+
+async def _take_exam(rt: Runtime, run: _Run, adapter_dir: Path, metrics: dict, mode: str) -> None:
+    """The exam of a READY session's new adapter: its sets answered (stopped when the session is
+    deleted or moves on to a later round), the answers added to the stored metrics.json, and the
+    session's `TrainStats.exam` filled in (no longer pending). An exam that fails leaves the bot
+    READY with no exam figures; a store or bus outage is raised, so the job is redelivered and
+    `resume_exam` takes the exam again."""
+    from services.trainer.steps import TrainingCancelled
+
+    job = run.job
+    if not job.exam:
+        return
+    started = time.monotonic()
+    try:
+        answers = await asyncio.to_thread(
+            _exam_blocking, rt.settings, adapter_dir, job.exam, job.config, run.cancelled.is_set
+        )
+    except TrainingCancelled:
+        log.info("exam of round %d stopped: the session was deleted or moved on", job.round)
+        return
+    except Exception as exc:  # noqa: BLE001 - the bot is READY: it stays so, without exam figures
+        if isinstance(exc, Unavailable):
+            raise
+        log.warning("exam of adapter %s failed: %s", job.adapter_id, exc, exc_info=True)
+        answers = {}
+    exam = exam_stats(answers, job.pairs, mode)
+    exam.seconds = time.monotonic() - started
+    if answers:
+        metrics.update(answers)
+        body = json.dumps(metrics, indent=2).encode()
+        await rt.io(
+            rt.store.put_bytes, keys.adapter_prefix(job.tenant, job.adapter_id) + "metrics.json", body
+        )
+
+    def record(r: session_pb2.Session) -> None:
+        if r.round != job.round or r.adapter_id != job.adapter_id:
+            raise StaleRound(f"session {job.sid} moved on from adapter {job.adapter_id}")
+        r.train.exam.CopyFrom(exam)
+
+    try:
+        await rt.sessions.update(job.sid, record)
+    except (StaleRound, NotFound):
+        log.info("exam of adapter %s not recorded: the session moved on or is gone", job.adapter_id)
+        return
+    log.info(
+        "exam of adapter %s: %d reworded questions in %.1f s, %d missed in %s mode",
+        job.adapter_id, exam.reworded, exam.seconds, exam.missed, exam.mode,
+    )  # fmt: skip
+
+
+async def resume_exam(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
+    """A redelivered job whose session is READY: take the exam again when the trainer that made
+    the adapter died before the exam ended (`TrainStats.exam.pending`); otherwise nothing to do."""
+    if not rec.train.exam.pending or rec.round != item.round or not rec.adapter_id:
+        return
+    log.info("taking the exam of adapter %s again (the last attempt did not end)", rec.adapter_id)
+    job = await _prepare(rt, item, rec)
+    run = _Run(rt, job)
+    watcher = asyncio.create_task(run.watch_cancel())
+    try:
+        with tempfile.TemporaryDirectory(prefix="doclora-exam-") as tmp:
+            folder = Path(tmp) / "adapter"
+            await rt.io(rt.store.download_dir, keys.adapter_prefix(job.tenant, rec.adapter_id), folder)
+            try:
+                metrics = json.loads((folder / "metrics.json").read_text())
+            except (OSError, ValueError):
+                metrics = {}
+            await _take_exam(rt, run, folder, metrics, _answer_mode(rt, rec))
+    finally:
+        run.cancelled.set()
+        watcher.cancel()
 
 
 async def _finish(
     rt: Runtime, run: _Run, stats: session_pb2.TrainStats, seconds: float, metrics: dict
-) -> None:
+) -> bool:
     """Publish the stage's end, switch the session to the new adapter (READY), then drop the
-    checkpoints and the adapters of older rounds."""
+    checkpoints and the adapters of older rounds. False when a later round took the session."""
     job = run.job
 
     def ready(r):
@@ -383,7 +480,7 @@ async def _finish(
             job.adapter_id,
         )
         await run.drop_own_checkpoint()
-        return
+        return False
     # after READY (a crash before it still finds them and resumes); older rounds' are stale too
     await run.drop_checkpoints()
     await drop_old_adapters(rt, job.tenant, job.sid, job.round)
@@ -397,6 +494,7 @@ async def _finish(
             metrics["eval_adapter_em"],
         )
     log.info("adapter %s ready after %.1f s (%d steps)", job.adapter_id, seconds, stats.steps)
+    return True
 
 
 async def drop_old_adapters(rt: Runtime, tenant: str, sid: str, this_round: int) -> None:
