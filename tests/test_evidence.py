@@ -1,11 +1,11 @@
-"""Evidence first (services/inference/evidence.py): which sentence of the passages a reply quotes."""
+"""Evidence first (services/common/evidence.py): which sentence of the passages a reply quotes."""
 
 from __future__ import annotations
 
 import pytest
 
+from services.common import evidence
 from services.common.passages import Hit, Passage
-from services.inference import evidence
 from services.inference.retrieve import default_embedder, embedding_folder
 
 
@@ -29,7 +29,7 @@ def test_sentences_are_numbered_by_passage_and_leave_out_headings_and_fragments(
 
 def test_a_sentence_without_full_stops_is_quoted_only_up_to_a_limit():
     table = " | ".join(f"row {i} value {i * 7}" for i in range(60))
-    (n, text), = evidence.sentences(hits(table))
+    ((n, text),) = evidence.sentences(hits(table))
     assert n == 1 and len(text.split()) == evidence.MAX_WORDS + 1 and text.endswith(" …")
 
 
@@ -39,7 +39,10 @@ def test_without_embeddings_the_sentence_sharing_the_rarest_words_is_picked():
     ]
     assert evidence.pick("Are dogs allowed?", PASSAGES, None, n=1) == [(2, "Dogs must be kept on a lead.")]
     two = evidence.pick("When may visitors and dogs walk?", PASSAGES, None, n=2)
-    assert sorted(two) == [(2, "Dogs must be kept on a lead."), (2, "Visitors may walk the orchard on Sundays.")]
+    assert sorted(two) == [
+        (2, "Dogs must be kept on a lead."),
+        (2, "Visitors may walk the orchard on Sundays."),
+    ]
     assert evidence.pick("Good morning", PASSAGES, None) == []
     assert evidence.pick("Who founded the orchard?", [], None) == []
 

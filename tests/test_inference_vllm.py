@@ -110,7 +110,7 @@ async def test_a_chat_streams_the_base_models_answer_and_fills_its_stats(fake, e
 
 
 async def test_a_chat_ending_with_the_assistants_words_asks_vllm_to_go_on_from_them(fake, engine):
-    """The quoted evidence a reply starts with (inference/evidence.py) is sent as the last,
+    """The quoted evidence a reply starts with (common/evidence.py) is sent as the last,
     assistant, message with vLLM's continue_final_message; a plain chat sends neither flag."""
     primed = [*CHAT, {"role": "assistant", "content": 'The document says: "Pears ripen in May." [1]\n\n'}]
     pieces = [p async for p in engine.astream_chat(primed, None, GenerationParams(max_new_tokens=20))]

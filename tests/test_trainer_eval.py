@@ -81,6 +81,26 @@ def test_generation_is_greedy_and_batches_do_not_change_answers(tokenizer):
     assert tokenizer.padding_side == side  # put back as it was
 
 
+def test_a_primed_answer_goes_on_from_its_prime_as_chat_does(tokenizer):
+    """With a prime (the evidence chat quotes first) the prompt ends with it, in the assistant's
+    turn, and the answer is the prime with the model's words after it: the greedy continuation of
+    that very prompt. An empty prime is the plain question, batched beside primed ones."""
+    from services.common.model import chat_prompt
+
+    model = tiny_llama(len(tokenizer)).eval()
+    question, prime = PAIRS[0]["question"], 'The document says: "The widget is teal." [1]\n\n'
+    got = generate_answers(
+        model, tokenizer, [question, question], max_new_tokens=5, batch_size=2, primes=[prime, ""]
+    )
+    assert got[1] == generate_answers(model, tokenizer, [question], max_new_tokens=5)[0]
+    assert got[0].startswith(prime.strip()) and got[0] != got[1]
+    msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": prime}]
+    ids = tokenizer(chat_prompt(tokenizer, msgs), add_special_tokens=False, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    tail = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert got[0] == (prime + tail).strip()
+
+
 def test_a_stopped_generation_returns_the_leading_answers_only(tokenizer):
     """Stopped between batches, the answers returned are those of a leading run of the questions:
     batches go by length, so a later question may have been answered while an earlier one was not."""

@@ -121,3 +121,20 @@ def test_held_out_questions_get_what_retrieval_finds_as_chat_would():
     )
     assert CHUNKS[2]["text"] in out[0]["question"].split("\n")[1]
     assert out[1] == asked[1]
+
+
+def test_held_out_questions_read_with_passages_start_with_the_quote_chat_gives():
+    """With `quote`, each open-book copy carries the start of the reply chat would give: the
+    sentences of its passages BM25 ranks best for the question, quoted and cited; none without
+    `quote`, and none for a question nothing is retrieved for."""
+    from services.common import evidence
+
+    asked = [PAIRS[2], {"question": "Zzyzx?", "answer": "No."}]
+    built = build_passages(CHUNKS, PAGES, NAMES)
+    out = passages.retrieved_pairs(asked, built, k=3, quote=2)
+    hits = layout.BM25(built).search(PAIRS[2]["question"], k=3)
+    picked = evidence.pick(PAIRS[2]["question"], hits, None, 2)
+    assert picked and out[0]["prime"] == evidence.opening(picked)
+    assert out[0]["prime"].startswith('The document says: "') and "[1]" in out[0]["prime"]
+    assert "prime" not in out[1]
+    assert "prime" not in passages.retrieved_pairs(asked, built, k=3)[0]

@@ -64,8 +64,8 @@ EMBEDDER: list = []  # set by main: MiniLM, for the layouts that pick sentences
 
 
 def quote(question: str, hits: list[Hit], n: int = 1) -> Messages:
-    """Chat's own evidence-first reply (services/inference/evidence.py): `n` sentences quoted."""
-    from services.inference import evidence
+    """Chat's own evidence-first reply (services/common/evidence.py): `n` sentences quoted."""
+    from services.common import evidence
 
     opening = evidence.opening(evidence.pick(question, hits, EMBEDDER[0], n))
     return [*plain(question, hits), *([{"role": "assistant", "content": opening}] if opening else [])]
@@ -73,7 +73,7 @@ def quote(question: str, hits: list[Hit], n: int = 1) -> Messages:
 
 def most_relevant(question: str, hits: list[Hit], n: int = 2) -> Messages:
     """The passages, then the `n` best sentences again right before the question."""
-    from services.inference import evidence
+    from services.common import evidence
 
     picked = evidence.pick(question, hits, EMBEDDER[0], n)
     head, tail = plain(question, hits)[0]["content"].rsplit("\n\nQuestion: ", 1)
@@ -131,15 +131,22 @@ def main(argv: list[str] | None = None) -> int:
             hit += s["key_fact"]
             recalled += in_prompt
             hit_recalled += s["key_fact"] and in_prompt
-            saved.append({"layout": name, "id": r["id"], "doc": r["doc"], "answer": got, **s, "in_prompt": in_prompt})
-            print(f"  {name} {r['id']} {'+' if s['key_fact'] else '-'}{' (in prompt)' if in_prompt else ''}", flush=True)
+            saved.append(
+                {"layout": name, "id": r["id"], "doc": r["doc"], "answer": got, **s, "in_prompt": in_prompt}
+            )
+            print(
+                f"  {name} {r['id']} {'+' if s['key_fact'] else '-'}{' (in prompt)' if in_prompt else ''}",
+                flush=True,
+            )
         secs = time.monotonic() - started
         table.append((name, hit, len(rows), hit_recalled, recalled, secs / max(1, len(rows))))
         out_path.write_text(json.dumps(saved, indent=1, ensure_ascii=False))
     print("\n| layout | key fact | fact in prompt | key fact when in prompt | s/answer |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, hit, n, hr, rec, spa in table:
-        print(f"| {name} | {hit}/{n} ({100 * hit / max(1, n):.0f}%) | {rec}/{n} | {hr}/{rec} ({100 * hr / max(1, rec):.0f}%) | {spa:.1f} |")
+        print(
+            f"| {name} | {hit}/{n} ({100 * hit / max(1, n):.0f}%) | {rec}/{n} | {hr}/{rec} ({100 * hr / max(1, rec):.0f}%) | {spa:.1f} |"
+        )
     return 0
 
 

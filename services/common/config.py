@@ -202,7 +202,7 @@ class Settings(BaseSettings):
     # (bench/knowledge/RESULTS.md): no adapter is needed for the same answers
     answer_mode: str = "retrieval"
     # a reply that reads passages starts by quoting this many of their sentences, the ones that best
-    # answer the question (services/inference/evidence.py; 0: the model's words only)
+    # answer the question (services/common/evidence.py; 0: the model's words only)
     answer_quote_sentences: int = Field(default=2, ge=0, le=5)
     inference_max_batch: int = 8  # chats decoded together in one forward pass
     inference_max_queue: int = 64  # more waiting than this: RESOURCE_EXHAUSTED

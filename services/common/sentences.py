@@ -1,6 +1,6 @@
 """Sentences: where a text's sentences start and end. QA generation cuts chunks and picks answers by
 them (services/qagen), chat picks the sentences that answer a question from its passages
-(services/inference/evidence.py).
+(services/common/evidence.py).
 """
 
 from __future__ import annotations

@@ -11,13 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from doclora.v1 import inference_pb2, session_pb2
-from services.common import access, keys
+from services.common import access, evidence, keys
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.options import ANSWER_MODE, ANSWER_MODES, answer_mode_name
 from services.common.passages import Hit, read_session_passages, with_passages
 from services.common.runtime import Runtime
 from services.common.sessions import state_name
-from services.inference import evidence
 from services.inference.adapter_store import adapter_ref
 from services.inference.retrieve import Embedder, Index, IndexCache, build_index, default_embedder
 

@@ -54,10 +54,16 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> tuple[float,
     return f1, em
 
 
-def _prompt(tokenizer: Any, question: str, system_prompt: str | None) -> str:
+def _prompt(tokenizer: Any, question: str, system_prompt: str | None, prime: str = "") -> str:
+    """The chat template's prompt for `question`, ending with the start of the reply `prime` when
+    given (the evidence chat quotes first, services/common/evidence.py), as chat prompts it."""
+    from services.common.model import chat_prompt
+
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
     msgs.append({"role": "user", "content": question})
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if prime:
+        msgs.append({"role": "assistant", "content": prime})
+    return chat_prompt(tokenizer, msgs)
 
 
 @torch.no_grad()
@@ -71,8 +77,11 @@ def generate_answers(
     batch_size: int = 8,
     should_stop: Callable[[], bool] | None = None,
     by_length: bool = True,
+    primes: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy answers to `questions`, prompted with the chat template exactly as in training.
+    `primes`, when given, are the starts of the replies (one per question, "" for none): the model
+    goes on from each, and the answer is the prime with the model's words after it.
 
     Prompts are batched by length (shortest first; `by_length=False`: in the order given, for
     comparison in bench/bench_exam.py), so a batch pads little: exam prompts with
@@ -90,7 +99,8 @@ def generate_answers(
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos
     )
-    prompts = [_prompt(tokenizer, q, system_prompt) for q in questions]
+    primes = list(primes) if primes is not None else [""] * len(questions)
+    prompts = [_prompt(tokenizer, q, system_prompt, pr) for q, pr in zip(questions, primes, strict=True)]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i) if by_length else i)
     answers: dict[int, str] = {}
@@ -107,7 +117,8 @@ def generate_answers(
             out = model.generate(**enc, generation_config=gen)
             new = out[:, enc["input_ids"].shape[1] :]
             decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-            answers.update(zip(batch, (t.strip() for t in decoded), strict=True))
+            for i, text in zip(batch, decoded, strict=True):
+                answers[i] = (primes[i] + text).strip()
     finally:
         tokenizer.padding_side = side
     done = next((i for i in range(len(prompts)) if i not in answers), len(prompts))
@@ -137,6 +148,7 @@ def evaluate_adapter(
     questions = [str(p["question"]).strip() for p in usable]
     references = [str(p["answer"]).strip() for p in usable]
     kwargs = dict(
+        primes=[str(p.get("prime") or "") for p in usable],
         system_prompt=system_prompt,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,

@@ -6,7 +6,8 @@ nothing about learning. The exam asks instead:
 - reworded questions: rewordings of trained facts that qagen kept out of training
   (`split: "exam"`, see qagen's `quality.mark_exam`), closed-book (base, adapter) and with the
   passages chat would retrieve for them (base reading = the `retrieval` mode, adapter reading =
-  `both`), scored by token-F1 against the pair's answer;
+  `both`), the reply starting with the sentences chat quotes first (`answer_quote_sentences`),
+  scored by token-F1 against the pair's answer (quote included, as the user reads it);
 - out-of-document questions (general-knowledge questions that share no word with the documents),
   with retrieved passages as chat asks them: the right answer declines (`common.declines`).
 
@@ -61,20 +62,21 @@ def absent_questions(passages: Sequence[Passage], limit: int = ABSENT_MAX) -> li
 
 
 def exam_sets(
-    pairs: Sequence[Mapping[str, Any]], passages: Sequence[Passage], *, k: int
+    pairs: Sequence[Mapping[str, Any]], passages: Sequence[Passage], *, k: int, quote: int = 0
 ) -> dict[str, list[dict]]:
-    """{set name: pairs} for the training run to answer: the reworded questions closed-book and,
-    when the session has passages, with the passages retrieval finds, and the out-of-document ones
-    (answer: DECLINE_ANSWER) the same way. Empty when qagen marked no exam pairs."""
+    """{set name: pairs} for the exam to answer: the reworded questions closed-book and, when the
+    session has passages, with the passages retrieval finds (the reply starting with up to `quote`
+    of their sentences quoted, as chat's does), and the out-of-document ones (answer:
+    DECLINE_ANSWER) the same way. Empty when qagen marked no exam pairs."""
     exam = exam_pairs(pairs)
     if not exam:
         return {}
     sets = {CLOSED: exam}
     if passages:
-        sets[OPEN] = retrieved_pairs(exam, passages, k=k)
+        sets[OPEN] = retrieved_pairs(exam, passages, k=k, quote=quote)
         absent = [{"question": q, "answer": DECLINE_ANSWER} for q in absent_questions(passages)]
         if absent:
-            sets[ABSENT] = retrieved_pairs(absent, passages, k=k)
+            sets[ABSENT] = retrieved_pairs(absent, passages, k=k, quote=quote)
     return sets
 
 

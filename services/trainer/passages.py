@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from services.common import evidence
 from services.common.passages import BM25, Hit, Passage, with_passages
 
 GOLD_SHARE = 0.7
@@ -92,10 +93,13 @@ def retrieved_pairs(
     passages: Sequence[Passage],
     *,
     k: int = 3,
+    quote: int = 0,
 ) -> list[dict]:
     """Copies of `pairs` with what BM25 retrieves for each question put before it, as chat does
-    (inference adds embedding ranks when it has them): held-out questions asked open-book. Pairs
-    for which nothing is retrieved keep the plain question."""
+    (inference adds embedding ranks when it has them): held-out questions asked open-book. With
+    `quote` > 0 each copy's `prime` is the start of the reply chat gives: up to `quote` sentences of
+    the passages quoted (evidence.py; by BM25 over the sentences, as chat without its embedding
+    model). Pairs for which nothing is retrieved keep the plain question."""
     passages = list(passages)
     if not passages or k <= 0:
         return [dict(p) for p in pairs]
@@ -103,5 +107,9 @@ def retrieved_pairs(
     out = []
     for pair in pairs:
         question = str(pair.get("question") or "")
-        out.append(dict(pair, question=with_passages(question, index.search(question, k=k))))
+        hits = index.search(question, k=k)
+        copy = dict(pair, question=with_passages(question, hits))
+        if quote > 0 and hits:
+            copy["prime"] = evidence.opening(evidence.pick(question, hits, None, quote))
+        out.append(copy)
     return out

@@ -198,7 +198,7 @@ async def _prepare(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Sess
     passage_counts = None
     session_passages = await rt.io(read_session_passages, rt.store, rec)
     k = rt.settings.retrieval_top_k
-    exam = exam_sets(pairs, session_passages, k=k)
+    exam = exam_sets(pairs, session_passages, k=k, quote=rt.settings.answer_quote_sentences)
     extra_evals: dict[str, list[dict]] = {}
     if passages_enabled(rec.options, rt.settings):
         from services.trainer.passages import raft_pairs, retrieved_pairs
