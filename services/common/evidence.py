@@ -44,19 +44,37 @@ def sentences(hits: Sequence[Hit]) -> list[tuple[int, str]]:
     return out
 
 
-def pick(question: str, hits: Sequence[Hit], embedder: Any | None, n: int = 1) -> list[tuple[int, str]]:
+def pick(
+    question: str,
+    hits: Sequence[Hit],
+    embedder: Any | None,
+    n: int = 1,
+    known: dict[str, Any] | None = None,
+) -> list[tuple[int, str]]:
     """The `n` sentences of `hits` that best answer `question`, best first, with their passage
-    numbers: by meaning with `embedder` (at least MIN_SIMILARITY), else by BM25."""
+    numbers: by meaning with `embedder` (at least MIN_SIMILARITY), else by BM25. `known` {sentence:
+    vector}, when given, keeps the sentences' vectors between calls (the passage index holds it):
+    only sentences not in it are embedded, and added."""
     found = sentences(hits)
     if not found or n <= 0:
         return []
     if embedder is not None:
-        vectors = embedder.encode([text for _, text in found])
+        vectors = _vectors([text for _, text in found], embedder, {} if known is None else known)
         sims = (vectors @ embedder.encode([question])[0]).tolist()
         order = sorted((i for i, s in enumerate(sims) if s >= MIN_SIMILARITY), key=lambda i: -sims[i])
     else:
         order = BM25([Passage("", "", "", 0, 0, 0, text) for _, text in found]).ranked(question)
     return [found[i] for i in order[:n]]
+
+
+def _vectors(texts: list[str], embedder: Any, known: dict[str, Any]) -> Any:
+    """The embeddings of `texts`, one row each, those not in `known` computed (once) and added."""
+    import torch
+
+    missing = [t for t in dict.fromkeys(texts) if t not in known]
+    if missing:
+        known.update(zip(missing, embedder.encode(missing), strict=True))
+    return torch.stack([known[t] for t in texts])
 
 
 def opening(picked: Sequence[tuple[int, str]]) -> str:

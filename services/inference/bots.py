@@ -117,10 +117,14 @@ class Bots:
         opening = ""
         if rec is not None and mode in ("both", "retrieval"):
             question = messages[-1]["content"]
-            hits = await self.retrieve(rec, question)
+            index = await self.index(rec)
+            hits = await self.rt.io(index.search, question, k=self.rt.settings.retrieval_top_k)
             messages[-1] = {"role": "user", "content": with_passages(question, hits)}
             quote = self.rt.settings.answer_quote_sentences
-            opening = evidence.opening(await self.rt.io(evidence.pick, question, hits, self.embedder, quote))
+            # the index keeps its sentences' vectors: each is embedded once, not on every chat
+            known = getattr(index, "sentence_vectors", None)
+            picked = await self.rt.io(evidence.pick, question, hits, self.embedder, quote, known)
+            opening = evidence.opening(picked)
             if opening:
                 messages.append({"role": "assistant", "content": opening})
         return Turn(messages, adapter_id, hits, opening)
@@ -137,12 +141,12 @@ class Bots:
         """Blocking: the bot's passages from the store, indexed."""
         return build_index(read_session_passages(self.rt.store, rec), self.embedder)
 
-    async def retrieve(self, rec: session_pb2.Session, question: str) -> list[Hit]:
-        """The bot's best passages for `question` (DOCLORA_RETRIEVAL_TOP_K of them at most)."""
+    async def index(self, rec: session_pb2.Session) -> Index:
+        """The bot's passage index, built from its chunks as stored now (cached by their version)."""
         # the chunks as stored now: while a session retrains on more documents, qagen rewrites them
         key = (rec.session_id, await self.rt.io(self._chunks_version, rec))
         index = self.indexes.get(key)
         if index is None:
             index = await self.rt.io(self._load_index, rec)
             self.indexes.put(key, index)
-        return await self.rt.io(index.search, question, k=self.rt.settings.retrieval_top_k)
+        return index

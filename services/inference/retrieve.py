@@ -148,6 +148,9 @@ class Hybrid:
         pieces = [(i, w) for i, p in enumerate(passages) for w in windows(p.text, window_words)]
         self.owners = [i for i, _ in pieces]  # the passage of each window
         self.vectors = embedder.encode([w for _, w in pieces]) if passages else None
+        # {sentence: vector} of the sentences a reply quotes from these passages (evidence.pick),
+        # filled as chats need them: a sentence is embedded once per index, not once per chat
+        self.sentence_vectors: dict[str, Any] = {}
 
     def similarities(self, query: str) -> list[float]:
         """Cosine similarity of each passage to `query`: its best window's."""

@@ -34,9 +34,11 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,8 @@ from services.trainer.stats import train_stats
 log = logging.getLogger(__name__)
 S = session_pb2.SessionState
 CANCEL_POLL_S = 1.0
+EXAM_THREAD_SHARE = 2  # the exam runs on 1/this of the CPU threads (see _exam_blocking)
+LOW_PRIORITY = 19  # the exam's nice value
 
 
 def _train_blocking(
@@ -111,16 +115,52 @@ def _train_blocking(
 def _exam_blocking(settings, adapter_dir: Path, sets, config: dict[str, Any], should_stop) -> dict[str, Any]:
     """The exam's sets answered by the base model and by the adapter in `adapter_dir` (call it in a
     thread): eval_{set}_* metrics (results.answer_sets). `TrainingCancelled` when `should_stop`."""
+    import torch
     from peft import PeftModel
 
     from services.trainer.base_weights import load_training_model
     from services.trainer.config import LoraTrainConfig
     from services.trainer.results import answer_sets
 
-    model, tokenizer = load_training_model(settings)
-    cfg = LoraTrainConfig.from_settings(settings, **config)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return answer_sets(peft_model, tokenizer, sets, cfg, should_stop=should_stop)
+    # the bot is READY and may be chatting on this machine: the exam runs at the lowest CPU
+    # priority on half of the CPU threads, so chat keeps the cores (a READY bot's chats took 10-30 s
+    # instead of about 3 while an exam ran beside them on all of 2 cores)
+    def take() -> dict[str, Any]:
+        threads = torch.get_num_threads()  # torch keeps the last count set for new threads: put back
+        torch.set_num_threads(max(1, threads // EXAM_THREAD_SHARE))
+        try:
+            model, tokenizer = load_training_model(settings)
+            cfg = LoraTrainConfig.from_settings(settings, **config)
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+            return answer_sets(peft_model, tokenizer, sets, cfg, should_stop=should_stop)
+        finally:
+            torch.set_num_threads(threads)
+
+    return at_low_priority(take)
+
+
+def at_low_priority(fn: Callable[[], Any]) -> Any:
+    """`fn()` in a thread of its own at the lowest CPU priority (nice 19; the OpenMP workers it
+    starts inherit it), blocking until it ends; its result, or its exception raised here. A thread
+    of its own, as a thread's nice value can only go up: a pool thread would keep it."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY)
+        except OSError as exc:  # not allowed here: it runs at the normal priority
+            log.debug("could not lower the priority: %s", exc)
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, name="doclora-low-priority", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def _fetch_adapter(rt: Runtime, tenant: str, adapter_id: str, folder: Path) -> Path | None:
