@@ -80,11 +80,12 @@ def exam_sets(
     return sets
 
 
-def pending_exam(sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> session_pb2.Exam:
+def pending_exam(sets: Mapping[str, Sequence[Mapping[str, Any]]], max_pairs: int) -> session_pb2.Exam:
     """The session's Exam while the exam of `sets` (exam_sets) is being taken: how many reworded
-    questions it asks, pending. Empty (nothing to wait for) when there are none."""
-    closed = sets.get(CLOSED) or []
-    return session_pb2.Exam(reworded=len(closed), pending=True) if closed else session_pb2.Exam()
+    questions it asks (at most `max_pairs`, as answered), pending. Empty (nothing to wait for)
+    when there are none."""
+    closed = min(len(sets.get(CLOSED) or []), max_pairs)
+    return session_pb2.Exam(reworded=closed, pending=True) if closed else session_pb2.Exam()
 
 
 def _set_f1(metrics: Mapping[str, Any], name: str, who: str) -> float | None:

@@ -406,7 +406,7 @@ async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2
             metrics.setdefault("steps", run.last_progress.get("step", 0))
             metrics.setdefault("total_steps", run.last_progress.get("total_steps", 0))
             stats = train_stats(metrics, seconds, started_from)
-            stats.exam.CopyFrom(pending_exam(job.exam))
+            stats.exam.CopyFrom(pending_exam(job.exam, rt.settings.train_eval_max_pairs))
             if await _finish(rt, run, stats, seconds, metrics):
                 await _take_exam(rt, run, out_dir, metrics, _answer_mode(rt, rec))
     finally:
