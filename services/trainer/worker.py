@@ -30,6 +30,7 @@ from the same code here; only the call that trains differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -38,7 +39,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -383,35 +384,45 @@ async def _store_adapter(rt: Runtime, job: _Job, out_dir: Path, metrics: dict, s
     )
 
 
+@contextlib.asynccontextmanager
+async def _watched(
+    rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session, prefix: str
+) -> AsyncIterator[tuple[_Run, Path]]:
+    """The item's job (`_prepare`) as a run watched for cancellation, and a scratch folder, for
+    the body; the watch ends (and the run counts as cancelled) on the way out."""
+    run = _Run(rt, await _prepare(rt, item, rec))
+    watcher = asyncio.create_task(run.watch_cancel())
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield run, Path(tmp)
+    finally:
+        run.cancelled.set()
+        watcher.cancel()
+
+
 async def train_session(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.Session) -> None:
     """The stage handler: prepare the job, train it (watched for cancellation), store the adapter,
     finish (stats, READY, clean-up), then take the exam. Cancelled or superseded runs return
     without an adapter."""
     started = time.monotonic()
-    job = await _prepare(rt, item, rec)
-    run = _Run(rt, job)
-    watcher = asyncio.create_task(run.watch_cancel())
-    try:
-        with tempfile.TemporaryDirectory(prefix="doclora-train-") as tmp:
-            out_dir = Path(tmp) / "adapter"
-            init_dir = None
-            if rec.continue_from:
-                init_dir = await rt.io(_fetch_adapter, rt, job.tenant, rec.continue_from, Path(tmp) / "init")
-            started_from = rec.continue_from if init_dir is not None else ""
-            metrics = await run.train(out_dir, init_dir)
-            if metrics is None:
-                return
-            await _store_adapter(rt, job, out_dir, metrics, started_from)
-            seconds = time.monotonic() - started
-            metrics.setdefault("steps", run.last_progress.get("step", 0))
-            metrics.setdefault("total_steps", run.last_progress.get("total_steps", 0))
-            stats = train_stats(metrics, seconds, started_from)
-            stats.exam.CopyFrom(pending_exam(job.exam, rt.settings.train_eval_max_pairs))
-            if await _finish(rt, run, stats, seconds, metrics):
-                await _take_exam(rt, run, out_dir, metrics, _answer_mode(rt, rec))
-    finally:
-        run.cancelled.set()
-        watcher.cancel()
+    async with _watched(rt, item, rec, "doclora-train-") as (run, tmp):
+        job = run.job
+        out_dir = tmp / "adapter"
+        init_dir = None
+        if rec.continue_from:
+            init_dir = await rt.io(_fetch_adapter, rt, job.tenant, rec.continue_from, tmp / "init")
+        started_from = rec.continue_from if init_dir is not None else ""
+        metrics = await run.train(out_dir, init_dir)
+        if metrics is None:
+            return
+        await _store_adapter(rt, job, out_dir, metrics, started_from)
+        seconds = time.monotonic() - started
+        metrics.setdefault("steps", run.last_progress.get("step", 0))
+        metrics.setdefault("total_steps", run.last_progress.get("total_steps", 0))
+        stats = train_stats(metrics, seconds, started_from)
+        stats.exam.CopyFrom(pending_exam(job.exam, rt.settings.train_eval_max_pairs))
+        if await _finish(rt, run, stats, seconds, metrics):
+            await _take_exam(rt, run, out_dir, metrics, _answer_mode(rt, rec))
 
 
 def _answer_mode(rt: Runtime, rec: session_pb2.Session) -> str:
@@ -473,21 +484,14 @@ async def resume_exam(rt: Runtime, item: events_pb2.WorkItem, rec: session_pb2.S
     if not rec.train.exam.pending or rec.round != item.round or not rec.adapter_id:
         return
     log.info("taking the exam of adapter %s again (the last attempt did not end)", rec.adapter_id)
-    job = await _prepare(rt, item, rec)
-    run = _Run(rt, job)
-    watcher = asyncio.create_task(run.watch_cancel())
-    try:
-        with tempfile.TemporaryDirectory(prefix="doclora-exam-") as tmp:
-            folder = Path(tmp) / "adapter"
-            await rt.io(rt.store.download_dir, keys.adapter_prefix(job.tenant, rec.adapter_id), folder)
-            try:
-                metrics = json.loads((folder / "metrics.json").read_text())
-            except (OSError, ValueError):
-                metrics = {}
-            await _take_exam(rt, run, folder, metrics, _answer_mode(rt, rec))
-    finally:
-        run.cancelled.set()
-        watcher.cancel()
+    async with _watched(rt, item, rec, "doclora-exam-") as (run, tmp):
+        folder = tmp / "adapter"
+        await rt.io(rt.store.download_dir, keys.adapter_prefix(run.job.tenant, rec.adapter_id), folder)
+        try:
+            metrics = json.loads((folder / "metrics.json").read_text())
+        except (OSError, ValueError):
+            metrics = {}
+        await _take_exam(rt, run, folder, metrics, _answer_mode(rt, rec))
 
 
 async def _finish(
