@@ -41,6 +41,15 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def token_recall(prediction: str, reference: str) -> float:
+    """The share of the reference's normalised tokens (a multiset) that the prediction holds: high
+    for a long answer that quotes the reference, which token-F1 scores low for its length."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not ref:
+        return 1.0
+    return sum((Counter(pred) & Counter(ref)).values()) / len(ref)
+
+
 def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 

@@ -18,13 +18,14 @@ its own answer mode.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from doclora.v1 import session_pb2
 from services.common.declines import DECLINE_ANSWER, declines
 from services.common.passages import Passage, tokens
-from services.trainer.evaluate import token_f1
+from services.trainer.evaluate import token_f1, token_recall
 from services.trainer.passages import retrieved_pairs
 
 # Questions no document a user brings is likely to answer; those sharing a word with the session's
@@ -42,8 +43,13 @@ ABSENT_QUESTIONS = (
     "Who discovered penicillin?",
 )
 ABSENT_MAX = 6
-# a reworded question whose answer scores below this token-F1 is listed as a miss
+# a reworded question is answered when the answer holds every number of the expected answer and
+# either scores at least this token-F1 against it (a short answer) or holds at least ANSWER_RECALL
+# of its words (a long one: chat's replies with passages quote whole sentences, then go on); else
+# it is listed as a miss
 MISS_F1 = 0.3
+ANSWER_RECALL = 0.6
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 MISSES_SHOWN = 10
 # the sets a run answers for the exam (names in the run's extra_evals; metrics eval_{name}_*)
 CLOSED, OPEN, ABSENT = "exam", "exam_passages", "exam_absent"
@@ -88,6 +94,14 @@ def pending_exam(sets: Mapping[str, Sequence[Mapping[str, Any]]], max_pairs: int
     return session_pb2.Exam(reworded=closed, pending=True) if closed else session_pb2.Exam()
 
 
+def answered(answer: str, expected: str) -> bool:
+    """Does `answer` carry the fact of `expected` (see MISS_F1)? Numbers must all be there: a
+    close wording with another figure is wrong, whatever its overlap."""
+    if not set(_NUMBER.findall(expected)) <= set(_NUMBER.findall(answer)):
+        return False
+    return token_f1(answer, expected) >= MISS_F1 or token_recall(answer, expected) >= ANSWER_RECALL
+
+
 def _set_f1(metrics: Mapping[str, Any], name: str, who: str) -> float | None:
     value = metrics.get(f"eval_{name}_{who}_f1")
     return float(value) if value is not None and value == value else None
@@ -117,13 +131,13 @@ def exam_stats(metrics: Mapping[str, Any], pairs: Sequence[Mapping[str, Any]], m
         exam.both_declined = sum(declines(a["adapter"]) for a in absent) / len(absent)
     opened = metrics.get(f"eval_{OPEN}_answers") or []
     if mode in ("retrieval", "both") and opened:
-        answered, who = opened, "base" if mode == "retrieval" else "adapter"
+        replies, who = opened, "base" if mode == "retrieval" else "adapter"
     else:
-        mode, answered, who = "adapter", closed, "adapter"
+        mode, replies, who = "adapter", closed, "adapter"
     exam.mode = mode
     question_of = {str(p.get("pair_id") or ""): str(p.get("question") or "") for p in pairs}
-    for a in answered:
-        if token_f1(a[who], a["reference"]) >= MISS_F1:
+    for a in replies:
+        if answered(a[who], a["reference"]):
             continue
         exam.missed += 1
         if len(exam.misses) < MISSES_SHOWN:
