@@ -280,6 +280,9 @@ def test_a_share_link_chats_with_its_bot_only_and_dies_when_revoked(world):
         answer = s.post(f"/api/v1/bots/{w['sid']}/chat", json=chat)
         assert answer.status_code == 200, answer.text
         assert answer.json()["content"] and answer.json()["citations"] == []  # the owner did not allow them
+        # the quoted evidence still opens the reply, without [n] markers pointing at hidden citations
+        quote = answer.json()["content"].split("\n\n")[0]
+        assert quote.startswith('The document says: "') and "[1]" not in quote
         # every other route, with A's ids filled in, refuses the share token
         ids = {"session_id": w["sid"], "doc_id": w["doc_id"], "pair_id": w["pair_id"], "adapter_id": w["adapter_id"],
                "bot_id": w["sid"], "key_id": w["a"].split("_")[1], "share_id": share_id, "name": "x"}
@@ -297,7 +300,8 @@ def test_a_share_link_chats_with_its_bot_only_and_dies_when_revoked(world):
         other = s.post("/api/v1/bots/base/chat", json=chat)
         assert other.status_code == 404
     with httpx.Client(base_url=w["base"], timeout=TIMEOUT, headers=bearer(with_cites)) as s:
-        assert s.post(f"/api/v1/bots/{w['sid']}/chat", json=chat).json()["citations"]
+        cited = s.post(f"/api/v1/bots/{w['sid']}/chat", json=chat).json()
+        assert cited["citations"] and '" [1]' in cited["content"].split("\n\n")[0]
     with httpx.Client(base_url=w["base"], timeout=TIMEOUT) as c:
         page = c.get(f"/s/{token}")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]

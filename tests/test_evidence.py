@@ -82,8 +82,12 @@ def test_known_sentence_vectors_are_embedded_once_and_pick_the_same():
     assert again == evidence.pick("Who planted the trees first?", PASSAGES, embedder, 2)
 
 
-def test_the_opening_quotes_each_sentence_with_its_passage_number():
+def test_the_opening_quotes_each_sentence_with_its_passage_number_unless_citations_are_hidden():
     assert evidence.opening([]) == ""
     assert evidence.opening([(2, "Tickets cost 4 euros."), (1, "It opens at nine.")]) == (
         'The document says: "Tickets cost 4 euros." [2] "It opens at nine." [1]\n\n'
+    )
+    # a share link without citations: the same quote, no markers pointing at what it does not show
+    assert evidence.opening([(2, "Tickets cost 4 euros."), (1, "It opens at nine.")], cite=False) == (
+        'The document says: "Tickets cost 4 euros." "It opens at nine."\n\n'
     )

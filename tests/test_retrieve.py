@@ -45,6 +45,26 @@ def test_the_passage_holding_the_answer_ranks_first():
     assert idx.search("what is brightmoss")[0].passage.chunk_id == "c3"
 
 
+def test_a_question_in_the_singular_finds_a_passage_in_the_plural():
+    """BM25 matches words with plurals folded: "ticket for an adult" meets "Tickets ... adults"
+    (unfolded, nothing was retrieved for it, and the embedding model scored the passage below its
+    bound), while words that only look plural keep their ending."""
+    from services.common.passages import fold, terms
+
+    passages = build_passages(
+        [
+            {"chunk_id": "v", "doc_id": "d", "start": 0, "end": 60,
+             "text": "Tickets cost 4 euros for adults; children under 12 enter free."},
+            {"chunk_id": "h", "doc_id": "d", "start": 60, "end": 120,
+             "text": "Glowing pears are harvested every October by 23 pickers."},
+        ],
+        {}, {},
+    )  # fmt: skip
+    assert [h.passage.chunk_id for h in BM25(passages).search("How much is a ticket for an adult?")] == ["v"]
+    assert terms("Batteries and tickets") == ["battery", "ticket"]
+    assert [fold(w) for w in ("class", "status", "analysis", "gas")] == ["class", "status", "analysis", "gas"]
+
+
 def test_unrelated_questions_retrieve_nothing():
     """No shared words, no passages: nothing is forced into the prompt."""
     assert index().search("quantum chromodynamics lattice") == []

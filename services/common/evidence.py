@@ -77,8 +77,11 @@ def _vectors(texts: list[str], embedder: Any, known: dict[str, Any]) -> Any:
     return torch.stack([known[t] for t in texts])
 
 
-def opening(picked: Sequence[tuple[int, str]]) -> str:
-    """The start of the reply that quotes `picked` ("" for nothing picked); the model goes on after it."""
+def opening(picked: Sequence[tuple[int, str]], cite: bool = True) -> str:
+    """The start of the reply that quotes `picked` ("" for nothing picked); the model goes on after
+    it. Each sentence is cited `[n]` unless `cite` is False (a share link whose owner hides the
+    citations: the markers would point at nothing the reader sees)."""
     if not picked:
         return ""
-    return "The document says: " + " ".join(f'"{text}" [{n}]' for n, text in picked) + "\n\n"
+    quoted = (f'"{text}" [{n}]' if cite else f'"{text}"' for n, text in picked)
+    return "The document says: " + " ".join(quoted) + "\n\n"

@@ -29,6 +29,23 @@ def tokens(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
 
 
+def fold(word: str) -> str:
+    """An English plural folded onto its singular ("tickets" -> "ticket", "batteries" ->
+    "battery"); words ending in ss, us or is are kept ("class", "status", "analysis")."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def terms(text: str) -> list[str]:
+    """The words BM25 matches on: `tokens` with plurals folded, so "How much is a ticket for an
+    adult?" meets "Tickets cost 4 euros for adults" (measured on bench/knowledge: the key fact in
+    the top 3 passages for 97 -> 99 of 104 tune questions, 44 -> 47 of 48 final ones)."""
+    return [fold(w) for w in tokens(text)]
+
+
 @dataclass(frozen=True)
 class Passage:
     chunk_id: str
@@ -47,12 +64,13 @@ class Hit:
 
 
 class BM25:
-    """Okapi BM25 over passages; `search` returns the best hits with a positive score."""
+    """Okapi BM25 over passages (on `terms`: plurals folded); `search` returns the best hits with a
+    positive score."""
 
     def __init__(self, passages: list[Passage], k1: float = 1.5, b: float = 0.75):
         self.passages = passages
         self.k1, self.b = k1, b
-        self.tf = [Counter(tokens(p.text)) for p in passages]
+        self.tf = [Counter(terms(p.text)) for p in passages]
         self.len = [sum(tf.values()) for tf in self.tf]
         self.avg = (sum(self.len) / len(self.len)) if self.len else 0.0
         df: Counter = Counter()
@@ -63,7 +81,7 @@ class BM25:
 
     def scores(self, query: str) -> list[tuple[float, int]]:
         """(score, passage index) of every passage with a positive score, best first."""
-        q = set(tokens(query))
+        q = set(terms(query))
         scored = []
         for i, tf in enumerate(self.tf):
             score = 0.0

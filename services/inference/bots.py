@@ -102,10 +102,12 @@ class Bots:
             (answer_mode_name(rec.options) or self.rt.settings.answer_mode) if rec else "adapter"
         )
 
-    async def prepare(self, bot_id: str, messages: list[dict[str, str]], requested_mode: int) -> Turn:
+    async def prepare(
+        self, bot_id: str, messages: list[dict[str, str]], requested_mode: int, cite: bool = True
+    ) -> Turn:
         """The turn for a checked chat whose last message is the user's: the bot's system prompt
         first unless the chat has one, and in the modes that read passages the question with the
-        passages retrieved for it."""
+        passages retrieved for it and the reply's quoted evidence (cited `[n]` when `cite`)."""
         rec = await self.find(bot_id)
         mode = self.mode(rec, requested_mode)
         adapter_id = (
@@ -124,7 +126,7 @@ class Bots:
             # the index keeps its sentences' vectors: each is embedded once, not on every chat
             known = getattr(index, "sentence_vectors", None)
             picked = await self.rt.io(evidence.pick, question, hits, self.embedder, quote, known)
-            opening = evidence.opening(picked)
+            opening = evidence.opening(picked, cite)
             if opening:
                 messages.append({"role": "assistant", "content": opening})
         return Turn(messages, adapter_id, hits, opening)

@@ -46,9 +46,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             stop=tuple(opts.stop),
             seed=opts.seed if opts.HasField("seed") else None,
         )
-        turn = await self.bots.prepare(request.bot_id, messages, request.mode)
         share = getattr(access.caller_or_none(), "share", None)
-        if turn.hits and (share is None or share.show_citations):
+        cite = share is None or share.show_citations  # a share link's owner may hide the citations
+        turn = await self.bots.prepare(request.bot_id, messages, request.mode, cite)
+        if turn.hits and cite:
             yield inference_pb2.ChatResponse(citations=[citation(i, h) for i, h in enumerate(turn.hits, 1)])
         # the quoted evidence the reply starts with goes out with the model's first words: only a chat
         # the engine took may start answering (a full queue is still refused before any text)
