@@ -29,25 +29,28 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def _overlap(prediction: str, reference: str) -> tuple[int, int, int]:
+    """(tokens shared as multisets, prediction tokens, reference tokens) of the normalised answers."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    return sum((Counter(pred) & Counter(ref)).values()), len(pred), len(ref)
+
+
 def token_f1(prediction: str, reference: str) -> float:
     """Harmonic mean of token precision and recall between the normalised answers."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
+    common, n_pred, n_ref = _overlap(prediction, reference)
+    if not n_pred or not n_ref:
+        return float(n_pred == n_ref)
     if common == 0:
         return 0.0
-    precision, recall = common / len(pred), common / len(ref)
+    precision, recall = common / n_pred, common / n_ref
     return 2 * precision * recall / (precision + recall)
 
 
 def token_recall(prediction: str, reference: str) -> float:
     """The share of the reference's normalised tokens (a multiset) that the prediction holds: high
     for a long answer that quotes the reference, which token-F1 scores low for its length."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not ref:
-        return 1.0
-    return sum((Counter(pred) & Counter(ref)).values()) / len(ref)
+    common, _, n_ref = _overlap(prediction, reference)
+    return common / n_ref if n_ref else 1.0
 
 
 def exact_match(prediction: str, reference: str) -> float:

@@ -448,9 +448,9 @@ async def _take_exam(rt: Runtime, run: _Run, adapter_dir: Path, metrics: dict, m
     except TrainingCancelled:
         log.info("exam of round %d stopped: the session was deleted or moved on", job.round)
         return
+    except Unavailable:
+        raise
     except Exception as exc:  # noqa: BLE001 - the bot is READY: it stays so, without exam figures
-        if isinstance(exc, Unavailable):
-            raise
         log.warning("exam of adapter %s failed: %s", job.adapter_id, exc, exc_info=True)
         answers = {}
     exam = exam_stats(answers, job.pairs, mode)
