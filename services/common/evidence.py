@@ -19,6 +19,7 @@ question the documents don't cover) gets no quote.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,24 @@ from services.common.sentences import split_sentences
 # cosine similarity (all-MiniLM-L6-v2) a sentence needs to be quoted: unrelated sentences score
 # about -0.1 to 0.2, close paraphrases 0.4 and up (the same bound as retrieval's, retrieve.Hybrid)
 MIN_SIMILARITY = 0.3
+# a question that asks for a quantity, a price, a time or a date ("How much ...", "What does it cost",
+# "When ...", "until when", "What percentage ...")
+WANTS_NUMBER = re.compile(
+    r"\b(?:how\s+(?:many|much|long|big|heavy|often|far|old|tall|deep|wide|thick|high|low|late|early|fast"
+    r"|quickly|soon|strong|accurate)|what\s+(?:percentage|proportion|share|number|time|date|day|year|month"
+    r"|price|temperature|size|weight)|costs?|when|until|latest|earliest|per\s+cent|percent)\b",
+    re.I,
+)
+# added to the similarity of a sentence with a digit in it when the question asks for a figure: the
+# sentence closest in meaning often restates the question ("What's the latest time I can put my bins
+# out on collection day?" -> "Your collection day depends on your zone.") while a near one holds the
+# figure ("Put your containers out by 06:30 on collection day, ..."). The two quoted sentences hold
+# the key fact for 78 -> 81 of 104 tune questions, none lost (bench/knowledge/RESULTS.md)
+NUMBER_BONUS = 0.05
+_DIGIT = re.compile(r"\d")
+_WORD = re.compile(r"\w+")
+# a sentence is not quoted twice in other words: see `_repeats`
+REPEAT_SHARE = 0.8
 # words of one quoted sentence at most: a table or a list without full stops is one "sentence"
 MAX_WORDS = 80
 
@@ -52,7 +71,8 @@ def pick(
     known: dict[str, Any] | None = None,
 ) -> list[tuple[int, str]]:
     """The `n` sentences of `hits` that best answer `question`, best first, with their passage
-    numbers: by meaning with `embedder` (at least MIN_SIMILARITY), else by BM25. `known` {sentence:
+    numbers: by meaning with `embedder` (at least MIN_SIMILARITY; a sentence with a figure goes up by
+    NUMBER_BONUS when the question asks for one), else by BM25. `known` {sentence:
     vector}, when given, keeps the sentences' vectors between calls (the passage index holds it):
     only sentences not in it are embedded, and added."""
     found = sentences(hits)
@@ -61,10 +81,28 @@ def pick(
     if embedder is not None:
         vectors = _vectors([text for _, text in found], embedder, {} if known is None else known)
         sims = (vectors @ embedder.encode([question])[0]).tolist()
-        order = sorted((i for i, s in enumerate(sims) if s >= MIN_SIMILARITY), key=lambda i: -sims[i])
+        bonus = NUMBER_BONUS if WANTS_NUMBER.search(question) else 0.0
+        score = [
+            s + (bonus if _DIGIT.search(text) else 0.0) for s, (_, text) in zip(sims, found, strict=True)
+        ]
+        order = sorted((i for i, s in enumerate(sims) if s >= MIN_SIMILARITY), key=lambda i: -score[i])
     else:
         order = BM25([Passage("", "", "", 0, 0, 0, text) for _, text in found]).ranked(question)
-    return [found[i] for i in order[:n]]
+    picked: list[tuple[int, str]] = []
+    for i in order:
+        if not any(_repeats(found[i][1], text) for _, text in picked):
+            picked.append(found[i])
+            if len(picked) == n:
+                break
+    return picked
+
+
+def _repeats(a: str, b: str) -> bool:
+    """Whether one sentence says again what the other says: a figure's caption printed twice
+    ("Figure 3: Battery state of charge ..." and "Battery state of charge ..."), by REPEAT_SHARE
+    of the shorter one's words being in the other."""
+    wa, wb = set(_WORD.findall(a.lower())), set(_WORD.findall(b.lower()))
+    return bool(wa and wb) and len(wa & wb) >= REPEAT_SHARE * min(len(wa), len(wb))
 
 
 def _vectors(texts: list[str], embedder: Any, known: dict[str, Any]) -> Any:
