@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from services.common.passages import BM25, Hit, Passage
+from services.common.passages import BM25, Hit, Passage, words
 from services.common.sentences import split_sentences
 
 # cosine similarity (all-MiniLM-L6-v2) a sentence needs to be quoted: unrelated sentences score
@@ -44,7 +44,6 @@ WANTS_NUMBER = re.compile(
 # the key fact for 78 -> 81 of 104 tune questions, none lost (bench/knowledge/RESULTS.md)
 NUMBER_BONUS = 0.05
 _DIGIT = re.compile(r"\d")
-_WORD = re.compile(r"\w+")
 # a sentence is not quoted twice in other words: see `_repeats`
 REPEAT_SHARE = 0.8
 # words of one quoted sentence at most: a table or a list without full stops is one "sentence"
@@ -57,9 +56,9 @@ def sentences(hits: Sequence[Hit]) -> list[tuple[int, str]]:
     for n, hit in enumerate(hits, 1):
         text = hit.passage.text
         for start, end in split_sentences(text):
-            words = text[start:end].split()
-            if len(words) >= 3:  # a heading or a lone number is not evidence
-                out.append((n, " ".join(words[:MAX_WORDS]) + (" …" if len(words) > MAX_WORDS else "")))
+            spaced = text[start:end].split()
+            if len(spaced) >= 3:  # a heading or a lone number is not evidence
+                out.append((n, " ".join(spaced[:MAX_WORDS]) + (" …" if len(spaced) > MAX_WORDS else "")))
     return out
 
 
@@ -101,7 +100,7 @@ def _repeats(a: str, b: str) -> bool:
     """Whether one sentence says again what the other says: a figure's caption printed twice
     ("Figure 3: Battery state of charge ..." and "Battery state of charge ..."), by REPEAT_SHARE
     of the shorter one's words being in the other."""
-    wa, wb = set(_WORD.findall(a.lower())), set(_WORD.findall(b.lower()))
+    wa, wb = set(words(a)), set(words(b))
     return bool(wa and wb) and len(wa & wb) >= REPEAT_SHARE * min(len(wa), len(wb))
 
 

@@ -25,8 +25,13 @@ STOPWORDS = frozenset(
 )
 
 
+def words(text: str) -> list[str]:
+    """Every word of `text`, lower-cased."""
+    return _WORD.findall(text.lower())
+
+
 def tokens(text: str) -> list[str]:
-    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+    return [w for w in words(text) if w not in STOPWORDS]
 
 
 def fold(word: str) -> str:
