@@ -113,17 +113,24 @@ class Scheduler:
 
     def reserve(self) -> None:
         """Count a new request in the queue, or raise TooManyRequests (with the seconds to wait)
-        when the queue is full."""
+        when the queue is full. The batch's free places count as queue places: a burst of chats
+        that arrive before the loop has moved the first ones into the batch still fills the batch
+        (`max_batch + max_queue` places in all), not only the queue."""
         with self._cond:
             if self._closed:
                 raise Unavailable("the chat engine is shut down")
             waiting = self._reserved + len(self._ready)
-            if waiting >= self.max_queue:
+            room = max(0, self.max_batch - self._taken())
+            if waiting >= self.max_queue + room:
                 raise TooManyRequests(
                     f"too many chats waiting ({self.max_queue}); try again shortly",
-                    retry_after_s=self.retry_after_s(waiting),
+                    retry_after_s=self.retry_after_s(waiting - room),
                 )
             self._reserved += 1
+
+    def _taken(self) -> int:
+        """Places of the batch held by requests prefilling or decoding that have not finished."""
+        return sum(not r.finished for r in (*self._prefilling, *self._running))
 
     def retry_after_s(self, waiting: int) -> int:
         """Seconds until `waiting` requests have moved into the batch, at the pace of the recent
