@@ -720,6 +720,60 @@ def test_a_quantity_is_asked_for_in_its_own_clause():
     }
 
 
+def test_a_clock_time_is_asked_for_with_its_preposition():
+    """ "at" asks "What time", "by" "By what time", "until" "Until what time", "from ... to" "When";
+    a decimal ("from 2.31 W") is no clock time, and a time in another clause gets no question."""
+    facts = _facts("Guided tours start at 11:00 and 15:00 and last about 45 minutes.")
+    assert set(facts) == {"What time do guided tours start?"}
+    assert facts["What time do guided tours start?"].variants[0] == "When do guided tours start?"
+    assert "By what time must items be placed outside?" in _facts(
+        "Items must be placed outside by 07:00 on the collection day, on your own property where possible."
+    )
+    assert "Until what time can bookings be cancelled free of charge?" in _facts(
+        "Bookings can be cancelled free of charge until 12:00 on the working day before collection."
+    )
+    assert "When is the Harbour Museum open?" in _facts(
+        "The Harbour Museum is open from 10:00 to 17:30, Tuesday to Sunday."
+    )
+    assert "What time does the last ferry leave?" in _facts("The last ferry leaves at 9 pm on weekdays.")
+    assert not any(
+        f.rule == "when" for f in _facts("Tidewell lowered the power from 2.31 W to 1.74 W.").values()
+    )
+    assert _facts("The keeper, who arrives at 06:00, opens the gate.") == {}
+
+
+def test_a_plural_subject_with_a_bare_verb_is_a_clause():
+    """ "Tickets cost 4 euros" is read as subject and verb (before a figure), so its quantity is asked
+    for; a plural noun before a word that is no verb there ("Bus stops close to ...") is not."""
+    from services.qagen.rules.clause import parse_finite
+
+    assert set(_facts("Tickets cost 4 euros for adults and 2 euros for children under 12.")) == {
+        "How much do tickets cost for adults?"
+    }
+    clause = parse_finite("Bus stops close to the museum are marked in blue.")
+    assert clause is not None and clause.aux == "are" and clause.subject.startswith("bus stops close")
+
+
+def test_a_short_visitor_notice_gives_enough_pairs_to_learn_from():
+    """Nine sentences of opening times and prices: a pair for each time and price they state (one
+    pair in all before the clock-time and plural-verb rules, below the three a session needs)."""
+    text = (
+        "# Visiting the Harbour Museum\n\nThe Harbour Museum is open from 10:00 to 17:30, Tuesday to Sunday. "
+        "Tickets cost 4 euros for adults and 2 euros for children under 12. Entry is free on the first "
+        "Sunday of every month. Guided tours start at 11:00 and 15:00 and last about 45 minutes. Large "
+        "bags must be left in the lockers by the main entrance. Photography is allowed everywhere except "
+        "in the map room. Groups of more than 15 people should book at least two weeks ahead.\n"
+    )
+    pairs, _, stats = make_pairs(text, "d")
+    facts = {p.question for p in pairs if p.strategy not in ("metadata", "paraphrase")}
+    assert {
+        "When is the Harbour Museum open?",
+        "How much do tickets cost for adults?",
+        "What time do guided tours start?",
+    } <= facts, facts
+    assert len(pairs) >= 3 and "error" not in stats
+
+
 def test_a_quantity_the_clause_cannot_carry_gets_no_question():
     """No "How many minutes does the text mention?": a reduced relative or a participle opener yields nothing."""
     assert _facts("Containers left on the pavement for more than 48 hours may be removed.") == {}

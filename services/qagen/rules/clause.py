@@ -137,6 +137,12 @@ class Finite:
 _PRESENT_NEXT = frozenset(
     "a an the its their every each one up about around only more less at over under almost nearly".split()
 )
+# verbs that follow a plural subject in their base form and are seldom nouns after one ("Tickets
+# cost 4 euros", "Guided tours start at 11:00"); read as verbs only before a figure or _PRESENT_NEXT
+_PLURAL_PRESENT = frozenset(
+    """cost start begin end finish open close last run leave depart arrive take need pay earn charge
+    weigh hold measure""".split()
+)
 _DATE_INTRO = re.compile(rf"(?P<intro>(?:In|On|During|By|Since|Until)\s+{DATE_RE})\s+(?=[a-z])")
 
 
@@ -185,11 +191,14 @@ def parse_finite(sentence: str) -> Finite | None:
         if w.islower() and w.isalpha():
             base = lemma(w) if past_verb(w) else None
             aux = "did"
-            if base is None and (base := present_base(w)) is not None:
+            if base is None and lw in _PLURAL_PRESENT and prev.lower().endswith("s") and i < 4:
+                base, aux = lw, "do"  # "Tickets cost 4 euros": checked like "costs" below
+            elif base is None and (base := present_base(w)) is not None:
+                aux = "does"
+            if aux != "did":
                 # "writes 8,640", "takes about": a plural noun ("Event loans must") is followed by a verb
                 if not (re.match(r"[£€$\d]", words[i + 1]) or words[i + 1].lower() in _PRESENT_NEXT):
                     continue
-                aux = "does"
             if base is None:
                 continue
             # a participle that opens a reduced relative: the sentence's verb comes after it

@@ -330,8 +330,45 @@ def agent_facts(sentence: str) -> list[Fact]:
     return facts
 
 
+# a clock time after the preposition that says how the question asks for it ("10.30" only with
+# am/pm: "from 2.31 W" is a decimal)
+_CLOCK = re.compile(
+    r"\b(?P<prep>at|by|until|till|before|after|from|between)\s+(?:about\s+|around\s+)?"
+    r"(?:\d{1,2}:\d{2}(?:\s*[ap]\.?m\b\.?)?|\d{1,2}(?:\.\d{2})?\s*[ap]\.?m\b\.?|noon|midnight)(?![\w:.]\d)"
+)
+_CLOCK_WH = {
+    "at": "What time", "by": "By what time", "until": "Until what time", "till": "Until what time",
+    "before": "Before what time", "after": "After what time", "from": "When", "between": "When",
+}  # fmt: skip
+
+
+def time_facts(sentence: str) -> list[Fact]:
+    """A clock time asked for in its clause: "Guided tours start at 11:00." -> "What time do guided
+    tours start?"; "Put out by 06:30" is an imperative (no clause), "open from 10:00 to 17:30" ->
+    "When is the museum open?"."""
+    text = sentence.strip().split("; ")[0].rstrip(".!?;: ")
+    clause = parse_finite(text)
+    if clause is None or not (m := _CLOCK.search(text, clause.start)):
+        return []
+    before = text[clause.start : m.start()].strip()
+    if re.search(r"[,;:(]|\b(?:that|which|who|whom|whose|and|or|but)\b|\d", before):
+        return []  # the time is another clause's, or a second figure sits in the question
+    if before and (before.split()[-1].lower() in STOPWORDS | ORDINALS or len(before.split()) > 10):
+        return []
+    wh = _CLOCK_WH[m.group("prep")]
+    tail = f" {before}" if before else ""
+    intro = intro_tail(clause.intro)
+    verb = f" {clause.verb}" if clause.verb else ""
+    question = f"{wh} {clause.aux} {clause.subject}{verb}{tail}{intro}?"
+    whl = wh[0].lower() + wh[1:]
+    variants = [f"Do you know {whl} {clause.subject} {clause.declarative}{tail}{intro}?"]
+    if wh != "When":
+        variants.insert(0, f"When {clause.aux} {clause.subject}{verb}{tail}{intro}?")
+    return [Fact(_tidy(question), tuple(_tidy(v) for v in variants), "when")]
+
+
 @lru_cache(maxsize=4096)
 def sentence_facts(sentence: str) -> tuple[Fact, ...]:
     """Every fact question the rules find in one sentence (a pure function of the sentence, so a
     paraphrase can find its question's rewordings again from the answer)."""
-    return (*step_facts(sentence), *agent_facts(sentence), *number_facts(sentence))
+    return (*step_facts(sentence), *agent_facts(sentence), *time_facts(sentence), *number_facts(sentence))
