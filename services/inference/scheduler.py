@@ -120,7 +120,7 @@ class Scheduler:
             if self._closed:
                 raise Unavailable("the chat engine is shut down")
             waiting = self._reserved + len(self._ready)
-            room = max(0, self.max_batch - self._taken())
+            room = self._room()
             if waiting >= self.max_queue + room:
                 raise TooManyRequests(
                     f"too many chats waiting ({self.max_queue}); try again shortly",
@@ -128,9 +128,10 @@ class Scheduler:
                 )
             self._reserved += 1
 
-    def _taken(self) -> int:
-        """Places of the batch held by requests prefilling or decoding that have not finished."""
-        return sum(not r.finished for r in (*self._prefilling, *self._running))
+    def _room(self) -> int:
+        """Free places of the batch: those not held by a request prefilling or decoding that has
+        not finished (what `_admit` fills, and what `reserve` counts as queue places)."""
+        return max(0, self.max_batch - sum(not r.finished for r in (*self._prefilling, *self._running)))
 
     def retry_after_s(self, waiting: int) -> int:
         """Seconds until `waiting` requests have moved into the batch, at the pace of the recent
@@ -263,7 +264,7 @@ class Scheduler:
         cold = [r.adapter_id for r in waiting[: self.max_batch] if r.adapter_id not in self.adapters]
         for adapter_id in dict.fromkeys(a for a in cold if a is not None):
             self.adapters.prefetch(adapter_id)
-        room = self.max_batch - len(self._prefilling) - len(self._running)
+        room = self._room()
         busy = False
         failed: dict[str, BaseException] = {}
         for req in waiting:

@@ -18,6 +18,7 @@ from services.qagen.rules.clause import (
     CLAUSE_OPENERS,
     DETERMINERS,
     ORDINALS,
+    Finite,
     intro_tail,
     parse_finite,
     shorten,
@@ -58,6 +59,14 @@ _NUM_TOKEN = re.compile(r"(?<![\w.,:/±+-])(?P<cur>[£€$]\s?)?\d{1,3}(?:,\d{3}
 _MOVED_TAIL = re.compile(
     r"\s+(?P<tail>in\s+advance|ago|(?:after|before)\s+(?:the\s+|a\s+|an\s+)?[a-z][\w-]*(?:\s+[a-z][\w-]*)?)\b"
 )
+
+
+@lru_cache(maxsize=4096)
+def _first_clause(sentence: str) -> tuple[str, Finite | None]:
+    """The sentence up to its first "; ", without final punctuation, and its clause (parsed once for
+    the several rules that read it)."""
+    text = sentence.strip().split("; ")[0].rstrip(".!?;: ")
+    return text, parse_finite(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +196,7 @@ _NO_QUANTITY_SLOT = re.compile(
 
 def number_facts(sentence: str) -> list[Fact]:
     """Questions that ask for a sentence's first quantity, each with its rewordings."""
-    text = sentence.strip().split("; ")[0].rstrip(".!?;: ")
-    clause = parse_finite(text)
+    text, clause = _first_clause(sentence)
     for q in _quantities(text):
         if q.prep == "of":
             fact = _of_fact(text, q)
@@ -303,8 +311,7 @@ def _is_agent(phrase: str) -> bool:
 def agent_facts(sentence: str) -> list[Fact]:
     """ "Appeals are heard by the Appeals Panel." -> "Who hears appeals?" and, reversed, "What does the
     Appeals Panel hear?"."""
-    text = sentence.strip().split("; ")[0].rstrip(".!?;: ")
-    clause = parse_finite(text)
+    text, clause = _first_clause(sentence)
     if clause is None or clause.aux not in ("is", "are", "was", "were") or not clause.verb:
         return []
     participle = clause.verb.split()[-1]
@@ -346,8 +353,7 @@ def time_facts(sentence: str) -> list[Fact]:
     """A clock time asked for in its clause: "Guided tours start at 11:00." -> "What time do guided
     tours start?"; "Put out by 06:30" is an imperative (no clause), "open from 10:00 to 17:30" ->
     "When is the museum open?"."""
-    text = sentence.strip().split("; ")[0].rstrip(".!?;: ")
-    clause = parse_finite(text)
+    text, clause = _first_clause(sentence)
     if clause is None or not (m := _CLOCK.search(text, clause.start)):
         return []
     before = text[clause.start : m.start()].strip()
