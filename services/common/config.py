@@ -198,7 +198,7 @@ class Settings(BaseSettings):
     retrieval_top_k: int = 3
     # where a bot's answers come from when its session did not choose (both | adapter | retrieval):
     # on bench/knowledge (final questions, default model) the base model reading the bot's passages
-    # carried the key fact as often as the adapter reading them (73% / 75%), the adapter alone in 2%
+    # carried the key fact as often as the adapter reading them (73% / 71%), the adapter alone in 0%
     # (bench/knowledge/RESULTS.md): no adapter is needed for the same answers
     answer_mode: str = "retrieval"
     # a reply that reads passages starts by quoting this many of their sentences, the ones that best
